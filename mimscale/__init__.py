@@ -1,0 +1,3 @@
+"""mimscale: throughput-focused masked image modeling pretraining on DeepSpeed."""
+
+__version__ = "0.1.0"

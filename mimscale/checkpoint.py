@@ -1,0 +1,116 @@
+"""Checkpoints: the engine's own save/load plus per-rank RNG state and a completion marker.
+
+Layout: ``<output_dir>/checkpoints/step00001234/`` holds DeepSpeed's files, one
+``rng_rank<r>.pt`` per rank, and ``COMPLETE`` written by rank 0 only after every rank finished
+writing. Only tags with ``COMPLETE`` are ever picked for resume, so a checkpoint cut off
+half-way (preemption during save, full disk) is never mistaken for the latest.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from mimscale import dist
+
+MARKER = "COMPLETE"
+TAG_RE = re.compile(r"^step(\d{8,})$")
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def checkpoint_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def complete_tags(root: Path) -> list[tuple[int, Path]]:
+    """(step, dir) of every complete checkpoint under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    out = []
+    for d in root.iterdir():
+        m = TAG_RE.match(d.name)
+        if m and (d / MARKER).is_file():
+            out.append((int(m.group(1)), d))
+    return sorted(out)
+
+
+def resolve_resume(resume: str, output_dir: str | Path) -> Optional[Path]:
+    """The checkpoint directory (one tag) to resume from, or None for a fresh start.
+
+    ``auto``: the newest complete checkpoint in output_dir, if any; ``never``: None; a path: that
+    tag directory, or the newest complete tag inside a ``checkpoints`` directory."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        tags = complete_tags(checkpoint_root(output_dir))
+        return tags[-1][1] if tags else None
+    p = Path(resume)
+    if (p / MARKER).is_file():
+        return p
+    tags = complete_tags(p) or complete_tags(p / "checkpoints")
+    if tags:
+        return tags[-1][1]
+    raise FileNotFoundError(f"resume={resume!r} holds no complete checkpoint (a directory with a {MARKER} file)")
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(engine, output_dir: str | Path, step: int, client_state: dict, keep: int) -> Path:
+    """Save on every rank (DeepSpeed requires it); returns the tag directory."""
+    root = checkpoint_root(output_dir)
+    tag = tag_for(step)
+    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    torch.save(rng_state(), root / tag / f"rng_rank{dist.rank()}.pt")
+    dist.barrier()  # every rank's files are on disk before the marker says so
+    if dist.is_rank0():
+        (root / tag / MARKER).write_text(json.dumps({"step": step, "time": time.time(), "world_size": dist.world_size()}))
+        _prune(root, keep)
+    dist.barrier()
+    return root / tag
+
+
+def _prune(root: Path, keep: int) -> None:
+    tags = complete_tags(root)
+    for _, d in tags[:-keep]:
+        shutil.rmtree(d, ignore_errors=True)
+    newest = tags[-1][0] if tags else -1
+    for d in root.iterdir():  # leftovers of saves that never completed
+        m = TAG_RE.match(d.name)
+        if m and int(m.group(1)) < newest and not (d / MARKER).exists():
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def load(engine, tag_dir: Path) -> dict:
+    """Load weights, optimizer, scheduler and client state; restore this rank's RNG streams."""
+    _, client = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    if client is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {tag_dir}")
+    rng_file = tag_dir / f"rng_rank{dist.rank()}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    else:
+        dist.log0(f"[mimscale] {rng_file.name} missing (world size changed?): RNG streams are reseeded, not restored")
+    return client

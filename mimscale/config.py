@@ -1,0 +1,257 @@
+"""Run configuration: a dataclass tree loaded from a YAML preset plus ``--set a.b=c`` overrides.
+
+The YAML owns everything except engine concerns (micro batch, accumulation, precision, ZeRO stage,
+clipping), which belong to the DeepSpeed JSON (see ``ds_config.py``). Every key is validated before
+any model is built: an unknown key names the allowed keys, a bad value names the allowed values.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message that names the offending key."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit_base"  # encoder preset, see models/registry.py
+    img_size: int = 224
+    patch_size: Optional[int] = None  # None: the preset's patch size
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    norm_pix_loss: bool = True
+
+
+@dataclass
+class MaskingConfig:
+    method: str = "random"
+    mask_ratio: float = 0.75
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # synthetic | folder
+    path: str = ""  # ImageNet-layout root (holding train/) or a class-folder directory
+    split: str = "train"
+    num_workers: int = 8
+    scale_min: float = 0.2  # RandomResizedCrop area range
+    scale_max: float = 1.0
+    hflip: float = 0.5
+    synthetic_count: int = 50_000  # images in the synthetic set
+    synthetic_size: int = 256  # side of synthetic images before the crop
+    max_bad_in_a_row: int = 64  # consecutive unreadable files before the loader gives up
+
+
+@dataclass
+class TrainConfig:
+    steps: Optional[int] = None  # total optimizer steps; overrides epochs when set
+    epochs: float = 800
+    warmup_epochs: float = 40
+    warmup_steps: Optional[int] = None  # overrides warmup_epochs when set
+    base_lr: float = 1.5e-4  # lr = base_lr * global_batch / 256
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.95
+    log_every: int = 20
+    ckpt_every: int = 1000  # optimizer steps between checkpoints (and one at the end)
+    keep_checkpoints: int = 2  # complete checkpoints kept on disk (older ones are deleted)
+    compile: bool = False  # torch.compile encoder and decoder (pays on GPU)
+    seed: int = 0
+    threads: int = 0  # torch intra-op threads per rank; 0 = cores / local ranks
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    experiment: str = "mimscale"
+    run_name: Optional[str] = None  # None: "<preset>-<time>"
+
+
+@dataclass
+class Config:
+    output_dir: str = "runs/default"
+    resume: str = "auto"  # auto | never | <checkpoint path>
+    model: ModelConfig = field(default_factory=ModelConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    preset: str = ""  # file name of the YAML the config came from (set by the loader)
+
+
+# Values with a closed set of choices; checked in validate().
+CHOICES = {
+    "data.source": ("synthetic", "folder"),
+}
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Convert a YAML/CLI value to the annotated type, or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            return None
+        return _coerce(key, value, args[0])
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}") from None
+        if not f.is_integer():
+            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+        return int(f)
+    if hint is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config key '{key}': expected a number, got {value!r}") from None
+    if hint is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"config key '{key}': unsupported type {hint}")
+
+
+def _apply(obj, data: dict, prefix: str = "") -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}': expected a mapping, got {data!r}")
+    hints = _hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if k not in names:
+            raise ConfigError(f"unknown config key '{key}'; allowed keys here: {', '.join(names)}")
+        cur = getattr(obj, k)
+        if dataclasses.is_dataclass(cur):
+            _apply(cur, v, key + ".")
+        else:
+            setattr(obj, k, _coerce(key, v, hints[k]))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.steps=40"`` -> (["train", "steps"], 40) with the value parsed as YAML scalar."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key.sub=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip().split("."), value
+
+
+def load_config(path: Optional[str | Path] = None, overrides: list[str] | tuple = ()) -> Config:
+    """Build a Config from an optional YAML preset and ``key.sub=value`` overrides, then validate."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+        _apply(cfg, data)
+        cfg.preset = path.stem
+    for text in overrides:
+        parts, value = parse_override(text)
+        nested: Any = value
+        for p in reversed(parts):
+            nested = {p: nested}
+        _apply(cfg, nested)
+    validate(cfg)
+    return cfg
+
+
+def get_key(cfg: Config, key: str) -> Any:
+    obj: Any = cfg
+    for p in key.split("."):
+        obj = getattr(obj, p)
+    return obj
+
+
+def validate(cfg: Config) -> None:
+    """Range and choice checks that need more than a type; each error names its key."""
+    for key, allowed in CHOICES.items():
+        v = get_key(cfg, key)
+        if v not in allowed:
+            raise ConfigError(f"config key '{key}' = {v!r} is not allowed; allowed values: {', '.join(allowed)}")
+    from mimscale.masking import METHODS  # local imports: config must not build models
+    from mimscale.models.registry import ENCODERS
+
+    if cfg.masking.method not in METHODS:
+        raise ConfigError(
+            f"config key 'masking.method' = {cfg.masking.method!r} is not allowed; allowed values: {', '.join(METHODS)}"
+        )
+
+    if cfg.model.name not in ENCODERS:
+        raise ConfigError(
+            f"config key 'model.name' = {cfg.model.name!r} is not allowed; allowed values: {', '.join(ENCODERS)}"
+        )
+    patch = cfg.model.patch_size or ENCODERS[cfg.model.name].patch_size
+    if cfg.model.img_size % patch:
+        raise ConfigError(f"config key 'model.img_size' = {cfg.model.img_size} must be a multiple of the patch size {patch}")
+    if not 0.0 < cfg.masking.mask_ratio < 1.0:
+        raise ConfigError(f"config key 'masking.mask_ratio' = {cfg.masking.mask_ratio} must be in (0, 1)")
+    if not 0.0 < cfg.data.scale_min <= cfg.data.scale_max <= 1.0:
+        raise ConfigError("config keys 'data.scale_min'/'data.scale_max' must satisfy 0 < min <= max <= 1")
+    if not 0.0 <= cfg.data.hflip <= 1.0:
+        raise ConfigError(f"config key 'data.hflip' = {cfg.data.hflip} must be in [0, 1]")
+    if cfg.data.source == "folder" and not cfg.data.path:
+        raise ConfigError("config key 'data.path' must name a folder when data.source is 'folder'")
+    positive = {
+        "train.log_every": cfg.train.log_every,
+        "train.ckpt_every": cfg.train.ckpt_every,
+        "train.keep_checkpoints": cfg.train.keep_checkpoints,
+        "data.synthetic_count": cfg.data.synthetic_count,
+        "data.synthetic_size": cfg.data.synthetic_size,
+        "model.decoder_depth": cfg.model.decoder_depth,
+    }
+    if cfg.train.steps is not None:
+        positive["train.steps"] = cfg.train.steps
+    for key, v in positive.items():
+        if v <= 0:
+            raise ConfigError(f"config key '{key}' = {v} must be > 0")
+    for key in ("data.num_workers", "train.threads", "train.epochs", "train.warmup_epochs", "train.base_lr"):
+        if get_key(cfg, key) < 0:
+            raise ConfigError(f"config key '{key}' = {get_key(cfg, key)} must be >= 0")
+    if cfg.train.steps is None and cfg.train.epochs <= 0:
+        raise ConfigError("config key 'train.epochs' must be > 0 when 'train.steps' is not set")
+    if cfg.model.decoder_dim % cfg.model.decoder_heads:
+        raise ConfigError("config key 'model.decoder_dim' must be divisible by 'model.decoder_heads'")
+    r = cfg.resume
+    if r not in ("auto", "never") and not Path(r).exists():
+        raise ConfigError(f"config key 'resume' = {r!r}: allowed values are auto, never, or an existing checkpoint path")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1} (for MLflow params)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

@@ -1,0 +1,121 @@
+"""RandomResizedCrop computed as a box first, then a decode of only as many pixels as it needs.
+
+The box is drawn before decoding so (a) JPEGs can be decoded at 1/2, 1/4, 1/8 scale inside the
+IDCT when the crop allows it (simplejpeg ``min_width``/``min_height``), and (b) the box and flip
+are reported with the image, in original-image coordinates, for methods that align per-image
+side information (AMT's attention maps) with the crop.
+"""
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import simplejpeg
+from PIL import Image
+
+RATIO = (3.0 / 4.0, 4.0 / 3.0)
+
+
+class UnreadableImage(Exception):
+    """The bytes are not an image we can decode (corrupt, truncated, unknown format)."""
+
+
+@dataclass
+class Crop:
+    image: np.ndarray  # [S, S, 3] uint8 RGB
+    box: tuple[float, float, float, float]  # (x0, y0, x1, y1) / (W, H) of the original image
+    flip: bool
+    converted: bool  # the file needed a fallback conversion (CMYK, PNG-in-.JPEG, odd mode)
+
+
+def sample_box(rng: np.random.Generator, width: int, height: int, scale=(0.2, 1.0), ratio=RATIO) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's box (x0, y0, w, h) in pixels: area fraction ~ U(scale), log aspect
+    ~ U(log ratio), 10 tries, then a center crop clamped to the ratio range (torchvision's rule)."""
+    area = width * height
+    log_r = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_r[0], log_r[1]))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            x0 = int(rng.integers(0, width - w + 1))
+            y0 = int(rng.integers(0, height - h + 1))
+            return x0, y0, w, h
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def _finish(img: Image.Image, box_px, sx: float, sy: float, size: int, flip: bool) -> np.ndarray:
+    x0, y0, w, h = box_px
+    out = img.resize((size, size), Image.BICUBIC, box=(x0 * sx, y0 * sy, (x0 + w) * sx, (y0 + h) * sy))
+    if flip:
+        out = out.transpose(Image.FLIP_LEFT_RIGHT)
+    return np.array(out)  # a writable copy (torch.from_numpy needs one)
+
+
+def _draw(rng: np.random.Generator, width: int, height: int, scale, hflip: float):
+    box = sample_box(rng, width, height, scale)
+    flip = bool(rng.random() < hflip)
+    return box, flip
+
+
+def _norm_box(box_px, width: int, height: int) -> tuple[float, float, float, float]:
+    x0, y0, w, h = box_px
+    return (x0 / width, y0 / height, (x0 + w) / width, (y0 + h) / height)
+
+
+def crop_array(arr: np.ndarray, rng: np.random.Generator, size: int, scale=(0.2, 1.0), hflip: float = 0.5) -> Crop:
+    """RandomResizedCrop + flip of an in-memory RGB image [H, W, 3] uint8 (synthetic data)."""
+    height, width = arr.shape[:2]
+    box, flip = _draw(rng, width, height, scale, hflip)
+    out = _finish(Image.fromarray(arr), box, 1.0, 1.0, size, flip)
+    return Crop(out, _norm_box(box, width, height), flip, False)
+
+
+def crop_bytes(data: bytes, rng: np.random.Generator, size: int, scale=(0.2, 1.0), hflip: float = 0.5) -> Crop:
+    """Decode an encoded image and apply RandomResizedCrop(size, scale, bicubic) + flip.
+
+    JPEGs go through simplejpeg at the smallest IDCT scale whose crop still covers ``size``
+    pixels; anything simplejpeg cannot read (CMYK, PNG or GIF bytes in a .JPEG, odd modes) falls
+    back to PIL and is converted to RGB. Raises UnreadableImage for corrupt or truncated files.
+    """
+    if data[:2] == b"\xff\xd8":
+        try:
+            height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        except ValueError:
+            colorspace = None
+        if colorspace in ("RGB", "YCbCr", "Gray"):
+            box, flip = _draw(rng, width, height, scale, hflip)
+            x0, y0, w, h = box
+            try:
+                arr = simplejpeg.decode_jpeg(
+                    data,
+                    colorspace="RGB",
+                    min_width=math.ceil(width * size / w),
+                    min_height=math.ceil(height * size / h),
+                    strict=True,  # warnings (truncation, bad Huffman data) become errors
+                )
+            except ValueError as e:
+                raise UnreadableImage(f"corrupt or truncated JPEG: {e}") from None
+            sx, sy = arr.shape[1] / width, arr.shape[0] / height
+            out = _finish(Image.fromarray(arr), box, sx, sy, size, flip)
+            return Crop(out, _norm_box(box, width, height), flip, False)
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            rgb = img.convert("RGB")
+    except Exception as e:  # PIL raises many types for bad data (OSError, SyntaxError, ...)
+        raise UnreadableImage(f"{type(e).__name__}: {e}") from None
+    width, height = rgb.size
+    box, flip = _draw(rng, width, height, scale, hflip)
+    out = _finish(rgb, box, 1.0, 1.0, size, flip)
+    return Crop(out, _norm_box(box, width, height), flip, True)

@@ -1,0 +1,165 @@
+"""The loader contract every data source follows.
+
+Each batch is a dict of CPU tensors (pinned on GPU machines):
+  image   [B, 3, S, S] uint8   RandomResizedCrop(S) + flip; normalized later, on the device
+  box     [B, 4] float32       crop (x0, y0, x1, y1) as fractions of the original image's W, H
+  flip    [B] bool             whether the crop was mirrored after cropping
+  index   [B] int64            global sample index (stable across ranks, workers and runs)
+  label   [B] int64            class index (folder) or a placeholder (synthetic)
+  skipped [] int64             unreadable files skipped while filling this batch
+
+Ranks and workers split the data without overlap: each epoch is a seeded permutation, cut into
+equal per-rank shares (the tail that does not divide evenly is dropped for the epoch), and the
+DataLoader hands whole batches to workers. Crops are seeded by (seed, epoch, index), so a batch's
+content does not depend on which worker made it, and a resumed run (which restarts the stream at
+its micro-batch position) sees exactly the batches an uninterrupted run would have.
+"""
+from __future__ import annotations
+
+import signal
+import sys
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from mimscale.data.crop import UnreadableImage, crop_array, crop_bytes
+from mimscale.data.sources import FolderSource, SyntheticSource
+
+
+class CropDataset(Dataset):
+    """Map-style dataset keyed by (epoch, index); skips unreadable files by moving to the next index."""
+
+    def __init__(self, source, size: int, scale=(0.2, 1.0), hflip: float = 0.5, seed: int = 0, max_bad_in_a_row: int = 64):
+        self.source = source
+        self.size = size
+        self.scale = tuple(scale)
+        self.hflip = hflip
+        self.seed = seed
+        self.max_bad = max_bad_in_a_row
+        self._warned = 0
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def load(self, epoch: int, index: int):
+        rng = np.random.default_rng([self.seed, epoch, index])
+        if isinstance(self.source, SyntheticSource):
+            return crop_array(self.source.array(index), rng, self.size, self.scale, self.hflip)
+        return crop_bytes(self.source.read(index), rng, self.size, self.scale, self.hflip)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        epoch, index = key
+        n = len(self.source)
+        for skipped in range(self.max_bad + 1):
+            i = (index + skipped) % n
+            try:
+                crop = self.load(epoch, i)
+            except (UnreadableImage, OSError) as e:
+                if self._warned < 10:  # per worker; the total is counted and logged by the trainer
+                    print(f"[mimscale.data] skipping unreadable {self.source.name(i)}: {e}", file=sys.stderr)
+                    self._warned += 1
+                continue
+            return {
+                "image": torch.from_numpy(crop.image).permute(2, 0, 1),
+                "box": torch.tensor(crop.box, dtype=torch.float32),
+                "flip": crop.flip,
+                "index": i,
+                "label": self.source.label(i),
+                "skipped": skipped,
+            }
+        raise RuntimeError(f"{self.max_bad + 1} unreadable files in a row from {self.source.name(index)}: check data.path")
+
+
+def collate(samples: list[dict]) -> dict:
+    return {
+        "image": torch.stack([s["image"] for s in samples]),
+        "box": torch.stack([s["box"] for s in samples]),
+        "flip": torch.tensor([s["flip"] for s in samples], dtype=torch.bool),
+        "index": torch.tensor([s["index"] for s in samples], dtype=torch.int64),
+        "label": torch.tensor([s["label"] for s in samples], dtype=torch.int64),
+        "skipped": torch.tensor(sum(s["skipped"] for s in samples), dtype=torch.int64),
+    }
+
+
+class ShardedBatchSampler(Sampler):
+    """Endless stream of this rank's batches of (epoch, index) keys, starting at micro-batch
+    ``start``. Epoch e is ``randperm(N, seed + e)`` truncated to a multiple of the world size;
+    rank r takes every world-th element from position r."""
+
+    def __init__(self, num_samples: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0, start: int = 0, shuffle: bool = True):
+        self.n = num_samples
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world = world_size
+        self.seed = seed
+        self.start = start
+        self.shuffle = shuffle
+        self.per_rank = num_samples // world_size
+        self.batches_per_epoch = self.per_rank // batch_size
+        if self.batches_per_epoch < 1:
+            raise ValueError(
+                f"{num_samples} samples cannot fill one batch of {batch_size} on each of {world_size} ranks"
+            )
+
+    def epoch_indices(self, epoch: int) -> torch.Tensor:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            perm = torch.randperm(self.n, generator=g)
+        else:
+            perm = torch.arange(self.n)
+        return perm[: self.per_rank * self.world][self.rank :: self.world]
+
+    def position(self, micro_batch: int) -> tuple[int, int]:
+        """(epoch, batch within epoch) of the stream's micro-batch number ``micro_batch``."""
+        return divmod(micro_batch, self.batches_per_epoch)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch, b = self.position(self.start)
+        while True:
+            idx = self.epoch_indices(epoch).tolist()
+            for j in range(b, self.batches_per_epoch):
+                chunk = idx[j * self.batch_size : (j + 1) * self.batch_size]
+                yield [(epoch, i) for i in chunk]
+            epoch, b = epoch + 1, 0
+
+    def __len__(self) -> int:  # one epoch; the stream itself is endless
+        return self.batches_per_epoch
+
+
+def _worker_init(_worker_id: int) -> None:
+    # Preemption (Slurm/K8s) signals the whole process group; the trainer saves a checkpoint on
+    # SIGTERM and needs its workers alive until it has done so.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    torch.set_num_threads(1)
+
+
+def build_source(data_cfg, seed: int = 0):
+    if data_cfg.source == "synthetic":
+        return SyntheticSource(data_cfg.synthetic_count, data_cfg.synthetic_size, seed=1234 + seed)
+    if data_cfg.source == "folder":
+        return FolderSource(data_cfg.path, data_cfg.split)
+    raise ValueError(f"data.source {data_cfg.source!r}")
+
+
+def build_loader(data_cfg, img_size: int, micro_batch: int, rank: int, world_size: int, seed: int, start_micro_batch: int = 0, pin_memory: bool = False):
+    """(DataLoader, sampler) for this rank, positioned at micro-batch ``start_micro_batch``."""
+    source = build_source(data_cfg, seed)
+    dataset = CropDataset(source, img_size, (data_cfg.scale_min, data_cfg.scale_max), data_cfg.hflip, seed, data_cfg.max_bad_in_a_row)
+    sampler = ShardedBatchSampler(len(dataset), micro_batch, rank, world_size, seed, start_micro_batch)
+    workers = data_cfg.num_workers
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        worker_init_fn=_worker_init if workers else None,
+        prefetch_factor=4 if workers else None,
+        persistent_workers=False,
+        # A generator of its own: creating the iterator must not consume the global torch RNG,
+        # which masking uses and a resumed run restores.
+        generator=torch.Generator().manual_seed(seed),
+    )
+    return loader, sampler

@@ -1,0 +1,95 @@
+"""Process-group set-up, rank helpers, seeding and threads."""
+from __future__ import annotations
+
+import os
+import random
+import socket
+import sys
+
+import numpy as np
+import torch
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_env() -> None:
+    """Let a plain ``python mimscale/pretrain.py`` run as a world of one."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", 0))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def local_size() -> int:
+    return int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
+def is_rank0() -> bool:
+    return rank() == 0
+
+
+def set_threads(threads: int) -> int:
+    """Torch intra-op threads per rank (0: the cores shared evenly by this node's ranks), so two
+    ranks on two cores do not oversubscribe them."""
+    if threads <= 0:
+        threads = max(1, (os.cpu_count() or 1) // max(1, local_size()))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def init_distributed() -> None:
+    """Initialize DeepSpeed's process group (nccl on GPUs, gloo on CPU)."""
+    import deepspeed
+
+    ensure_env()
+    deepspeed.init_distributed()
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank())
+        return torch.device("cuda", local_rank())
+    return torch.device("cpu")
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def barrier() -> None:
+    import deepspeed.comm as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def shutdown() -> None:
+    """Barrier then destroy the group: ending without it occasionally aborts a rank at exit."""
+    import deepspeed.comm as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def log0(*args) -> None:
+    if is_rank0():
+        print(*args, file=sys.stderr, flush=True)

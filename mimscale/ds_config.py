@@ -1,0 +1,92 @@
+"""The DeepSpeed JSON: engine concerns only (micro batch, accumulation, precision, ZeRO, clipping).
+
+mimscale builds the optimizer and LR schedule in Python so one code path serves every masking
+method; a JSON that also defines them is rejected rather than silently having one side ignored.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from mimscale.config import ConfigError
+
+OWNED_BY_YAML = {
+    "optimizer": "the optimizer is built in Python from the YAML's train.* keys (AdamW, param groups)",
+    "scheduler": "the LR schedule (warmup + half-cycle cosine) is built in Python from the YAML's train.* keys",
+}
+
+
+@dataclass
+class EngineSettings:
+    """What the trainer needs to know from the JSON, with batch sizes resolved for a world size."""
+
+    micro_batch: int
+    grad_accum: int
+    global_batch: int
+    zero_stage: int
+    bf16: bool
+    fp16: bool
+    clip: float
+    raw: dict
+
+    @property
+    def precision(self) -> str:
+        return "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"
+
+
+def load_ds_config(path: str | Path, world_size: int) -> EngineSettings:
+    """Read and check a ds_config for ``world_size`` ranks; raise ConfigError with the reason."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--deepspeed_config file not found: {path}")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--deepspeed_config {path} is not valid JSON: {e}") from None
+    return check_ds_config(raw, world_size, name=str(path))
+
+
+def check_ds_config(raw: dict, world_size: int, name: str = "ds_config") -> EngineSettings:
+    for key, why in OWNED_BY_YAML.items():
+        if key in raw:
+            raise ConfigError(f"{name} defines '{key}', which mimscale does not take from the JSON: {why}. Remove it.")
+    micro = raw.get("train_micro_batch_size_per_gpu")
+    accum = raw.get("gradient_accumulation_steps")
+    total = raw.get("train_batch_size")
+    for key, v in (("train_micro_batch_size_per_gpu", micro), ("gradient_accumulation_steps", accum), ("train_batch_size", total)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+            raise ConfigError(f"{name}: '{key}' must be a positive integer, got {v!r}")
+    if micro is None and (total is None or accum is None):
+        raise ConfigError(f"{name}: set 'train_micro_batch_size_per_gpu' (and optionally 'gradient_accumulation_steps')")
+    if micro is None:
+        if total % (accum * world_size):
+            raise ConfigError(
+                f"{name}: train_batch_size {total} is not divisible by gradient_accumulation_steps {accum} x world size {world_size}"
+            )
+        micro = total // (accum * world_size)
+    if accum is None:
+        if total is None:
+            accum = 1
+        elif total % (micro * world_size):
+            raise ConfigError(
+                f"{name}: train_batch_size {total} is not divisible by micro batch {micro} x world size {world_size}"
+            )
+        else:
+            accum = total // (micro * world_size)
+    if total is None:
+        total = micro * accum * world_size
+    if total != micro * accum * world_size:
+        raise ConfigError(
+            f"{name}: batch sizes do not add up: train_batch_size {total} != micro batch {micro} x "
+            f"gradient_accumulation_steps {accum} x world size {world_size} = {micro * accum * world_size}"
+        )
+    zero = int(raw.get("zero_optimization", {}).get("stage", 0))
+    if zero not in (0, 1, 2, 3):
+        raise ConfigError(f"{name}: zero_optimization.stage must be 0, 1, 2 or 3, got {zero}")
+    bf16 = bool(raw.get("bf16", {}).get("enabled", False))
+    fp16 = bool(raw.get("fp16", {}).get("enabled", False))
+    if bf16 and fp16:
+        raise ConfigError(f"{name}: enable at most one of bf16 and fp16")
+    clip = float(raw.get("gradient_clipping", 0.0))
+    return EngineSettings(micro, accum, total, zero, bf16, fp16, clip, raw)

@@ -1,0 +1,286 @@
+"""Trainer: owns the DeepSpeed engine and the loop (step, log/checkpoint cadence, SIGTERM, summary).
+
+Inside a step there is no host sync: loss terms accumulate in a device tensor, and only on a log
+step do the ranks meet in ONE packed all-reduce (terms, non-finite count, samples, data wait,
+skipped files, stop request), after which rank 0 logs.
+"""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import deepspeed
+import deepspeed.comm as ds_comm
+import torch
+from tqdm import tqdm
+
+from mimscale import checkpoint, dist
+from mimscale.config import Config, flatten, to_dict
+from mimscale.data.loader import build_loader, build_source
+from mimscale.ds_config import EngineSettings
+from mimscale.masking.base import plan_sizes
+from mimscale.metrics import model_flops_per_image, peak_flops
+from mimscale.models.mim import build_model
+from mimscale.optim import build_optimizer, build_scheduler
+from mimscale.tracking import Tracker
+
+META_KEYS = ("box", "flip", "index")
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss: the run stops without saving, keeping the last good checkpoint."""
+
+
+@dataclass
+class Window:
+    """Host-side timing of the steps since the last log step."""
+
+    t0: float = field(default_factory=time.perf_counter)
+    wait: float = 0.0
+    steps: int = 0
+
+
+class Trainer:
+    def __init__(self, cfg: Config, ds_args, eng: EngineSettings, ds_config_path: str = ""):
+        self.cfg = cfg
+        self.eng = eng
+        self.rank, self.world = dist.rank(), dist.world_size()
+        self.device = dist.device()
+        self.out = Path(cfg.output_dir)
+        if dist.is_rank0():
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.threads = dist.set_threads(cfg.train.threads)
+
+        # Same seed on every rank while building, so all ranks start from identical weights.
+        dist.seed_all(cfg.train.seed)
+        model = build_model(cfg)
+        self.num_patches = model.encoder.num_patches
+        self.visible, self.masked, self.thrown = plan_sizes(self.num_patches, cfg.masking.mask_ratio)
+
+        n_samples = len(build_source(cfg.data, cfg.train.seed))
+        self.micro_per_epoch = (n_samples // self.world) // eng.micro_batch
+        if self.micro_per_epoch < 1:
+            raise ValueError(f"{n_samples} samples cannot fill one micro batch of {eng.micro_batch} on {self.world} ranks")
+        self.steps_per_epoch = max(1, self.micro_per_epoch // eng.grad_accum)
+        t = cfg.train
+        self.total_steps = t.steps if t.steps is not None else max(1, int(round(t.epochs * self.steps_per_epoch)))
+        self.warmup_steps = t.warmup_steps if t.warmup_steps is not None else int(round(t.warmup_epochs * self.steps_per_epoch))
+        self.lr = t.base_lr * eng.global_batch / 256
+        optimizer = build_optimizer(model, self.lr, t.weight_decay, (t.beta1, t.beta2), fused=self.device.type == "cuda")
+        scheduler = build_scheduler(optimizer, self.warmup_steps, self.total_steps, t.min_lr / self.lr if self.lr else 0.0)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(args=ds_args, model=model, optimizer=optimizer, lr_scheduler=scheduler)
+        if t.compile:
+            self.engine.compile()
+
+        self.step = 0
+        self.samples_seen = 0
+        self.skipped = 0
+        self.run_id: Optional[str] = None
+        self.resumed_from: Optional[Path] = checkpoint.resolve_resume(cfg.resume, cfg.output_dir)
+        if self.resumed_from is None:
+            dist.seed_all(cfg.train.seed + 1 + self.rank)  # per-rank masking streams
+        else:
+            client = checkpoint.load(self.engine, self.resumed_from)  # restores this rank's RNG too
+            self.step = int(client["mim_step"])
+            self.samples_seen = int(client["mim_samples_seen"])
+            self.skipped = int(client.get("mim_skipped_images", 0))
+            self.run_id = client.get("mim_mlflow_run_id")
+            dist.log0(f"[mimscale] resumed from {self.resumed_from} at step {self.step}")
+        self.last_checkpoint: Optional[str] = str(self.resumed_from) if self.resumed_from else None
+
+        self.flops_per_img = model_flops_per_image(cfg, self.visible, self.masked)
+        self.peak, self.peak_source = peak_flops(self.device)
+        self.tracker = Tracker(False, self.out, "", "")
+        if dist.is_rank0():
+            name = cfg.tracking.run_name or f"{cfg.preset or 'mimscale'}-{time.strftime('%Y%m%d-%H%M%S')}"
+            self.tracker = Tracker(cfg.tracking.enabled, self.out, cfg.tracking.experiment, name, self.run_id)
+            self.run_id = self.tracker.run_id or self.run_id
+            params = flatten(to_dict(cfg))
+            params.update(flatten(eng.raw, "ds."))
+            params.update({"derived.lr": self.lr, "derived.total_steps": self.total_steps, "derived.warmup_steps": self.warmup_steps,
+                           "derived.world_size": self.world, "derived.global_batch": eng.global_batch})
+            self.tracker.log_params(params)
+            if ds_config_path:
+                self.tracker.log_artifact(ds_config_path)
+
+        self._stop_signal: Optional[str] = None
+        self._term_names: Optional[list[str]] = None
+        self.loss_history: list[dict] = []
+        self.windows: list[dict] = []
+        self.last_metrics: dict = {}
+
+    # ------------------------------------------------------------------ one step
+    def to_device(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        images = batch["image"].to(self.device, non_blocking=True)
+        meta = {k: batch[k].to(self.device, non_blocking=True) for k in META_KEYS}
+        return images, meta
+
+    def micro_step(self, images: torch.Tensor, meta: dict) -> tuple[torch.Tensor, dict]:
+        """Forward, backward and engine.step() for one micro batch (the engine applies the
+        optimizer, clipping and LR step at accumulation boundaries)."""
+        loss, terms = self.engine(images, meta)
+        self.engine.backward(loss)
+        self.engine.step()
+        return loss, terms
+
+    # ------------------------------------------------------------------ the loop
+    def _on_signal(self, signum, _frame) -> None:
+        self._stop_signal = signal.Signals(signum).name
+
+    def _client_state(self) -> dict:
+        return {
+            "mim_step": self.step,
+            "mim_samples_seen": self.samples_seen,
+            "mim_skipped_images": self.skipped,
+            "mim_mlflow_run_id": self.run_id,
+            "mim_data_micro_batch": self.step * self.eng.grad_accum,  # position in the data stream
+            "mim_world_size": self.world,
+        }
+
+    def save(self) -> None:
+        path = checkpoint.save(self.engine, self.out, self.step, self._client_state(), self.cfg.train.keep_checkpoints)
+        self.last_checkpoint = str(path)
+
+    def fit(self) -> dict:
+        cfg, eng = self.cfg, self.eng
+        for s in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(s, self._on_signal)
+        loader, _ = build_loader(cfg.data, cfg.model.img_size, eng.micro_batch, self.rank, self.world, cfg.train.seed,
+                                 start_micro_batch=self.step * eng.grad_accum, pin_memory=self.device.type == "cuda")
+        it = iter(loader)
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not dist.is_rank0(), unit="step", dynamic_ncols=True, mininterval=1.0)
+        acc: Optional[torch.Tensor] = None  # [1 + n_terms] summed over micro steps
+        bad = torch.zeros((), device=self.device)  # non-finite losses seen
+        first_bad = torch.full((), float("inf"), device=self.device)
+        win = Window()
+        micro_in_window = 0
+        skipped_window = 0
+        stopped = None
+        while self.step < self.total_steps:
+            for _ in range(eng.grad_accum):
+                t = time.perf_counter()
+                batch = next(it)
+                win.wait += time.perf_counter() - t
+                skipped_window += int(batch["skipped"])  # a CPU tensor: no device sync
+                loss, terms = self.micro_step(*self.to_device(batch))
+                if self._term_names is None:
+                    self._term_names = sorted(terms)
+                vals = torch.stack([loss.detach().float()] + [terms[k].float() for k in self._term_names])
+                acc = vals if acc is None else acc + vals
+                nonfinite = ~torch.isfinite(vals[0])
+                bad = bad + nonfinite.float()
+                first_bad = torch.where(nonfinite, torch.minimum(first_bad, torch.tensor(float(self.step + 1), device=self.device)), first_bad)
+                micro_in_window += 1
+            self.step += 1
+            self.samples_seen += eng.global_batch
+            win.steps += 1
+            bar.update(1)
+            ckpt_now = self.step % cfg.train.ckpt_every == 0 or self.step == self.total_steps
+            # Every rank must take the same branch (the all-reduce below): decide on the step
+            # count only. A stop request is seen at the next log step, on all ranks together.
+            if self.step % cfg.train.log_every == 0 or ckpt_now:
+                stop = self._log(acc, micro_in_window, bad, first_bad, win, skipped_window, bar)
+                acc, micro_in_window, skipped_window, win = None, 0, 0, Window()
+                if stop:
+                    stopped = stop
+                    break
+                if ckpt_now:
+                    self.save()
+        bar.close()
+        if stopped:
+            dist.log0(f"[mimscale] {stopped} received: saving a checkpoint at step {self.step} and exiting")
+            self.save()
+        return self.finish(stopped)
+
+    def _log(self, acc, micro, bad, first_bad, win: Window, skipped: int, bar) -> Optional[str]:
+        """The log step's one packed all-reduce, then rank-0 logging. Returns a stop reason."""
+        elapsed = time.perf_counter() - win.t0
+        n_terms = len(self._term_names or [])
+        extras = torch.tensor([micro, win.wait, elapsed, skipped, 1.0 if self._stop_signal else 0.0],
+                              dtype=torch.float32, device=self.device)
+        packed = torch.cat([acc.float(), bad.reshape(1), extras])
+        ds_comm.all_reduce(packed)
+        v = packed.tolist()  # the one host sync of this window
+        sums, n_bad = v[: 1 + n_terms], v[1 + n_terms]
+        micro_all, wait_all, elapsed_all, skipped_all, stop = v[2 + n_terms:]
+        if n_bad > 0:
+            ds_comm.all_reduce(first_bad, op=ds_comm.ReduceOp.MIN)
+            ckpt = self.last_checkpoint or "none yet"
+            raise TrainingDiverged(f"non-finite loss at step {int(first_bad.item())} (detected at log step {self.step}); "
+                                   f"stopping without saving. Last good checkpoint: {ckpt}")
+        self.skipped += int(skipped_all)
+        loss = sums[0] / micro_all
+        step_s = elapsed_all / self.world / win.steps
+        img_s = self.eng.global_batch / step_s
+        mfu = self.flops_per_img * img_s / self.world / self.peak if self.peak else float("nan")
+        grad_norm = self.engine.get_global_grad_norm()
+        metrics = {
+            "loss": loss,
+            **{k: s / micro_all for k, s in zip(self._term_names or [], sums[1:])},
+            "lr": float(self.engine.get_lr()[0]),
+            "img_per_s": img_s,
+            "step_s": step_s,
+            "data_wait_pct": 100.0 * wait_all / max(elapsed_all, 1e-9),
+            "mfu": mfu,
+            "skipped_images": float(self.skipped),
+            "epoch": self.step / self.steps_per_epoch,
+        }
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
+        self.last_metrics = metrics
+        self.windows.append({"steps": win.steps, "seconds": step_s * win.steps, "img_per_s": img_s})
+        if dist.is_rank0():
+            self.loss_history.append({"step": self.step, "loss": loss})
+            self.tracker.log_metrics(metrics, self.step)
+            bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{img_s:.1f}", refresh=False)
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.step, **metrics}) + "\n")
+        if stop > 0:
+            return self._stop_signal or "SIGTERM"
+        return None
+
+    def throughput(self) -> float:
+        """Images/s over this invocation, leaving out the first window (warm-up, compilation)
+        when there is more than one."""
+        w = self.windows[1:] if len(self.windows) > 1 else self.windows
+        secs = sum(x["seconds"] for x in w)
+        return sum(x["steps"] for x in w) * self.eng.global_batch / secs if secs else 0.0
+
+    def finish(self, stopped: Optional[str] = None) -> dict:
+        img_s = self.throughput()
+        summary = {
+            "steps": self.step,
+            "total_steps": self.total_steps,
+            "samples_seen": self.samples_seen,
+            "loss_history": self.loss_history,
+            "final_loss": self.loss_history[-1]["loss"] if self.loss_history else None,
+            "img_per_s": img_s,
+            "mfu": self.flops_per_img * img_s / self.world / self.peak if self.peak and img_s else None,
+            "gflop_per_img": self.flops_per_img / 1e9,
+            "peak_gflops_per_rank": self.peak / 1e9,
+            "peak_source": self.peak_source,
+            "data_wait_pct": self.last_metrics.get("data_wait_pct"),
+            "skipped_images": self.skipped,
+            "checkpoint": self.last_checkpoint,
+            "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+            "stopped_by": stopped,
+            "world_size": self.world,
+            "global_batch": self.eng.global_batch,
+            "precision": self.eng.precision,
+            "zero_stage": self.eng.zero_stage,
+            "mlflow_tracking_uri": self.tracker.uri,
+            "mlflow_run_id": self.run_id,
+        }
+        if dist.is_rank0():
+            path = self.out / "summary.json"
+            path.write_text(json.dumps(summary, indent=2))
+            final = {f"final_{k}": float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+            self.tracker.log_metrics(final, self.step)
+            self.tracker.log_artifact(path)
+            self.tracker.end("KILLED" if stopped else "FINISHED")
+        return summary

@@ -1,0 +1,104 @@
+"""ViT encoder that runs on any subset of patch tokens per sample.
+
+Built from timm's layers (PatchEmbed, Block with fused scaled-dot-product attention) so its
+weights map one-to-one onto ``timm.models.vision_transformer.VisionTransformer``.
+Position embeddings are fixed 2-D sin-cos (not learned), so they are a buffer, not a parameter.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Optional
+
+import torch
+from timm.layers import PatchEmbed
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from mimscale.models.registry import EncoderSpec
+
+
+def sincos_pos_embed_2d(dim: int, grid: int, cls_token: bool = True) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding, [1 + grid*grid, dim] (row 0 = CLS, all zeros).
+
+    Half the channels encode the column (x) and half the row (y); each half is sin|cos of the
+    coordinate times ``1 / 10000^(2i/(dim/2))``, as in MAE. Patches are in row-major order.
+    """
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs dim divisible by 4, got {dim}")
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # [D/4]
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij")
+
+    def enc(pos: torch.Tensor) -> torch.Tensor:  # [N] -> [N, D/2]
+        out = pos.reshape(-1, 1) * omega.reshape(1, -1)
+        return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+    emb = torch.cat([enc(xs), enc(ys)], dim=1)  # [grid*grid, D]
+    if cls_token:
+        emb = torch.cat([torch.zeros(1, dim, dtype=torch.float64), emb], dim=0)
+    return emb.float()
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x [B, L, D], idx [B, K] -> [B, K, D] (per-sample token selection)."""
+    return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def init_mae_weights(module: nn.Module) -> None:
+    """MAE's init: xavier-uniform linears with zero bias, unit LayerNorms."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class ViTEncoder(nn.Module):
+    def __init__(self, spec: EncoderSpec, img_size: int = 224, patch_size: Optional[int] = None):
+        super().__init__()
+        self.spec = spec
+        self.patch_size = patch_size or spec.patch_size
+        self.img_size = img_size
+        self.embed_dim = spec.dim
+        self.patch_embed = PatchEmbed(img_size=img_size, patch_size=self.patch_size, in_chans=3, embed_dim=spec.dim)
+        self.grid = img_size // self.patch_size
+        self.num_patches = self.grid * self.grid
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, spec.dim))
+        # Fixed, so not saved: rebuilt from the config on load.
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(spec.dim, self.grid)[None], persistent=False)
+        norm = partial(nn.LayerNorm, eps=1e-6)
+        self.blocks = nn.ModuleList(
+            Block(spec.dim, spec.heads, mlp_ratio=spec.mlp_ratio, qkv_bias=True, norm_layer=norm) for _ in range(spec.depth)
+        )
+        self.norm = norm(spec.dim)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        init_mae_weights(self)
+        w = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a linear over flattened patches
+        nn.init.normal_(self.cls_token, std=0.02)
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        visible: Optional[torch.Tensor] = None,
+        token_scale: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """images [B, 3, H, W]; visible [B, V] patch indices (None = all L patches);
+        token_scale [B, L] optional multiplier on patch tokens (see MaskPlan).
+        Returns [B, 1 + V, D]: the CLS token followed by the visible tokens in ``visible`` order."""
+        x = self.patch_embed(images)  # [B, L, D]
+        if token_scale is not None:
+            x = x * token_scale.unsqueeze(-1).to(x.dtype)
+        x = x + self.pos_embed[:, 1:].to(x.dtype)
+        if visible is not None:
+            x = gather_tokens(x, visible)  # [B, V, D]
+        cls = (self.cls_token + self.pos_embed[:, :1].to(self.cls_token.dtype)).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)

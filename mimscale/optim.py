@@ -1,0 +1,54 @@
+"""AdamW with MAE's parameter groups, and the per-step warmup + half-cycle cosine schedule."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+# Parameters that never get weight decay: biases, norm weights (1-D), tokens, position embeddings.
+NO_DECAY_NAMES = ("cls_token", "mask_token", "pos_embed")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: decayed weights (matrices, convs) and everything MAE leaves undecayed.
+
+    Group dicts carry a ``name`` so later methods can add their own groups (e.g. a discriminator)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or name.endswith(".bias") or any(n in name for n in NO_DECAY_NAMES):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [
+        {"name": "decay", "params": decay, "weight_decay": weight_decay},
+        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95), fused: bool | None = None):
+    """torch AdamW (fused kernel on CUDA), handed to ``deepspeed.initialize`` as the client optimizer."""
+    if fused is None:
+        fused = torch.cuda.is_available()
+    groups = [g for g in param_groups(model, weight_decay) if g["params"]]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused)
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
+    """Multiplier of the peak lr for optimizer step ``step`` (0-based): linear warmup reaching the
+    peak at step ``warmup_steps - 1`` (so no step runs at lr 0), then half-cycle cosine down to
+    ``min_ratio`` at ``total_steps``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if total_steps <= warmup_steps:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer, warmup_steps: int, total_steps: int, min_ratio: float = 0.0):
+    """LambdaLR stepped once per optimizer step (DeepSpeed steps it at accumulation boundaries);
+    its state is saved in the engine's checkpoint."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup_steps, total_steps, min_ratio))

@@ -1,0 +1,77 @@
+"""Pretraining entry point.
+
+    deepspeed [--num_gpus N] mimscale/pretrain.py --deepspeed_config ds_configs/X.json \
+        --config mimscale/configs/Y.yaml [--set key.sub=value ...]
+
+Also runs as ``python mimscale/pretrain.py ...`` (a world of one) for debugging.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# `deepspeed mimscale/pretrain.py` puts this folder first on sys.path, where module names like
+# `config` or `data` could shadow other packages: import mimscale only as a package.
+_here = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+if str(_here.parent) not in sys.path:
+    sys.path.insert(0, str(_here.parent))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+
+
+def parse_args(argv=None):
+    import deepspeed
+
+    p = argparse.ArgumentParser(description="mimscale MAE-style pretraining under DeepSpeed")
+    p.add_argument("--config", required=True, help="YAML preset (mimscale/configs/*.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.steps=100 (repeatable)")
+    p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    p = deepspeed.add_config_arguments(p)
+    args = p.parse_args(argv)
+    if not args.deepspeed_config:
+        p.error("--deepspeed_config is required (ds_configs/*.json)")
+    args.deepspeed = True
+    return args
+
+
+def main(argv=None) -> int:
+    from mimscale import dist
+    from mimscale.config import ConfigError, load_config
+    from mimscale.ds_config import load_ds_config
+
+    args = parse_args(argv)
+    dist.ensure_env()
+    try:  # every config problem surfaces here, before any process group or model exists
+        cfg = load_config(args.config, args.overrides)
+        eng = load_ds_config(args.deepspeed_config, dist.world_size())
+    except ConfigError as e:
+        print(f"mimscale: configuration error: {e}", file=sys.stderr)
+        return 2
+
+    from mimscale.engine import Trainer, TrainingDiverged
+
+    dist.init_distributed()
+    trainer = Trainer(cfg, args, eng, args.deepspeed_config)
+    try:
+        summary = trainer.fit()
+    except TrainingDiverged as e:
+        dist.log0(f"mimscale: {e}")
+        trainer.tracker.end("FAILED")
+        dist.shutdown()
+        return 3
+    if dist.is_rank0():
+        short = {k: v for k, v in summary.items() if k != "loss_history"}
+        print(json.dumps(short, indent=2))
+        print(f"summary: {Path(cfg.output_dir) / 'summary.json'}")
+        if summary.get("mlflow_tracking_uri"):
+            print(f"mlflow: {summary['mlflow_tracking_uri']} (run {summary['mlflow_run_id']}); "
+                  f"browse with: mlflow ui --backend-store-uri {summary['mlflow_tracking_uri']}")
+    dist.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

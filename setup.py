@@ -1,0 +1,30 @@
+"""mimscale: throughput-focused masked image modeling pretraining on DeepSpeed."""
+from setuptools import find_packages, setup
+
+# Pinned to a set that installs and works together on Python 3.11 (CPU and CUDA builds of torch).
+INSTALL_REQUIRES = [
+    "torch==2.14.1",
+    "torchvision==0.29.1",
+    "timm==1.0.31",
+    "deepspeed==0.19.8",
+    "webdataset==1.0.2",
+    "mlflow==3.17.2",
+    "pyyaml==6.0.3",
+    "simplejpeg==1.9.0",
+    "tqdm==4.70.1",
+    "numpy==2.4.6",
+    "pillow==13.0.0",
+    "psutil==7.2.2",
+    "ninja==1.13.2",  # DeepSpeed JIT-builds its CPU comm op with it on first launch
+]
+
+setup(
+    name="mimscale",
+    version="0.1.0",
+    description="Throughput-focused masked image modeling (MAE, AMT, AutoMAE) on DeepSpeed ZeRO",
+    python_requires=">=3.11,<3.12",
+    packages=find_packages(include=["mimscale", "mimscale.*", "data_prep", "data_prep.*"]),
+    package_data={"mimscale": ["configs/*.yaml"]},
+    install_requires=INSTALL_REQUIRES,
+    extras_require={"dev": ["pytest==9.2.0"]},
+)
