@@ -54,6 +54,7 @@ class DataConfig:
 class TrainConfig:
     steps: Optional[int] = None  # total optimizer steps; overrides epochs when set
     epochs: float = 800
+    stop_after: Optional[int] = None  # end this invocation (with a checkpoint) after this step; resume continues
     warmup_epochs: float = 40
     warmup_steps: Optional[int] = None  # overrides warmup_epochs when set
     base_lr: float = 1.5e-4  # lr = base_lr * global_batch / 256
@@ -206,6 +207,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"config key 'model.name' = {cfg.model.name!r} is not allowed; allowed values: {', '.join(ENCODERS)}"
         )
+    for key in ("model.img_size", "model.decoder_dim", "model.decoder_heads"):
+        if get_key(cfg, key) <= 0:
+            raise ConfigError(f"config key '{key}' = {get_key(cfg, key)} must be > 0")
+    if cfg.model.patch_size is not None and cfg.model.patch_size <= 0:
+        raise ConfigError(f"config key 'model.patch_size' = {cfg.model.patch_size} must be > 0 (or null for the preset's)")
     patch = cfg.model.patch_size or ENCODERS[cfg.model.name].patch_size
     if cfg.model.img_size % patch:
         raise ConfigError(f"config key 'model.img_size' = {cfg.model.img_size} must be a multiple of the patch size {patch}")
@@ -230,7 +236,12 @@ def validate(cfg: Config) -> None:
     for key, v in positive.items():
         if v <= 0:
             raise ConfigError(f"config key '{key}' = {v} must be > 0")
-    for key in ("data.num_workers", "train.threads", "train.epochs", "train.warmup_epochs", "train.base_lr"):
+    if cfg.train.stop_after is not None and cfg.train.stop_after <= 0:
+        raise ConfigError(f"config key 'train.stop_after' = {cfg.train.stop_after} must be > 0 (or null)")
+    if cfg.train.warmup_steps is not None and cfg.train.warmup_steps < 0:
+        raise ConfigError(f"config key 'train.warmup_steps' = {cfg.train.warmup_steps} must be >= 0 (or null)")
+    for key in ("data.num_workers", "data.max_bad_in_a_row", "train.threads", "train.epochs", "train.warmup_epochs",
+                "train.base_lr", "train.min_lr", "train.weight_decay"):
         if get_key(cfg, key) < 0:
             raise ConfigError(f"config key '{key}' = {get_key(cfg, key)} must be >= 0")
     if cfg.train.steps is None and cfg.train.epochs <= 0:

@@ -47,7 +47,16 @@ def load_ds_config(path: str | Path, world_size: int) -> EngineSettings:
     return check_ds_config(raw, world_size, name=str(path))
 
 
+def _section(raw: dict, key: str, name: str) -> dict:
+    sec = raw.get(key, {})
+    if not isinstance(sec, dict):
+        raise ConfigError(f"{name}: '{key}' must be an object, got {sec!r}")
+    return sec
+
+
 def check_ds_config(raw: dict, world_size: int, name: str = "ds_config") -> EngineSettings:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{name}: expected a JSON object at the top level, got {type(raw).__name__}")
     for key, why in OWNED_BY_YAML.items():
         if key in raw:
             raise ConfigError(f"{name} defines '{key}', which mimscale does not take from the JSON: {why}. Remove it.")
@@ -57,9 +66,10 @@ def check_ds_config(raw: dict, world_size: int, name: str = "ds_config") -> Engi
     for key, v in (("train_micro_batch_size_per_gpu", micro), ("gradient_accumulation_steps", accum), ("train_batch_size", total)):
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
             raise ConfigError(f"{name}: '{key}' must be a positive integer, got {v!r}")
-    if micro is None and (total is None or accum is None):
+    if micro is None and total is None:
         raise ConfigError(f"{name}: set 'train_micro_batch_size_per_gpu' (and optionally 'gradient_accumulation_steps')")
     if micro is None:
+        accum = accum or 1  # DeepSpeed's rule: train_batch_size alone means no accumulation
         if total % (accum * world_size):
             raise ConfigError(
                 f"{name}: train_batch_size {total} is not divisible by gradient_accumulation_steps {accum} x world size {world_size}"
@@ -81,12 +91,20 @@ def check_ds_config(raw: dict, world_size: int, name: str = "ds_config") -> Engi
             f"{name}: batch sizes do not add up: train_batch_size {total} != micro batch {micro} x "
             f"gradient_accumulation_steps {accum} x world size {world_size} = {micro * accum * world_size}"
         )
-    zero = int(raw.get("zero_optimization", {}).get("stage", 0))
-    if zero not in (0, 1, 2, 3):
-        raise ConfigError(f"{name}: zero_optimization.stage must be 0, 1, 2 or 3, got {zero}")
-    bf16 = bool(raw.get("bf16", {}).get("enabled", False))
-    fp16 = bool(raw.get("fp16", {}).get("enabled", False))
+    zero = _section(raw, "zero_optimization", name).get("stage", 0)
+    if zero not in (0, 1, 2, 3) or isinstance(zero, (bool, float)):
+        raise ConfigError(f"{name}: zero_optimization.stage must be 0, 1, 2 or 3, got {zero!r}")
+    flags = {}
+    for key in ("bf16", "fp16"):
+        enabled = _section(raw, key, name).get("enabled", False)
+        if not isinstance(enabled, bool):
+            raise ConfigError(f"{name}: '{key}.enabled' must be true or false, got {enabled!r}")
+        flags[key] = enabled
+    bf16, fp16 = flags["bf16"], flags["fp16"]
     if bf16 and fp16:
         raise ConfigError(f"{name}: enable at most one of bf16 and fp16")
-    clip = float(raw.get("gradient_clipping", 0.0))
+    clip = raw.get("gradient_clipping", 0.0)
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0:
+        raise ConfigError(f"{name}: 'gradient_clipping' must be a number >= 0, got {clip!r}")
+    clip = float(clip)
     return EngineSettings(micro, accum, total, zero, bf16, fp16, clip, raw)

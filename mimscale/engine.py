@@ -161,7 +161,8 @@ class Trainer:
         micro_in_window = 0
         skipped_window = 0
         stopped = None
-        while self.step < self.total_steps:
+        end = min(self.total_steps, cfg.train.stop_after or self.total_steps)
+        while self.step < end:
             for _ in range(eng.grad_accum):
                 t = time.perf_counter()
                 batch = next(it)
@@ -180,7 +181,7 @@ class Trainer:
             self.samples_seen += eng.global_batch
             win.steps += 1
             bar.update(1)
-            ckpt_now = self.step % cfg.train.ckpt_every == 0 or self.step == self.total_steps
+            ckpt_now = self.step % cfg.train.ckpt_every == 0 or self.step == end
             # Every rank must take the same branch (the all-reduce below): decide on the step
             # count only. A stop request is seen at the next log step, on all ranks together.
             if self.step % cfg.train.log_every == 0 or ckpt_now:

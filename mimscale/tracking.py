@@ -28,11 +28,12 @@ class Tracker:
             import mlflow
 
             self._mlflow = mlflow
-            self.uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out / 'mlflow.db'}"
+            user_uri = os.environ.get("MLFLOW_TRACKING_URI")  # read first: set_tracking_uri exports it
+            self.uri = user_uri or f"sqlite:///{out / 'mlflow.db'}"
             mlflow.set_tracking_uri(self.uri)
             exp = mlflow.get_experiment_by_name(experiment)
             if exp is None:
-                artifacts = None if os.environ.get("MLFLOW_TRACKING_URI") else (out / "mlartifacts").as_uri()
+                artifacts = None if user_uri else (out / "mlartifacts").as_uri()
                 exp_id = mlflow.create_experiment(experiment, artifact_location=artifacts)
             else:
                 exp_id = exp.experiment_id

@@ -106,7 +106,9 @@ def crop_bytes(data: bytes, rng: np.random.Generator, size: int, scale=(0.2, 1.0
                 )
             except ValueError as e:
                 raise UnreadableImage(f"corrupt or truncated JPEG: {e}") from None
-            sx, sy = arr.shape[1] / width, arr.shape[0] / height
+            # libjpeg scales by M/8 and rounds the output size up, so the size ratio overstates
+            # the scale for sides that are not multiples of 8: recover the exact M/8.
+            sx, sy = round(8 * arr.shape[1] / width) / 8, round(8 * arr.shape[0] / height) / 8
             out = _finish(Image.fromarray(arr), box, sx, sy, size, flip)
             return Crop(out, _norm_box(box, width, height), flip, False)
     try:

@@ -85,7 +85,7 @@ def collate(samples: list[dict]) -> dict:
 
 class ShardedBatchSampler(Sampler):
     """Endless stream of this rank's batches of (epoch, index) keys, starting at micro-batch
-    ``start``. Epoch e is ``randperm(N, seed + e)`` truncated to a multiple of the world size;
+    ``start``. Epoch e is a permutation seeded by (seed, e), truncated to a multiple of the world size;
     rank r takes every world-th element from position r."""
 
     def __init__(self, num_samples: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0, start: int = 0, shuffle: bool = True):
@@ -105,7 +105,8 @@ class ShardedBatchSampler(Sampler):
 
     def epoch_indices(self, epoch: int) -> torch.Tensor:
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + epoch)
+            # (seed, epoch) hashed together: seed 1 must not replay seed 0's order one epoch late
+            g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0]))
             perm = torch.randperm(self.n, generator=g)
         else:
             perm = torch.arange(self.n)

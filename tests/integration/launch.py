@@ -1,0 +1,67 @@
+"""Run mimscale/pretrain.py for real: under the deepspeed launcher on 2 CPU ranks, or as one process."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "mimscale" / "configs" / "mae_vit_tiny_cpu.yaml"
+# A model small enough that a 2-rank CPU step takes a fraction of a second.
+TINY_SETS = [
+    "model.img_size=32",
+    "model.patch_size=8",
+    "data.source=synthetic",
+    "data.synthetic_count=512",
+    "data.synthetic_size=48",
+    "data.num_workers=1",
+    "train.warmup_steps=2",
+    "train.log_every=1",
+    "tracking.enabled=false",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_ds_config(path: Path, stage: int, micro: int = 4, accum: int = 2, **extra) -> Path:
+    cfg = json.loads((REPO / "ds_configs" / f"cpu_fp32_zero{stage}.json").read_text())
+    cfg.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum, **extra)
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def env() -> dict:
+    e = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    e.pop("MLFLOW_TRACKING_URI", None)
+    return e
+
+
+def command(ds_config: Path, out: Path, sets: list[str], ranks: int = 2) -> list[str]:
+    args = ["mimscale/pretrain.py", "--deepspeed_config", str(ds_config), "--config", str(TINY),
+            "--set", f"output_dir={out}"]
+    for s in TINY_SETS + list(sets):
+        args += ["--set", s]
+    if ranks == 1:
+        return [sys.executable, *args]
+    launcher = str(Path(sys.executable).parent / "deepspeed")
+    return [launcher, "--num_gpus", str(ranks), "--master_port", str(free_port()), *args]
+
+
+def run(ds_config: Path, out: Path, sets: list[str] = (), ranks: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(command(ds_config, out, list(sets), ranks), cwd=REPO, env=env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+def losses(s: dict) -> dict[int, float]:
+    return {e["step"]: e["loss"] for e in s["loss_history"]}

@@ -1,0 +1,139 @@
+"""End-to-end 2-rank CPU runs under the real deepspeed launcher (fp32)."""
+from __future__ import annotations
+
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.integration.launch import REPO, losses, run, command, env, summary, write_ds_config
+
+STEPS = 8
+SHARED_JPEGS = REPO.parent / "shared" / "data" / "imagenet-sample" / "train"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Uninterrupted reference runs, one per ZeRO stage, shared by the tests below."""
+    return {"root": tmp_path_factory.mktemp("runs"), "done": {}}
+
+
+def reference(runs, stage: int) -> dict:
+    if stage not in runs["done"]:
+        root = runs["root"]
+        ds = write_ds_config(root / f"z{stage}.json", stage)
+        out = root / f"ref{stage}"
+        r = run(ds, out, [f"train.steps={STEPS}", "resume=never"])
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        runs["done"][stage] = summary(out)
+    return runs["done"][stage]
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_loss_falls_under_each_zero_stage(runs, stage):
+    s = reference(runs, stage)
+    assert s["steps"] == STEPS and s["world_size"] == 2 and s["zero_stage"] == stage
+    assert s["samples_seen"] == STEPS * 4 * 2 * 2  # micro 4 x accumulation 2 x 2 ranks per step
+    l = [e["loss"] for e in s["loss_history"]]
+    assert len(l) == STEPS
+    assert sum(l[-3:]) / 3 < 0.8 * sum(l[:2]) / 2, l
+    assert Path(s["checkpoint"]).name == f"step{STEPS:08d}" and (Path(s["checkpoint"]) / "COMPLETE").exists()
+    assert s["img_per_s"] > 0 and 0 < s["mfu"] < 1
+
+
+def test_stop_and_resume_matches_uninterrupted_zero3(runs, tmp_path):
+    ref = losses(reference(runs, 3))
+    ds = write_ds_config(tmp_path / "z3.json", 3)
+    out = tmp_path / "run"
+    r = run(ds, out, [f"train.steps={STEPS}", "train.stop_after=4"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    first = summary(out)
+    assert first["steps"] == 4 and first["checkpoint"].endswith("step00000004")
+    r = run(ds, out, [f"train.steps={STEPS}"])  # resume: auto
+    assert r.returncode == 0, r.stderr[-3000:]
+    second = summary(out)
+    assert second["resumed_from"].endswith("step00000004") and second["steps"] == STEPS
+    resumed = losses(second)
+    assert sorted(resumed) == list(range(5, STEPS + 1))
+    for step, loss in resumed.items():
+        assert abs(loss - ref[step]) <= 1e-6, (step, loss, ref[step])
+    assert second["samples_seen"] == STEPS * 16
+
+
+def _folder_with_bad_files(root: Path) -> Path:
+    """48 real ImageNet JPEGs (some grayscale) plus a truncated and a garbage file."""
+    data = root / "imagenet" / "train"
+    classes = sorted(SHARED_JPEGS.iterdir())[:48]
+    for c in classes:
+        (data / c.name).mkdir(parents=True)
+        for f in sorted(c.iterdir())[:1]:
+            shutil.copy(f, data / c.name / f.name)
+    good = next(iter(sorted((data / classes[0].name).iterdir())))
+    (data / classes[1].name / "truncated.JPEG").write_bytes(good.read_bytes()[:2000])
+    (data / classes[2].name / "garbage.JPEG").write_bytes(b"not an image at all" * 50)
+    return root / "imagenet"
+
+
+def _rank_processes(launcher: psutil.Process) -> list[psutil.Process]:
+    """The training ranks: children of DeepSpeed's per-node launch process (their DataLoader
+    workers share their command line, so match on the parent)."""
+    node = [p for p in launcher.children(recursive=True) if any("deepspeed.launcher.launch" in a for a in p.cmdline())]
+    assert len(node) == 1
+    return node[0].children()
+
+
+@pytest.mark.skipif(not SHARED_JPEGS.is_dir(), reason="needs ../shared/data/imagenet-sample")
+def test_sigterm_saves_and_resumes_exactly_on_real_jpegs_with_mlflow(tmp_path):
+    data = _folder_with_bad_files(tmp_path)
+    ds = write_ds_config(tmp_path / "z1.json", 1)
+    sets = ["train.steps=24", "data.source=folder", f"data.path={data}", "tracking.enabled=true"]
+    ref_out = tmp_path / "ref"
+    r = run(ds, ref_out, sets + ["resume=never"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    ref = summary(ref_out)
+    assert ref["skipped_images"] >= 1  # the truncated and garbage files were skipped and counted
+
+    out = tmp_path / "pre"
+    proc = psutil.Popen(command(ds, out, sets), cwd=REPO, env=env(), stdout=open(tmp_path / "pre.log", "w"), stderr=subprocess_stdout())
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    ranks = _rank_processes(proc)
+    assert len(ranks) == 2
+    for p in ranks:  # as Slurm does at preemption: every task gets SIGTERM (workers too)
+        for q in [p] + p.children(recursive=True):
+            q.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=240) == 0
+    pre = summary(out)
+    assert pre["stopped_by"] == "SIGTERM" and pre["steps"] < 24
+    k = pre["steps"]
+    assert pre["checkpoint"].endswith(f"step{k:08d}")
+
+    r = run(ds, out, sets)  # resume: auto
+    assert r.returncode == 0, r.stderr[-3000:]
+    post = summary(out)
+    assert post["steps"] == 24 and post["resumed_from"].endswith(f"step{k:08d}")
+    assert post["mlflow_run_id"] == pre["mlflow_run_id"]  # the same MLflow run continues
+    ref_l, post_l = losses(ref), losses(post)
+    assert sorted(post_l) == list(range(k + 1, 25))
+    for step, loss in post_l.items():
+        assert abs(loss - ref_l[step]) <= 1e-6, (step, loss, ref_l[step])
+
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(post["mlflow_tracking_uri"])
+    hist = client.get_metric_history(post["mlflow_run_id"], "loss")
+    assert sorted({m.step for m in hist}) == list(range(1, 25))
+    run_info = client.get_run(post["mlflow_run_id"])
+    assert run_info.data.params["model.name"] == "vit_tiny" and "ds.zero_optimization" in " ".join(run_info.data.params)
+    assert run_info.data.metrics["skipped_images"] >= 1
+
+
+def subprocess_stdout():
+    import subprocess
+
+    return subprocess.STDOUT

@@ -1,0 +1,73 @@
+"""MLflow tracking never stops training; checkpoint selection never picks a half-written one."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from mimscale.checkpoint import MARKER, complete_tags, resolve_resume, tag_for
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again once we return
+
+
+def _run_tracker(tmp_path, env_extra):
+    code = textwrap.dedent(f"""
+        from mimscale.tracking import Tracker
+        t = Tracker(True, {str(tmp_path)!r}, "exp", "run-a")
+        t.log_params({{"a.b": 1}})
+        t.log_metrics({{"loss": 1.5}}, step=1)
+        t.log_metrics({{"loss": 1.0}}, step=2)
+        print("ACTIVE", t.active, t.run_id, t.uri)
+        t.end()
+    """)
+    env = {**os.environ, **env_extra}
+    env.pop("MLFLOW_TRACKING_URI", None) if "MLFLOW_TRACKING_URI" not in env_extra else None
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_local_store_under_output_dir(tmp_path):
+    r = _run_tracker(tmp_path, {})
+    assert r.returncode == 0, r.stderr
+    line = [x for x in r.stdout.splitlines() if x.startswith("ACTIVE")][0]
+    _, active, run_id, uri = line.split()
+    assert active == "True" and uri == f"sqlite:///{tmp_path}/mlflow.db"
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(uri)
+    run = client.get_run(run_id)
+    assert run.data.params["a.b"] == "1"
+    assert [m.value for m in client.get_metric_history(run_id, "loss")] == [1.5, 1.0]
+    assert run.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
+
+
+def test_server_down_warns_once_and_continues(tmp_path):
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    r = _run_tracker(tmp_path, {"MLFLOW_TRACKING_URI": uri})
+    assert r.returncode == 0, r.stderr
+    assert "ACTIVE False None" in r.stdout
+    assert r.stderr.count("WARNING: MLflow") == 1
+    assert "training continues without tracking" in r.stderr
+
+
+def test_resume_picks_newest_complete_checkpoint(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step, complete in ((10, True), (20, True), (30, False)):
+        d = root / tag_for(step)
+        d.mkdir(parents=True)
+        if complete:
+            (d / MARKER).write_text("{}")
+    assert [s for s, _ in complete_tags(root)] == [10, 20]
+    assert resolve_resume("auto", tmp_path) == root / tag_for(20)  # step 30 is half-written
+    assert resolve_resume("never", tmp_path) is None
+    assert resolve_resume(str(root / tag_for(10)), tmp_path) == root / tag_for(10)
+    assert resolve_resume(str(tmp_path), "/elsewhere") == root / tag_for(20)
+    assert resolve_resume("auto", tmp_path / "empty") is None
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        resolve_resume(str(root / tag_for(30)), tmp_path)
