@@ -71,7 +71,7 @@ class Trainer:
         self.total_steps = t.steps if t.steps is not None else max(1, int(round(t.epochs * self.steps_per_epoch)))
         self.warmup_steps = t.warmup_steps if t.warmup_steps is not None else int(round(t.warmup_epochs * self.steps_per_epoch))
         self.lr = t.base_lr * eng.global_batch / 256
-        optimizer = build_optimizer(model, self.lr, t.weight_decay, (t.beta1, t.beta2), fused=self.device.type == "cuda")
+        optimizer = build_optimizer(model, self.lr, t.weight_decay, (t.beta1, t.beta2))
         scheduler = build_scheduler(optimizer, self.warmup_steps, self.total_steps, t.min_lr / self.lr if self.lr else 0.0)
         self.engine, _, _, self.scheduler = deepspeed.initialize(args=ds_args, model=model, optimizer=optimizer, lr_scheduler=scheduler)
         if t.compile:
