@@ -17,12 +17,13 @@ $(STAMP): setup.py
 	$(VENV)/bin/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# The venv's bin on PATH: DeepSpeed JIT-builds its CPU comm op with the venv's ninja.
 test: setup
-	$(PY) -m pytest -q tests
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q tests
 
 # Unit tests only (no multi-rank launches).
 test-fast: setup
-	$(PY) -m pytest -q tests/unit
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q tests/unit
 
 demo: setup
 	rm -rf runs/demo

@@ -62,7 +62,8 @@ class Trainer:
         self.num_patches = model.encoder.num_patches
         self.visible, self.masked, self.thrown = plan_sizes(self.num_patches, cfg.masking.mask_ratio)
 
-        n_samples = len(build_source(cfg.data, cfg.train.seed))
+        self.source = build_source(cfg.data, cfg.train.seed)
+        n_samples = len(self.source)
         self.micro_per_epoch = (n_samples // self.world) // eng.micro_batch
         if self.micro_per_epoch < 1:
             raise ValueError(f"{n_samples} samples cannot fill one micro batch of {eng.micro_batch} on {self.world} ranks")
@@ -138,7 +139,7 @@ class Trainer:
             "mim_samples_seen": self.samples_seen,
             "mim_skipped_images": self.skipped,
             "mim_mlflow_run_id": self.run_id,
-            "mim_data_micro_batch": self.step * self.eng.grad_accum,  # position in the data stream
+            "mim_data_micro_batch": self.samples_seen // (self.eng.micro_batch * self.world),  # per-rank stream position
             "mim_world_size": self.world,
         }
 
@@ -150,13 +151,19 @@ class Trainer:
         cfg, eng = self.cfg, self.eng
         for s in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(s, self._on_signal)
+        # Position in the data stream from samples seen (equal to step x accumulation at the same
+        # world size; after a world-size change it resumes at the same point of the epoch).
+        start = self.samples_seen // (eng.micro_batch * self.world)
         loader, _ = build_loader(cfg.data, cfg.model.img_size, eng.micro_batch, self.rank, self.world, cfg.train.seed,
-                                 start_micro_batch=self.step * eng.grad_accum, pin_memory=self.device.type == "cuda")
+                                 start_micro_batch=start, pin_memory=self.device.type == "cuda", source=self.source)
         it = iter(loader)
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not dist.is_rank0(), unit="step", dynamic_ncols=True, mininterval=1.0)
         acc: Optional[torch.Tensor] = None  # [1 + n_terms] summed over micro steps
         bad = torch.zeros((), device=self.device)  # non-finite losses seen
         first_bad = torch.full((), float("inf"), device=self.device)
+        # The optimizer step being taken, kept on the device so recording a bad step needs no
+        # host-to-device copy (a synchronous cudaMemcpy would stall the queue every micro step).
+        step_dev = torch.full((), float(self.step + 1), device=self.device)
         win = Window()
         micro_in_window = 0
         skipped_window = 0
@@ -175,9 +182,10 @@ class Trainer:
                 acc = vals if acc is None else acc + vals
                 nonfinite = ~torch.isfinite(vals[0])
                 bad = bad + nonfinite.float()
-                first_bad = torch.where(nonfinite, torch.minimum(first_bad, torch.tensor(float(self.step + 1), device=self.device)), first_bad)
+                first_bad = torch.where(nonfinite, torch.minimum(first_bad, step_dev), first_bad)
                 micro_in_window += 1
             self.step += 1
+            step_dev += 1
             self.samples_seen += eng.global_batch
             win.steps += 1
             bar.update(1)

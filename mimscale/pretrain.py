@@ -19,6 +19,11 @@ if str(_here.parent) not in sys.path:
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import warnings  # noqa: E402
+
+# DeepSpeed 0.19 calls torch.distributed's reduce_scatter_tensor on every ZeRO step, and each call
+# warns that it is deprecated: one line per step per rank, with nothing for a user to act on.
+warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.* is deprecated", category=FutureWarning)
 
 
 def parse_args(argv=None):

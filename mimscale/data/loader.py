@@ -144,9 +144,11 @@ def build_source(data_cfg, seed: int = 0):
     raise ValueError(f"data.source {data_cfg.source!r}")
 
 
-def build_loader(data_cfg, img_size: int, micro_batch: int, rank: int, world_size: int, seed: int, start_micro_batch: int = 0, pin_memory: bool = False):
-    """(DataLoader, sampler) for this rank, positioned at micro-batch ``start_micro_batch``."""
-    source = build_source(data_cfg, seed)
+def build_loader(data_cfg, img_size: int, micro_batch: int, rank: int, world_size: int, seed: int, start_micro_batch: int = 0,
+                 pin_memory: bool = False, source=None):
+    """(DataLoader, sampler) for this rank, positioned at micro-batch ``start_micro_batch``.
+    ``source``: an already built source (saves a second scan of a large folder)."""
+    source = source if source is not None else build_source(data_cfg, seed)
     dataset = CropDataset(source, img_size, (data_cfg.scale_min, data_cfg.scale_max), data_cfg.hflip, seed, data_cfg.max_bad_in_a_row)
     sampler = ShardedBatchSampler(len(dataset), micro_batch, rank, world_size, seed, start_micro_batch)
     workers = data_cfg.num_workers
