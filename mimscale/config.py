@@ -65,7 +65,8 @@ class TrainConfig:
     log_every: int = 20
     ckpt_every: int = 1000  # optimizer steps between checkpoints (and one at the end)
     keep_checkpoints: int = 2  # complete checkpoints kept on disk (older ones are deleted)
-    compile: bool = False  # torch.compile encoder and decoder (pays on GPU)
+    compile: bool = False  # torch.compile the engine's module (pays on GPU)
+    compile_backend: str = "inductor"  # any torch.compile backend (aot_eager: checks graphs without codegen)
     seed: int = 0
     threads: int = 0  # torch intra-op threads per rank; 0 = cores / local ranks
 

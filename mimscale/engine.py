@@ -76,7 +76,8 @@ class Trainer:
         scheduler = build_scheduler(optimizer, self.warmup_steps, self.total_steps, t.min_lr / self.lr if self.lr else 0.0)
         self.engine, _, _, self.scheduler = deepspeed.initialize(args=ds_args, model=model, optimizer=optimizer, lr_scheduler=scheduler)
         if t.compile:
-            self.engine.compile()
+            # DeepSpeed's own compile wraps the module so ZeRO hooks stay outside the graphs.
+            self.engine.compile(backend=t.compile_backend)
 
         self.step = 0
         self.samples_seen = 0
