@@ -29,7 +29,7 @@ demo: setup
 	rm -rf runs/demo
 	@if [ -d $(SAMPLE)/train ]; then data="--set data.source=folder --set data.path=$(SAMPLE)"; \
 	  else echo "$(SAMPLE) not found: using synthetic images"; data="--set data.source=synthetic"; fi; \
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH deepspeed --num_gpus 2 mimscale/pretrain.py \
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH CUDA_VISIBLE_DEVICES= DS_ACCELERATOR=cpu deepspeed --num_gpus 2 mimscale/pretrain.py \
 	  --deepspeed_config ds_configs/cpu_fp32_zero1.json --config mimscale/configs/mae_vit_tiny_cpu.yaml \
 	  --set output_dir=runs/demo --set resume=never $$data
 

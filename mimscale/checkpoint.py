@@ -63,6 +63,40 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Optional[Path]:
     raise FileNotFoundError(f"resume={resume!r} holds no complete checkpoint (a directory with a {MARKER} file)")
 
 
+def check_resume(resume: str, output_dir: str | Path, world_size: int) -> Optional[Path]:
+    """Resolve ``resume`` before anything is built, as a ConfigError when it cannot work:
+    a path without a complete checkpoint, a world size the ZeRO checkpoint was not written for,
+    or ``never`` over an output_dir that holds another run's checkpoints (it would mix the two)."""
+    from mimscale.config import ConfigError
+
+    if resume == "never":
+        tags = complete_tags(checkpoint_root(output_dir))
+        if tags:
+            raise ConfigError(
+                f"config key 'resume' = 'never' but output_dir {output_dir} holds checkpoints of an earlier run "
+                f"(latest {tags[-1][1].name}): use resume=auto to continue it, or choose a new output_dir")
+        return None
+    try:
+        tag_dir = resolve_resume(resume, output_dir)
+    except FileNotFoundError as e:
+        raise ConfigError(f"config key 'resume': {e}") from None
+    if tag_dir is not None:
+        saved = json.loads((tag_dir / MARKER).read_text() or "{}").get("world_size", world_size)
+        if saved != world_size:
+            raise ConfigError(
+                f"checkpoint {tag_dir} was written by {saved} ranks and this run has {world_size}: ZeRO checkpoints "
+                f"resume on the same data-parallel size (convert it with DeepSpeed's universal checkpointing first)")
+    return tag_dir
+
+
+def abandon_newer(output_dir: str | Path, step: int) -> None:
+    """Resuming from an older checkpoint (a roll-back): newer complete tags are renamed, not
+    deleted, so they are never picked as latest and never overwritten half-way."""
+    for s, d in complete_tags(checkpoint_root(output_dir)):
+        if s > step:
+            d.rename(d.with_name(f"{d.name}.abandoned-{int(time.time())}"))
+
+
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -82,6 +116,9 @@ def save(engine, output_dir: str | Path, step: int, client_state: dict, keep: in
     """Save on every rank (DeepSpeed requires it); returns the tag directory."""
     root = checkpoint_root(output_dir)
     tag = tag_for(step)
+    if dist.is_rank0() and (root / tag).exists():
+        shutil.rmtree(root / tag)  # never write into a folder that may already say COMPLETE
+    dist.barrier()
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     torch.save(rng_state(), root / tag / f"rng_rank{dist.rank()}.pt")
     dist.barrier()  # every rank's files are on disk before the marker says so

@@ -224,6 +224,18 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'data.hflip' = {cfg.data.hflip} must be in [0, 1]")
     if cfg.data.source == "folder" and not cfg.data.path:
         raise ConfigError("config key 'data.path' must name a folder when data.source is 'folder'")
+    for key in ("train.beta1", "train.beta2"):
+        if not 0.0 <= get_key(cfg, key) < 1.0:
+            raise ConfigError(f"config key '{key}' = {get_key(cfg, key)} must be in [0, 1)")
+    if cfg.model.decoder_dim % 4:
+        raise ConfigError(f"config key 'model.decoder_dim' = {cfg.model.decoder_dim} must be divisible by 4 (2-D sin-cos position embedding)")
+    if cfg.train.compile:
+        import torch._dynamo
+
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        if cfg.train.compile_backend not in backends:
+            raise ConfigError(f"config key 'train.compile_backend' = {cfg.train.compile_backend!r} is not allowed; "
+                              f"allowed values: {', '.join(sorted(backends))}")
     positive = {
         "train.log_every": cfg.train.log_every,
         "train.ckpt_every": cfg.train.ckpt_every,
@@ -252,6 +264,13 @@ def validate(cfg: Config) -> None:
     r = cfg.resume
     if r not in ("auto", "never") and not Path(r).exists():
         raise ConfigError(f"config key 'resume' = {r!r}: allowed values are auto, never, or an existing checkpoint path")
+
+
+def check_paths(cfg: Config) -> None:
+    """Checks against this machine's files (kept out of validate() so presets load anywhere)."""
+    if cfg.data.source == "folder" and not Path(cfg.data.path).is_dir():
+        raise ConfigError(f"config key 'data.path' = {cfg.data.path!r} is not a folder "
+                          f"(relative paths start at the working directory {Path.cwd()})")
 
 
 def to_dict(cfg: Config) -> dict:

@@ -62,7 +62,12 @@ def init_distributed() -> None:
 
 
 def device() -> torch.device:
-    if torch.cuda.is_available():
+    """This rank's device, as DeepSpeed's accelerator sees it (so DS_ACCELERATOR=cpu on a GPU
+    machine keeps batches on the CPU with the engine)."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if acc.device_name() == "cuda":
         torch.cuda.set_device(local_rank())
         return torch.device("cuda", local_rank())
     return torch.device("cpu")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from mimscale.masking.base import plan_sizes
 from mimscale.metrics import model_flops_per_image, peak_flops
 from mimscale.models.mim import build_model
 from mimscale.optim import build_optimizer, build_scheduler
+from mimscale.preempt import StopRequest
 from mimscale.tracking import Tracker
 
 META_KEYS = ("box", "flip", "index")
@@ -46,8 +46,10 @@ class Window:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, ds_args, eng: EngineSettings, ds_config_path: str = ""):
+    def __init__(self, cfg: Config, ds_args, eng: EngineSettings, ds_config_path: str = "",
+                 stop_request: Optional[StopRequest] = None):
         self.cfg = cfg
+        self.stop_request = stop_request or StopRequest()
         self.eng = eng
         self.rank, self.world = dist.rank(), dist.world_size()
         self.device = dist.device()
@@ -82,15 +84,19 @@ class Trainer:
         self.step = 0
         self.samples_seen = 0
         self.skipped = 0
+        self.converted = 0
         self.run_id: Optional[str] = None
         self.resumed_from: Optional[Path] = checkpoint.resolve_resume(cfg.resume, cfg.output_dir)
         if self.resumed_from is None:
             dist.seed_all(cfg.train.seed + 1 + self.rank)  # per-rank masking streams
         else:
+            if dist.is_rank0():
+                checkpoint.abandon_newer(self.out, int(json.loads((self.resumed_from / checkpoint.MARKER).read_text())["step"]))
             client = checkpoint.load(self.engine, self.resumed_from)  # restores this rank's RNG too
             self.step = int(client["mim_step"])
             self.samples_seen = int(client["mim_samples_seen"])
             self.skipped = int(client.get("mim_skipped_images", 0))
+            self.converted = int(client.get("mim_converted_images", 0))
             self.run_id = client.get("mim_mlflow_run_id")
             dist.log0(f"[mimscale] resumed from {self.resumed_from} at step {self.step}")
         self.last_checkpoint: Optional[str] = str(self.resumed_from) if self.resumed_from else None
@@ -110,11 +116,19 @@ class Trainer:
             if ds_config_path:
                 self.tracker.log_artifact(ds_config_path)
 
-        self._stop_signal: Optional[str] = None
         self._term_names: Optional[list[str]] = None
         self.loss_history: list[dict] = []
+        if dist.is_rank0():
+            self._trim_metrics_file()
         self.windows: list[dict] = []
         self.last_metrics: dict = {}
+
+    def _trim_metrics_file(self) -> None:
+        """Drop metrics.jsonl lines past the step we start from (steps a crash made us redo)."""
+        path = self.out / "metrics.jsonl"
+        if path.is_file():
+            keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= self.step]
+            path.write_text("".join(line + "\n" for line in keep))
 
     # ------------------------------------------------------------------ one step
     def to_device(self, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -131,14 +145,12 @@ class Trainer:
         return loss, terms
 
     # ------------------------------------------------------------------ the loop
-    def _on_signal(self, signum, _frame) -> None:
-        self._stop_signal = signal.Signals(signum).name
-
     def _client_state(self) -> dict:
         return {
             "mim_step": self.step,
             "mim_samples_seen": self.samples_seen,
             "mim_skipped_images": self.skipped,
+            "mim_converted_images": self.converted,
             "mim_mlflow_run_id": self.run_id,
             "mim_data_micro_batch": self.samples_seen // (self.eng.micro_batch * self.world),  # per-rank stream position
             "mim_world_size": self.world,
@@ -150,10 +162,15 @@ class Trainer:
 
     def fit(self) -> dict:
         cfg, eng = self.cfg, self.eng
-        for s in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(s, self._on_signal)
-        # Position in the data stream from samples seen (equal to step x accumulation at the same
-        # world size; after a world-size change it resumes at the same point of the epoch).
+        end = min(self.total_steps, cfg.train.stop_after or self.total_steps)
+        if self.step >= end:  # e.g. a requeued job that had already finished: keep its summary
+            dist.log0(f"[mimscale] nothing to do: the checkpoint is at step {self.step} and the run ends at step {end}")
+            previous = self.out / "summary.json"
+            if dist.is_rank0():
+                self.tracker.end("FINISHED")
+            return json.loads(previous.read_text()) if previous.is_file() else self.finish()
+        self.stop_request.attach()
+        # Position in the data stream from samples seen (= step x accumulation x micro batch).
         start = self.samples_seen // (eng.micro_batch * self.world)
         loader, _ = build_loader(cfg.data, cfg.model.img_size, eng.micro_batch, self.rank, self.world, cfg.train.seed,
                                  start_micro_batch=start, pin_memory=self.device.type == "cuda", source=self.source)
@@ -167,15 +184,15 @@ class Trainer:
         step_dev = torch.full((), float(self.step + 1), device=self.device)
         win = Window()
         micro_in_window = 0
-        skipped_window = 0
+        files = [0, 0]  # skipped, converted files in this window (host ints from CPU tensors)
         stopped = None
-        end = min(self.total_steps, cfg.train.stop_after or self.total_steps)
         while self.step < end:
             for _ in range(eng.grad_accum):
                 t = time.perf_counter()
                 batch = next(it)
                 win.wait += time.perf_counter() - t
-                skipped_window += int(batch["skipped"])  # a CPU tensor: no device sync
+                files[0] += int(batch["skipped"])  # CPU tensors: no device sync
+                files[1] += int(batch["converted"])
                 loss, terms = self.micro_step(*self.to_device(batch))
                 if self._term_names is None:
                     self._term_names = sorted(terms)
@@ -190,69 +207,76 @@ class Trainer:
             self.samples_seen += eng.global_batch
             win.steps += 1
             bar.update(1)
+            stop = self.stop_request.poll()  # the same answer on every rank
             ckpt_now = self.step % cfg.train.ckpt_every == 0 or self.step == end
-            # Every rank must take the same branch (the all-reduce below): decide on the step
-            # count only. A stop request is seen at the next log step, on all ranks together.
-            if self.step % cfg.train.log_every == 0 or ckpt_now:
-                stop = self._log(acc, micro_in_window, bad, first_bad, win, skipped_window, bar)
-                acc, micro_in_window, skipped_window, win = None, 0, 0, Window()
+            # Every rank takes the same branch (the all-reduce in _log): decided on the step
+            # count and the agreed stop request only.
+            if self.step % cfg.train.log_every == 0 or ckpt_now or stop:
+                self._log(acc, micro_in_window, bad, first_bad, win, files, bar)
+                acc, micro_in_window, files = None, 0, [0, 0]
                 if stop:
-                    stopped = stop
+                    stopped = self.stop_request.signal_name or "SIGTERM"
                     break
                 if ckpt_now:
                     self.save()
+                win = Window()  # after the save: checkpoint time is not billed to training steps
         bar.close()
+        self.stop_request.drain()
         if stopped:
             dist.log0(f"[mimscale] {stopped} received: saving a checkpoint at step {self.step} and exiting")
             self.save()
         return self.finish(stopped)
 
-    def _log(self, acc, micro, bad, first_bad, win: Window, skipped: int, bar) -> Optional[str]:
-        """The log step's one packed all-reduce, then rank-0 logging. Returns a stop reason."""
-        elapsed = time.perf_counter() - win.t0
+    def _log(self, acc, micro, bad, first_bad, win: Window, files: list[int], bar) -> None:
+        """The log step's one packed all-reduce, then rank-0 logging. Raises TrainingDiverged."""
         n_terms = len(self._term_names or [])
-        extras = torch.tensor([micro, win.wait, elapsed, skipped, 1.0 if self._stop_signal else 0.0],
-                              dtype=torch.float32, device=self.device)
+        extras = torch.tensor([micro, win.wait, files[0], files[1]], dtype=torch.float32, device=self.device)
         packed = torch.cat([acc.float(), bad.reshape(1), extras])
         ds_comm.all_reduce(packed)
         v = packed.tolist()  # the one host sync of this window
+        elapsed = time.perf_counter() - win.t0  # after the sync: all queued work is counted
         sums, n_bad = v[: 1 + n_terms], v[1 + n_terms]
-        micro_all, wait_all, elapsed_all, skipped_all, stop = v[2 + n_terms:]
-        if n_bad > 0:
-            ds_comm.all_reduce(first_bad, op=ds_comm.ReduceOp.MIN)
-            ckpt = self.last_checkpoint or "none yet"
-            raise TrainingDiverged(f"non-finite loss at step {int(first_bad.item())} (detected at log step {self.step}); "
-                                   f"stopping without saving. Last good checkpoint: {ckpt}")
-        self.skipped += int(skipped_all)
-        loss = sums[0] / micro_all
-        step_s = elapsed_all / self.world / win.steps
-        img_s = self.eng.global_batch / step_s
-        mfu = self.flops_per_img * img_s / self.world / self.peak if self.peak else float("nan")
+        micro_all, wait_all, skipped_all, converted_all = v[2 + n_terms:]
         grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else None
+        if n_bad > 0 or (grad_norm is not None and not math.isfinite(grad_norm)):
+            if n_bad > 0:
+                ds_comm.all_reduce(first_bad, op=ds_comm.ReduceOp.MIN)
+                what = f"non-finite loss at step {int(first_bad.item())}"
+            else:
+                what = f"non-finite gradient norm at step {self.step}"
+            ckpt = self.last_checkpoint or "none yet"
+            raise TrainingDiverged(f"{what} (detected at log step {self.step}); stopping without saving. "
+                                   f"Last good checkpoint: {ckpt}")
+        self.skipped += int(skipped_all)
+        self.converted += int(converted_all)
+        loss = sums[0] / micro_all
+        step_s = elapsed / win.steps
+        img_s = self.eng.global_batch / step_s
+        mfu = self.flops_per_img * img_s / self.world / self.peak if self.peak else None
         metrics = {
             "loss": loss,
             **{k: s / micro_all for k, s in zip(self._term_names or [], sums[1:])},
             "lr": float(self.engine.get_lr()[0]),
             "img_per_s": img_s,
             "step_s": step_s,
-            "data_wait_pct": 100.0 * wait_all / max(elapsed_all, 1e-9),
-            "mfu": mfu,
+            "data_wait_pct": 100.0 * wait_all / self.world / max(elapsed, 1e-9),
             "skipped_images": float(self.skipped),
+            "converted_images": float(self.converted),
             "epoch": self.step / self.steps_per_epoch,
         }
+        if mfu is not None:
+            metrics["mfu"] = mfu
         if grad_norm is not None:
-            metrics["grad_norm"] = float(grad_norm)
+            metrics["grad_norm"] = grad_norm
         self.last_metrics = metrics
-        self.windows.append({"steps": win.steps, "seconds": step_s * win.steps, "img_per_s": img_s})
+        self.windows.append({"steps": win.steps, "seconds": elapsed, "img_per_s": img_s})
         if dist.is_rank0():
             self.loss_history.append({"step": self.step, "loss": loss})
             self.tracker.log_metrics(metrics, self.step)
             bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{img_s:.1f}", refresh=False)
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"step": self.step, **metrics}) + "\n")
-        if stop > 0:
-            return self._stop_signal or "SIGTERM"
-        return None
 
     def throughput(self) -> float:
         """Images/s over this invocation, leaving out the first window (warm-up, compilation)
@@ -270,12 +294,13 @@ class Trainer:
             "loss_history": self.loss_history,
             "final_loss": self.loss_history[-1]["loss"] if self.loss_history else None,
             "img_per_s": img_s,
-            "mfu": self.flops_per_img * img_s / self.world / self.peak if self.peak and img_s else None,
+            "mfu": self.flops_per_img * img_s / self.world / self.peak if self.peak and img_s else None,  # None: unknown peak
             "gflop_per_img": self.flops_per_img / 1e9,
-            "peak_gflops_per_rank": self.peak / 1e9,
+            "peak_gflops_per_rank": self.peak / 1e9 if self.peak else None,
             "peak_source": self.peak_source,
             "data_wait_pct": self.last_metrics.get("data_wait_pct"),
             "skipped_images": self.skipped,
+            "converted_images": self.converted,
             "checkpoint": self.last_checkpoint,
             "resumed_from": str(self.resumed_from) if self.resumed_from else None,
             "stopped_by": stopped,

@@ -63,12 +63,12 @@ def cpu_matmul_peak(threads: int | None = None, n: int = 2048, reps: int = 3) ->
     return 2.0 * n**3 / best
 
 
-def peak_flops(device: torch.device) -> tuple[float, str]:
-    """(peak FLOP/s for one rank, where the number came from)."""
+def peak_flops(device: torch.device) -> tuple[float | None, str]:
+    """(peak FLOP/s for one rank or None when unknown, where the number came from)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, value in GPU_PEAK_BF16:
-            if key in name:
-                return value, f"table:{key}"
-        return float("nan"), f"unknown GPU {name!r}"
+            if key in name and "NVL" not in name:
+                return value, f"table:{key} bf16 dense"
+        return None, f"unknown GPU {name!r}: no MFU (add it to metrics.GPU_PEAK_BF16)"
     return cpu_matmul_peak(), f"cpu fp32 matmul probe, {torch.get_num_threads()} threads"

@@ -44,14 +44,21 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     from mimscale import dist
-    from mimscale.config import ConfigError, load_config
+    from mimscale.config import ConfigError, check_paths, load_config
     from mimscale.ds_config import load_ds_config
 
+    from mimscale.checkpoint import check_resume
+    from mimscale.preempt import StopRequest
+
+    stop = StopRequest()
+    stop.install()  # a preemption signal during start-up is honoured at the first step
     args = parse_args(argv)
     dist.ensure_env()
     try:  # every config problem surfaces here, before any process group or model exists
         cfg = load_config(args.config, args.overrides)
         eng = load_ds_config(args.deepspeed_config, dist.world_size())
+        check_paths(cfg)
+        check_resume(cfg.resume, cfg.output_dir, dist.world_size())
     except ConfigError as e:
         print(f"mimscale: configuration error: {e}", file=sys.stderr)
         return 2
@@ -59,7 +66,7 @@ def main(argv=None) -> int:
     from mimscale.engine import Trainer, TrainingDiverged
 
     dist.init_distributed()
-    trainer = Trainer(cfg, args, eng, args.deepspeed_config)
+    trainer = Trainer(cfg, args, eng, args.deepspeed_config, stop_request=stop)
     try:
         summary = trainer.fit()
     except TrainingDiverged as e:
@@ -67,6 +74,9 @@ def main(argv=None) -> int:
         trainer.tracker.end("FAILED")
         dist.shutdown()
         return 3
+    except BaseException:
+        trainer.tracker.end("FAILED")  # not left RUNNING in MLflow
+        raise
     if dist.is_rank0():
         short = {k: v for k, v in summary.items() if k != "loss_history"}
         print(json.dumps(short, indent=2))

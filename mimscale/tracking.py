@@ -37,10 +37,16 @@ class Tracker:
                 exp_id = mlflow.create_experiment(experiment, artifact_location=artifacts)
             else:
                 exp_id = exp.experiment_id
+            run = None
             if run_id:
-                run = mlflow.start_run(run_id=run_id)
-            else:
-                run = mlflow.start_run(experiment_id=exp_id, run_name=run_name)
+                try:
+                    run = mlflow.start_run(run_id=run_id)
+                except Exception as e:  # e.g. the run lives in another store: continue in a new run
+                    print(f"[mimscale] MLflow run {run_id} not found here ({type(e).__name__}); starting a new run",
+                          file=sys.stderr, flush=True)
+            if run is None:
+                tags = {"mimscale.resumed_from_run": run_id} if run_id else None
+                run = mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=tags)
             self.run_id = run.info.run_id
             self.active = True
         except Exception as e:  # tracking must never stop training
@@ -66,7 +72,9 @@ class Tracker:
         if not self.active:
             return
         try:
-            self._mlflow.log_metrics(metrics, step=step, timestamp=int(time.time() * 1000))
+            # Asynchronous: rank 0 must not hold every other rank at the next collective
+            # while a remote server answers.
+            self._mlflow.log_metrics(metrics, step=step, timestamp=int(time.time() * 1000), synchronous=False)
         except Exception as e:
             self._fail("log_metrics", e)
 
@@ -75,8 +83,9 @@ class Tracker:
             return
         try:
             self._mlflow.log_artifact(str(path))
-        except Exception as e:
-            self._fail("log_artifact", e)
+        except Exception as e:  # an artifact store problem (credentials, disk) keeps metrics going
+            print(f"[mimscale] WARNING: MLflow could not store artifact {path} ({type(e).__name__}: {e})",
+                  file=sys.stderr, flush=True)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if not self.active:
@@ -90,6 +99,7 @@ class Tracker:
         if not self.active:
             return
         try:
+            self._mlflow.flush_async_logging()
             self._mlflow.end_run(status=status)
         except Exception as e:
             self._fail("end_run", e)

@@ -85,9 +85,12 @@ def crop_bytes(data: bytes, rng: np.random.Generator, size: int, scale=(0.2, 1.0
     """Decode an encoded image and apply RandomResizedCrop(size, scale, bicubic) + flip.
 
     JPEGs go through simplejpeg at the smallest IDCT scale whose crop still covers ``size``
-    pixels; anything simplejpeg cannot read (CMYK, PNG or GIF bytes in a .JPEG, odd modes) falls
-    back to PIL and is converted to RGB. Raises UnreadableImage for corrupt or truncated files.
+    pixels. Anything simplejpeg cannot read, or reads only with warnings (CMYK, PNG or GIF bytes
+    in a .JPEG, odd modes, stray bytes before a marker), goes to PIL and is converted to RGB with
+    the same box and flip. Raises UnreadableImage when PIL cannot decode it either (corrupt,
+    truncated).
     """
+    drawn = None  # (width, height, box, flip) once drawn: a fallback decode reuses it
     if data[:2] == b"\xff\xd8":
         try:
             height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
@@ -95,6 +98,7 @@ def crop_bytes(data: bytes, rng: np.random.Generator, size: int, scale=(0.2, 1.0
             colorspace = None
         if colorspace in ("RGB", "YCbCr", "Gray"):
             box, flip = _draw(rng, width, height, scale, hflip)
+            drawn = (width, height, box, flip)
             x0, y0, w, h = box
             try:
                 arr = simplejpeg.decode_jpeg(
@@ -102,15 +106,16 @@ def crop_bytes(data: bytes, rng: np.random.Generator, size: int, scale=(0.2, 1.0
                     colorspace="RGB",
                     min_width=math.ceil(width * size / w),
                     min_height=math.ceil(height * size / h),
-                    strict=True,  # warnings (truncation, bad Huffman data) become errors
+                    strict=True,  # warnings send the file to PIL, which decides if it is usable
                 )
-            except ValueError as e:
-                raise UnreadableImage(f"corrupt or truncated JPEG: {e}") from None
-            # libjpeg scales by M/8 and rounds the output size up, so the size ratio overstates
-            # the scale for sides that are not multiples of 8: recover the exact M/8.
-            sx, sy = round(8 * arr.shape[1] / width) / 8, round(8 * arr.shape[0] / height) / 8
-            out = _finish(Image.fromarray(arr), box, sx, sy, size, flip)
-            return Crop(out, _norm_box(box, width, height), flip, False)
+            except ValueError:
+                arr = None
+            if arr is not None:
+                # libjpeg scales by M/8 and rounds the output size up, so the size ratio
+                # overstates the scale for sides that are not multiples of 8: recover M/8.
+                sx, sy = round(8 * arr.shape[1] / width) / 8, round(8 * arr.shape[0] / height) / 8
+                out = _finish(Image.fromarray(arr), box, sx, sy, size, flip)
+                return Crop(out, _norm_box(box, width, height), flip, False)
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
@@ -118,6 +123,9 @@ def crop_bytes(data: bytes, rng: np.random.Generator, size: int, scale=(0.2, 1.0
     except Exception as e:  # PIL raises many types for bad data (OSError, SyntaxError, ...)
         raise UnreadableImage(f"{type(e).__name__}: {e}") from None
     width, height = rgb.size
-    box, flip = _draw(rng, width, height, scale, hflip)
+    if drawn is not None and drawn[:2] == (width, height):
+        box, flip = drawn[2], drawn[3]
+    else:
+        box, flip = _draw(rng, width, height, scale, hflip)
     out = _finish(rgb, box, 1.0, 1.0, size, flip)
     return Crop(out, _norm_box(box, width, height), flip, True)

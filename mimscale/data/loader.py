@@ -6,7 +6,9 @@ Each batch is a dict of CPU tensors (pinned on GPU machines):
   flip    [B] bool             whether the crop was mirrored after cropping
   index   [B] int64            global sample index (stable across ranks, workers and runs)
   label   [B] int64            class index (folder) or a placeholder (synthetic)
-  skipped [] int64             unreadable files skipped while filling this batch
+  skipped [] int64             unreadable files skipped while filling this batch (each skip is
+                               filled by the next index, cropped with randomness of its own)
+  converted [] int64           files that needed a PIL conversion (CMYK, PNG-in-.JPEG, ...)
 
 Ranks and workers split the data without overlap: each epoch is a seeded permutation, cut into
 equal per-rank shares (the tail that does not divide evenly is dropped for the epoch), and the
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import signal
 import sys
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -43,8 +45,11 @@ class CropDataset(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def load(self, epoch: int, index: int):
-        rng = np.random.default_rng([self.seed, epoch, index])
+    def load(self, epoch: int, index: int, slot: Optional[int] = None, attempt: int = 0):
+        """Crop sample ``index``; ``slot``/``attempt`` key the randomness of a replacement for an
+        unreadable file in slot ``slot``, so it does not repeat its neighbour's own crop."""
+        key = [self.seed, epoch, index] if attempt == 0 else [self.seed, epoch, slot, attempt]
+        rng = np.random.default_rng(key)
         if isinstance(self.source, SyntheticSource):
             return crop_array(self.source.array(index), rng, self.size, self.scale, self.hflip)
         return crop_bytes(self.source.read(index), rng, self.size, self.scale, self.hflip)
@@ -55,7 +60,7 @@ class CropDataset(Dataset):
         for skipped in range(self.max_bad + 1):
             i = (index + skipped) % n
             try:
-                crop = self.load(epoch, i)
+                crop = self.load(epoch, i, slot=index, attempt=skipped)
             except (UnreadableImage, OSError) as e:
                 if self._warned < 10:  # per worker; the total is counted and logged by the trainer
                     print(f"[mimscale.data] skipping unreadable {self.source.name(i)}: {e}", file=sys.stderr)
@@ -68,6 +73,7 @@ class CropDataset(Dataset):
                 "index": i,
                 "label": self.source.label(i),
                 "skipped": skipped,
+                "converted": int(crop.converted),
             }
         raise RuntimeError(f"{self.max_bad + 1} unreadable files in a row from {self.source.name(index)}: check data.path")
 
@@ -80,6 +86,7 @@ def collate(samples: list[dict]) -> dict:
         "index": torch.tensor([s["index"] for s in samples], dtype=torch.int64),
         "label": torch.tensor([s["label"] for s in samples], dtype=torch.int64),
         "skipped": torch.tensor(sum(s["skipped"] for s in samples), dtype=torch.int64),
+        "converted": torch.tensor(sum(s["converted"] for s in samples), dtype=torch.int64),
     }
 
 

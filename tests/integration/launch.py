@@ -40,6 +40,7 @@ def write_ds_config(path: Path, stage: int, micro: int = 4, accum: int = 2, **ex
 def env() -> dict:
     e = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     e["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{e.get('PATH', '')}"  # the venv's deepspeed, ninja
+    e.update(CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu")  # CPU ranks even on a GPU machine
     e.pop("MLFLOW_TRACKING_URI", None)
     return e
 
