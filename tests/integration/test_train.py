@@ -1,8 +1,10 @@
 """End-to-end 2-rank CPU runs under the real deepspeed launcher (fp32)."""
 from __future__ import annotations
 
+import os
 import shutil
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -97,19 +99,21 @@ def test_sigterm_saves_and_resumes_exactly_on_real_jpegs_with_mlflow(tmp_path):
     assert ref["skipped_images"] >= 1  # the truncated and garbage files were skipped and counted
 
     out = tmp_path / "pre"
-    proc = psutil.Popen(command(ds, out, sets), cwd=REPO, env=env(), stdout=open(tmp_path / "pre.log", "w"), stderr=subprocess_stdout())
+    # Its own session, so the test can signal the whole job the way Slurm does at preemption:
+    # every process (launcher, node launcher, ranks, DataLoader workers) gets SIGTERM at once.
+    proc = psutil.Popen(command(ds, out, sets), cwd=REPO, env=env(), stdout=open(tmp_path / "pre.log", "w"),
+                        stderr=subprocess.STDOUT, start_new_session=True)
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
         time.sleep(0.05)
-    ranks = _rank_processes(proc)
-    assert len(ranks) == 2
-    for p in ranks:  # as Slurm does at preemption: every task gets SIGTERM (workers too)
-        for q in [p] + p.children(recursive=True):
-            q.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=240) == 0
+    everyone = [proc] + proc.children(recursive=True)
+    assert len(_rank_processes(proc)) == 2
+    os.killpg(proc.pid, signal.SIGTERM)
+    gone, alive = psutil.wait_procs(everyone, timeout=120)
+    assert not alive, (tmp_path / "pre.log").read_text()[-3000:]
     pre = summary(out)
-    assert pre["stopped_by"] == "SIGTERM" and pre["steps"] < 24
+    assert pre["stopped_by"] == "SIGTERM" and pre["steps"] < 24, (tmp_path / "pre.log").read_text()[-3000:]
     k = pre["steps"]
     assert pre["checkpoint"].endswith(f"step{k:08d}")
 
@@ -133,10 +137,6 @@ def test_sigterm_saves_and_resumes_exactly_on_real_jpegs_with_mlflow(tmp_path):
     assert run_info.data.metrics["skipped_images"] >= 1
 
 
-def subprocess_stdout():
-    import subprocess
-
-    return subprocess.STDOUT
 
 
 def test_gpu_bf16_zero3_config_runs_on_two_ranks(tmp_path):

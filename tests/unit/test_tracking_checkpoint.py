@@ -71,3 +71,27 @@ def test_resume_picks_newest_complete_checkpoint(tmp_path):
     assert resolve_resume("auto", tmp_path / "empty") is None
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         resolve_resume(str(root / tag_for(30)), tmp_path)
+
+
+def test_check_resume_guards(tmp_path):
+    import json as _json
+
+    from mimscale.checkpoint import abandon_newer, check_resume
+    from mimscale.config import ConfigError
+
+    root = tmp_path / "checkpoints"
+    for step in (10, 20):
+        d = root / tag_for(step)
+        d.mkdir(parents=True)
+        (d / MARKER).write_text(_json.dumps({"step": step, "world_size": 2}))
+    with pytest.raises(ConfigError, match="resume=auto to continue it"):
+        check_resume("never", tmp_path, 2)  # would mix two runs' checkpoints
+    assert check_resume("never", tmp_path / "fresh", 2) is None
+    assert check_resume("auto", tmp_path, 2) == root / tag_for(20)
+    with pytest.raises(ConfigError, match="written by 2 ranks and this run has 4"):
+        check_resume("auto", tmp_path, 4)
+    with pytest.raises(ConfigError, match="config key 'resume'"):
+        check_resume(str(tmp_path / "checkpoints" / "nothing-here"), tmp_path, 2)
+    abandon_newer(tmp_path, 10)  # a roll-back to step 10: step 20 is set aside, not deleted
+    assert [s for s, _ in complete_tags(root)] == [10]
+    assert any(p.name.startswith("step00000020.abandoned-") for p in root.iterdir())
