@@ -12,7 +12,7 @@ export OMP_NUM_THREADS ?= 1
 setup: $(STAMP)
 
 $(STAMP): setup.py
-	bash scripts/system_deps.sh
+	bash scripts/system_deps.sh $(PYTHON)
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet -e '.[dev]'
 	touch $(STAMP)

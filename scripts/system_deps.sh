@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# System packages mimscale needs beyond Python wheels: a C++ compiler for DeepSpeed's JIT-built
-# CPU communication op (first launch on a machine). Installs with apt when run as root and missing.
+# System packages mimscale needs beyond Python wheels, installed with apt when run as root:
+#   g++                      DeepSpeed JIT-builds its CPU communication op on a machine's first launch
+#   python3-venv, python3-dev  the venv module and Python.h for that build (a Debian python only;
+#                            pyenv/conda pythons ship both)
 set -euo pipefail
+PYTHON=${1:-python3.11}
 missing=()
 command -v g++ >/dev/null 2>&1 || missing+=(g++)
-command -v make >/dev/null 2>&1 || missing+=(make)
+if ! "$PYTHON" -c 'import venv, ensurepip' >/dev/null 2>&1; then missing+=(python3-venv); fi
+if ! "$PYTHON" -c 'import os, sysconfig, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; then
+  missing+=(python3-dev)
+fi
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi
