@@ -35,20 +35,30 @@ class FolderSource:
             labels.extend([ci] * len(names))
         if not files:
             raise FileNotFoundError(f"data.path {base} holds no images with extensions {IMAGE_EXTS}")
-        self.files = files
+        # One fixed-width bytes array, not a list of str: forked DataLoader workers touching
+        # 1.28M Python objects' refcounts would copy the list's pages into every worker.
+        self._files = np.array([f.encode() for f in files], dtype=np.bytes_)
         self.labels = np.asarray(labels, dtype=np.int64)
 
+    @property
+    def files(self) -> list[str]:
+        """Relative paths ``<class>/<file>`` in index order (a fresh list: for inspection)."""
+        return [f.decode() for f in self._files]
+
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self._files)
+
+    def relpath(self, index: int) -> str:
+        return self._files[index].decode()
 
     def name(self, index: int) -> str:
-        return str(self.root / self.files[index])
+        return str(self.root / self.relpath(index))
 
     def label(self, index: int) -> int:
         return int(self.labels[index])
 
     def read(self, index: int) -> bytes:
-        with open(self.root / self.files[index], "rb") as f:
+        with open(self.root / self.relpath(index), "rb") as f:
             return f.read()
 
 
