@@ -9,16 +9,20 @@ for GPUs, a timed fp32 matmul on CPUs).
 """
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
-import sys
-import tempfile
-import time
-from pathlib import Path
-from types import SimpleNamespace
+import os
 
-import torch
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as pretrain.py: before torch is imported
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PRESETS = {"mae": "mae_vit_base.yaml"}
