@@ -64,6 +64,8 @@ def bench_step(args) -> dict:
         *args.set,
     ]
     cfg = load_config(REPO / "mimscale" / "configs" / PRESETS[args.method], overrides)
+    if args.no_deepspeed:
+        return bench_step_plain(args, cfg)
     eng = load_ds_config(ds_path, 1)
     dist.init_distributed()
     trainer = Trainer(cfg, SimpleNamespace(deepspeed_config=str(ds_path), local_rank=0, deepspeed=True), eng)
@@ -126,6 +128,68 @@ def bench_step(args) -> dict:
     return result
 
 
+def bench_step_plain(args, cfg) -> dict:
+    """The same model, batch and fused AdamW in plain torch (no DeepSpeed engine, one process):
+    the reference that shows what the engine's own work costs."""
+    from mimscale import dist
+    from mimscale.data.loader import build_loader
+    from mimscale.masking.base import plan_sizes
+    from mimscale.metrics import model_flops_per_image, peak_flops
+    from mimscale.models.mim import build_model
+    from mimscale.optim import build_optimizer
+
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    threads = dist.set_threads(args.threads)
+    dist.seed_all(cfg.train.seed)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = build_model(cfg).to(device=device, dtype=dtype)
+    opt = build_optimizer(model, 1e-4, cfg.train.weight_decay)
+    loader, _ = build_loader(cfg.data, cfg.model.img_size, args.batch, 0, 1, cfg.train.seed)
+    batch = next(iter(loader))
+    images = batch["image"].to(device)
+    meta = {k: batch[k].to(device) for k in ("box", "flip", "index")}
+
+    def fwd_bwd():
+        loss, _ = model(images, meta)
+        loss.backward()
+
+    def step():
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):
+        fwd_bwd(), step()
+    times, fb = [], []
+    for _ in range(args.steps):
+        _sync(device)
+        t = time.perf_counter()
+        fwd_bwd()
+        _sync(device)
+        t_mid = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+        fb.append(t_mid - t)
+    step_s, fwd_bwd_s = statistics.median(times), statistics.median(fb)
+    peak, source = peak_flops(device)
+    if device.type == "cpu":
+        peak = max(peak, peak_flops(device)[0])
+    visible, masked, _ = plan_sizes(model.encoder.num_patches, cfg.masking.mask_ratio)
+    flops = model_flops_per_image(cfg, visible, masked)
+    img_s = args.batch / step_s
+    return {
+        "bench": "step", "engine": "torch (no deepspeed)", "method": args.method, "model": args.model,
+        "batch": args.batch, "steps": args.steps,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({threads} threads)",
+        "precision": "bf16" if dtype == torch.bfloat16 else "fp32",
+        "step_s": step_s, "step_times": times, "img_per_s": img_s, "gflop_per_img": flops / 1e9,
+        "peak_gflops": peak / 1e9 if peak else None, "peak_source": source,
+        "mfu": flops * img_s / peak if peak else None,
+        "fwd_bwd_s": fwd_bwd_s, "optimizer_s": step_s - fwd_bwd_s,
+        "mfu_fwd_bwd": flops * args.batch / fwd_bwd_s / peak if peak else None,
+    }
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m mimscale.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
@@ -140,9 +204,16 @@ def main(argv=None) -> int:
     s.add_argument("--compile", action="store_true", help="torch.compile the model (pays on GPU)")
     s.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
+    s.add_argument("--no-deepspeed", action="store_true", help="plain torch reference: same model and AdamW, no engine")
     s.add_argument("--json", action="store_true", help="print only the JSON result")
     args = p.parse_args(argv)
-    result = bench_step(args)
+    from mimscale.config import ConfigError
+
+    try:
+        result = bench_step(args)
+    except ConfigError as e:
+        print(f"mimscale.bench: configuration error: {e}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(result))
     else:

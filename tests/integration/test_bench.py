@@ -1,0 +1,25 @@
+"""The benchmark CLI runs end to end and prints one JSON object with the documented fields
+(numbers are printed, never asserted against a target)."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.integration.launch import REPO, env
+
+TINY = ["--model", "vit_tiny", "--batch", "2", "--steps", "1", "--warmup", "1", "--threads", "1",
+        "--set", "model.img_size=32", "--set", "model.patch_size=8", "--set", "model.decoder_depth=1",
+        "--set", "model.decoder_dim=32", "--set", "model.decoder_heads=2", "--set", "data.synthetic_size=40"]
+
+
+@pytest.mark.parametrize("extra", [[], ["--no-deepspeed"]], ids=["deepspeed", "torch"])
+def test_bench_step_prints_json(extra):
+    r = subprocess.run([sys.executable, "-m", "mimscale.bench", "step", "--method", "mae", *TINY, *extra, "--json"],
+                       cwd=REPO, env=env(), capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    d = json.loads(r.stdout.strip().splitlines()[-1])
+    for key in ("img_per_s", "step_s", "gflop_per_img", "peak_gflops", "mfu", "fwd_bwd_s", "optimizer_s"):
+        assert isinstance(d[key], float) and d[key] > 0, key
+    assert d["batch"] == 2 and d["precision"] == "fp32"
+    assert abs(d["img_per_s"] - 2 / d["step_s"]) < 1e-6
