@@ -14,7 +14,7 @@ setup: $(STAMP)
 $(STAMP): setup.py
 	bash scripts/system_deps.sh $(PYTHON)
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	$(VENV)/bin/pip install --quiet -e '.[dev,ffcv]'
 	touch $(STAMP)
 
 # The venv's bin on PATH: DeepSpeed JIT-builds its CPU comm op with the venv's ninja.
@@ -25,13 +25,10 @@ test: setup
 test-fast: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q tests/unit
 
+# SOURCE=folder (default) | wds | ffcv | synthetic; wds/ffcv convert the sample into runs/data first.
+SOURCE ?= folder
 demo: setup
-	rm -rf runs/demo
-	@if [ -d $(SAMPLE)/train ]; then data="--set data.source=folder --set data.path=$(SAMPLE)"; \
-	  else echo "$(SAMPLE) not found: using synthetic images"; data="--set data.source=synthetic"; fi; \
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH CUDA_VISIBLE_DEVICES= DS_ACCELERATOR=cpu deepspeed --num_gpus 2 mimscale/pretrain.py \
-	  --deepspeed_config ds_configs/cpu_fp32_zero1.json --config mimscale/configs/mae_vit_tiny_cpu.yaml \
-	  --set output_dir=runs/demo --set resume=never $$data
+	bash scripts/demo.sh $(SOURCE) $(SAMPLE)
 
 bench: setup
 	OMP_NUM_THREADS= $(PY) -m mimscale.bench step --method mae --model vit_base --batch 16 --steps 3 --json

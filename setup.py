@@ -16,6 +16,16 @@ INSTALL_REQUIRES = [
     "pillow==13.0.0",
     "psutil==7.2.2",
     "ninja==1.13.2",  # DeepSpeed JIT-builds its CPU comm op with it on first launch
+    "opencv-python==5.0.0.93",  # crop resize (4-6x faster than PIL's); the same package ffcv requires
+]
+
+# FFCV builds from source against system OpenCV and libjpeg-turbo (scripts/system_deps.sh installs
+# them); these versions resolve together with torch 2.14.1 and numpy 2.4.6 (pip check clean).
+FFCV_REQUIRES = [
+    "ffcv==1.0.2",
+    "numba==0.68.1",
+    "llvmlite==0.50.0",
+    "pytorch-pfn-extras==0.9.0",
 ]
 
 setup(
@@ -26,5 +36,5 @@ setup(
     packages=find_packages(include=["mimscale", "mimscale.*", "data_prep", "data_prep.*"]),
     package_data={"mimscale": ["configs/*.yaml"]},
     install_requires=INSTALL_REQUIRES,
-    extras_require={"dev": ["pytest==9.2.0"]},
+    extras_require={"dev": ["pytest==9.2.0"], "ffcv": FFCV_REQUIRES},
 )

@@ -1,6 +1,9 @@
 """Throughput benchmarks (print numbers and JSON; never asserted in tests).
 
     python -m mimscale.bench step --method mae --model vit_base --batch 16 --steps 3 --json
+    python -m mimscale.bench loader --source pil|folder|wds|ffcv --path <data> --workers 2 --batch 64 --batches 20 --json
+
+``loader``: see mimscale/bench_loader.py.
 
 ``step`` builds the same Trainer and DeepSpeed engine as pretrain.py (world size 1), takes one
 synthetic batch onto the device, and times full training steps (forward, backward, optimizer)
@@ -206,11 +209,14 @@ def main(argv=None) -> int:
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
     s.add_argument("--no-deepspeed", action="store_true", help="plain torch reference: same model and AdamW, no engine")
     s.add_argument("--json", action="store_true", help="print only the JSON result")
+    from mimscale.bench_loader import add_parser, bench_loader
+
+    add_parser(sub)
     args = p.parse_args(argv)
     from mimscale.config import ConfigError
 
     try:
-        result = bench_step(args)
+        result = bench_step(args) if args.what == "step" else bench_loader(args)
     except ConfigError as e:
         print(f"mimscale.bench: configuration error: {e}", file=sys.stderr)
         return 2

@@ -112,15 +112,16 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(engine, output_dir: str | Path, step: int, client_state: dict, keep: int) -> Path:
-    """Save on every rank (DeepSpeed requires it); returns the tag directory."""
+def save(engine, output_dir: str | Path, step: int, client_state: dict, keep: int, rank_state: Optional[dict] = None) -> Path:
+    """Save on every rank (DeepSpeed requires it); returns the tag directory. ``rank_state``: this
+    rank's own extra state (e.g. its data streams' positions), kept next to its RNG state."""
     root = checkpoint_root(output_dir)
     tag = tag_for(step)
     if dist.is_rank0() and (root / tag).exists():
         shutil.rmtree(root / tag)  # never write into a folder that may already say COMPLETE
     dist.barrier()
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
-    torch.save(rng_state(), root / tag / f"rng_rank{dist.rank()}.pt")
+    torch.save({**rng_state(), "rank_state": rank_state or {}}, root / tag / f"rng_rank{dist.rank()}.pt")
     dist.barrier()  # every rank's files are on disk before the marker says so
     if dist.is_rank0():
         (root / tag / MARKER).write_text(json.dumps({"step": step, "time": time.time(), "world_size": dist.world_size()}))
@@ -140,14 +141,18 @@ def _prune(root: Path, keep: int) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def load(engine, tag_dir: Path) -> dict:
-    """Load weights, optimizer, scheduler and client state; restore this rank's RNG streams."""
+def load(engine, tag_dir: Path) -> tuple[dict, dict]:
+    """Load weights, optimizer, scheduler and client state; restore this rank's RNG streams.
+    Returns (client state, this rank's rank_state)."""
     _, client = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     if client is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {tag_dir}")
     rng_file = tag_dir / f"rng_rank{dist.rank()}.pt"
+    rank_state: dict = {}
     if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        state = torch.load(rng_file, weights_only=False)
+        set_rng_state(state)
+        rank_state = state.get("rank_state", {})
     else:
         dist.log0(f"[mimscale] {rng_file.name} missing (world size changed?): RNG streams are reseeded, not restored")
-    return client
+    return client, rank_state

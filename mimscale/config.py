@@ -38,8 +38,10 @@ class MaskingConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # synthetic | folder
-    path: str = ""  # ImageNet-layout root (holding train/) or a class-folder directory
+    source: str = "synthetic"  # synthetic | folder | wds | ffcv
+    # folder: ImageNet-layout root (holding train/) or a class-folder directory;
+    # wds: the shard directory holding <split>-manifest.json; ffcv: the .beton file
+    path: str = ""
     split: str = "train"
     num_workers: int = 8
     scale_min: float = 0.2  # RandomResizedCrop area range
@@ -48,6 +50,7 @@ class DataConfig:
     synthetic_count: int = 50_000  # images in the synthetic set
     synthetic_size: int = 256  # side of synthetic images before the crop
     max_bad_in_a_row: int = 64  # consecutive unreadable files before the loader gives up
+    shuffle_buffer: int = 2000  # wds: samples read and permuted together (about 110 KB each at full ImageNet size)
 
 
 @dataclass
@@ -92,7 +95,7 @@ class Config:
 
 # Values with a closed set of choices; checked in validate().
 CHOICES = {
-    "data.source": ("synthetic", "folder"),
+    "data.source": ("synthetic", "folder", "wds", "ffcv"),
 }
 
 
@@ -242,6 +245,7 @@ def validate(cfg: Config) -> None:
         "train.keep_checkpoints": cfg.train.keep_checkpoints,
         "data.synthetic_count": cfg.data.synthetic_count,
         "data.synthetic_size": cfg.data.synthetic_size,
+        "data.shuffle_buffer": cfg.data.shuffle_buffer,
         "model.decoder_depth": cfg.model.decoder_depth,
     }
     if cfg.train.steps is not None:
@@ -268,9 +272,16 @@ def validate(cfg: Config) -> None:
 
 def check_paths(cfg: Config) -> None:
     """Checks against this machine's files (kept out of validate() so presets load anywhere)."""
-    if cfg.data.source == "folder" and not Path(cfg.data.path).is_dir():
-        raise ConfigError(f"config key 'data.path' = {cfg.data.path!r} is not a folder "
-                          f"(relative paths start at the working directory {Path.cwd()})")
+    where = f"(relative paths start at the working directory {Path.cwd()})"
+    path = Path(cfg.data.path)
+    if cfg.data.source == "folder" and not path.is_dir():
+        raise ConfigError(f"config key 'data.path' = {cfg.data.path!r} is not a folder {where}")
+    if cfg.data.source == "wds" and not (path / f"{cfg.data.split}-manifest.json").is_file():
+        raise ConfigError(f"config key 'data.path' = {cfg.data.path!r} holds no {cfg.data.split}-manifest.json {where}; "
+                          f"write shards with: python -m data_prep.wds --src <ImageNet root> --split {cfg.data.split} --out {cfg.data.path}")
+    if cfg.data.source == "ffcv" and not path.is_file():
+        raise ConfigError(f"config key 'data.path' = {cfg.data.path!r} is not an FFCV .beton file {where}; "
+                          f"write one with: python -m data_prep.ffcv --src <ImageNet root> --split {cfg.data.split} --out {cfg.data.path}")
 
 
 def to_dict(cfg: Config) -> dict:

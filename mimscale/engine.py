@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from mimscale import checkpoint, dist
 from mimscale.config import Config, flatten, to_dict
-from mimscale.data.loader import build_loader, build_source
+from mimscale.data.streams import StreamPosition, build_source, open_stream
 from mimscale.ds_config import EngineSettings
 from mimscale.masking.base import plan_sizes
 from mimscale.metrics import model_flops_per_image, peak_flops
@@ -87,12 +87,16 @@ class Trainer:
         self.converted = 0
         self.run_id: Optional[str] = None
         self.resumed_from: Optional[Path] = checkpoint.resolve_resume(cfg.resume, cfg.output_dir)
+        self.data_position = StreamPosition(cfg.data.num_workers)
         if self.resumed_from is None:
             dist.seed_all(cfg.train.seed + 1 + self.rank)  # per-rank masking streams
         else:
             if dist.is_rank0():
                 checkpoint.abandon_newer(self.out, int(json.loads((self.resumed_from / checkpoint.MARKER).read_text())["step"]))
-            client = checkpoint.load(self.engine, self.resumed_from)  # restores this rank's RNG too
+            client, rank_state = checkpoint.load(self.engine, self.resumed_from)  # restores this rank's RNG too
+            self.data_position, warning = StreamPosition.restore(rank_state.get("data"), cfg.data.num_workers)
+            if warning:
+                dist.log0(f"[mimscale] {warning}")
             self.step = int(client["mim_step"])
             self.samples_seen = int(client["mim_samples_seen"])
             self.skipped = int(client.get("mim_skipped_images", 0))
@@ -157,7 +161,8 @@ class Trainer:
         }
 
     def save(self) -> None:
-        path = checkpoint.save(self.engine, self.out, self.step, self._client_state(), self.cfg.train.keep_checkpoints)
+        path = checkpoint.save(self.engine, self.out, self.step, self._client_state(), self.cfg.train.keep_checkpoints,
+                               rank_state={"data": self.data_position.state()})
         self.last_checkpoint = str(path)
 
     def fit(self) -> dict:
@@ -172,8 +177,8 @@ class Trainer:
         self.stop_request.attach()
         # Position in the data stream from samples seen (= step x accumulation x micro batch).
         start = self.samples_seen // (eng.micro_batch * self.world)
-        loader, _ = build_loader(cfg.data, cfg.model.img_size, eng.micro_batch, self.rank, self.world, cfg.train.seed,
-                                 start_micro_batch=start, pin_memory=self.device.type == "cuda", source=self.source)
+        loader = open_stream(cfg.data, self.source, cfg.model.img_size, eng.micro_batch, self.rank, self.world, cfg.train.seed,
+                             start_micro_batch=start, position=self.data_position, pin_memory=self.device.type == "cuda")
         it = iter(loader)
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not dist.is_rank0(), unit="step", dynamic_ncols=True, mininterval=1.0)
         acc: Optional[torch.Tensor] = None  # [1 + n_terms] summed over micro steps
@@ -191,6 +196,7 @@ class Trainer:
                 t = time.perf_counter()
                 batch = next(it)
                 win.wait += time.perf_counter() - t
+                self.data_position.observe(batch)
                 files[0] += int(batch["skipped"])  # CPU tensors: no device sync
                 files[1] += int(batch["converted"])
                 loss, terms = self.micro_step(*self.to_device(batch))

@@ -11,6 +11,7 @@ import io
 import math
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 import simplejpeg
 from PIL import Image
@@ -54,12 +55,26 @@ def sample_box(rng: np.random.Generator, width: int, height: int, scale=(0.2, 1.
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def _finish(img: Image.Image, box_px, sx: float, sy: float, size: int, flip: bool) -> np.ndarray:
+def _finish(arr: np.ndarray, box_px, sx: float, sy: float, size: int, flip: bool):
+    """Crop ``box_px`` (original-image pixels) out of ``arr`` (the image decoded at scale sx, sy),
+    resize to size x size, flip. Returns (crop [S, S, 3] uint8, applied box in original pixels).
+
+    The box is rounded to whole pixels of the decoded image, so the resize is a plain cv2 resize
+    (4-6x faster than PIL's box resize); the reported box is the rounded one, i.e. exactly what
+    was applied. Bicubic up to 1.5x downscaling, area averaging (anti-aliased) beyond that.
+    """
     x0, y0, w, h = box_px
-    out = img.resize((size, size), Image.BICUBIC, box=(x0 * sx, y0 * sy, (x0 + w) * sx, (y0 + h) * sy))
+    ah, aw = arr.shape[:2]
+    bx0 = min(max(int(round(x0 * sx)), 0), aw - 1)
+    by0 = min(max(int(round(y0 * sy)), 0), ah - 1)
+    bx1 = min(max(int(round((x0 + w) * sx)), bx0 + 1), aw)
+    by1 = min(max(int(round((y0 + h) * sy)), by0 + 1), ah)
+    region = arr[by0:by1, bx0:bx1]
+    shrink = min(bx1 - bx0, by1 - by0) / size
+    out = cv2.resize(region, (size, size), interpolation=cv2.INTER_AREA if shrink > 1.5 else cv2.INTER_CUBIC)
     if flip:
-        out = out.transpose(Image.FLIP_LEFT_RIGHT)
-    return np.array(out)  # a writable copy (torch.from_numpy needs one)
+        out = cv2.flip(out, 1)
+    return np.ascontiguousarray(out), (bx0 / sx, by0 / sy, (bx1 - bx0) / sx, (by1 - by0) / sy)
 
 
 def _draw(rng: np.random.Generator, width: int, height: int, scale, hflip: float):
@@ -69,16 +84,18 @@ def _draw(rng: np.random.Generator, width: int, height: int, scale, hflip: float
 
 
 def _norm_box(box_px, width: int, height: int) -> tuple[float, float, float, float]:
+    """(x0, y0, w, h) in pixels -> (x0, y0, x1, y1) fractions; clamped because a reduced decode's
+    last row/column (libjpeg rounds its size up) maps a little past the original edge."""
     x0, y0, w, h = box_px
-    return (x0 / width, y0 / height, (x0 + w) / width, (y0 + h) / height)
+    return (x0 / width, y0 / height, min((x0 + w) / width, 1.0), min((y0 + h) / height, 1.0))
 
 
 def crop_array(arr: np.ndarray, rng: np.random.Generator, size: int, scale=(0.2, 1.0), hflip: float = 0.5) -> Crop:
     """RandomResizedCrop + flip of an in-memory RGB image [H, W, 3] uint8 (synthetic data)."""
     height, width = arr.shape[:2]
     box, flip = _draw(rng, width, height, scale, hflip)
-    out = _finish(Image.fromarray(arr), box, 1.0, 1.0, size, flip)
-    return Crop(out, _norm_box(box, width, height), flip, False)
+    out, applied = _finish(arr, box, 1.0, 1.0, size, flip)
+    return Crop(out, _norm_box(applied, width, height), flip, False)
 
 
 def crop_bytes(data: bytes, rng: np.random.Generator, size: int, scale=(0.2, 1.0), hflip: float = 0.5) -> Crop:
@@ -114,8 +131,8 @@ def crop_bytes(data: bytes, rng: np.random.Generator, size: int, scale=(0.2, 1.0
                 # libjpeg scales by M/8 and rounds the output size up, so the size ratio
                 # overstates the scale for sides that are not multiples of 8: recover M/8.
                 sx, sy = round(8 * arr.shape[1] / width) / 8, round(8 * arr.shape[0] / height) / 8
-                out = _finish(Image.fromarray(arr), box, sx, sy, size, flip)
-                return Crop(out, _norm_box(box, width, height), flip, False)
+                out, applied = _finish(arr, box, sx, sy, size, flip)
+                return Crop(out, _norm_box(applied, width, height), flip, False)
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
@@ -127,5 +144,5 @@ def crop_bytes(data: bytes, rng: np.random.Generator, size: int, scale=(0.2, 1.0
         box, flip = drawn[2], drawn[3]
     else:
         box, flip = _draw(rng, width, height, scale, hflip)
-    out = _finish(rgb, box, 1.0, 1.0, size, flip)
-    return Crop(out, _norm_box(box, width, height), flip, True)
+    out, applied = _finish(np.asarray(rgb), box, 1.0, 1.0, size, flip)
+    return Crop(out, _norm_box(applied, width, height), flip, True)

@@ -22,6 +22,7 @@ import signal
 import sys
 from typing import Iterator, Optional
 
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -136,26 +137,22 @@ class ShardedBatchSampler(Sampler):
         return self.batches_per_epoch
 
 
-def _worker_init(_worker_id: int) -> None:
+def worker_init(_worker_id: int) -> None:
     # Preemption (Slurm/K8s) signals the whole process group; the trainer saves a checkpoint on
     # SIGTERM and needs its workers alive until it has done so.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     torch.set_num_threads(1)
-
-
-def build_source(data_cfg, seed: int = 0):
-    if data_cfg.source == "synthetic":
-        return SyntheticSource(data_cfg.synthetic_count, data_cfg.synthetic_size, seed=1234 + seed)
-    if data_cfg.source == "folder":
-        return FolderSource(data_cfg.path, data_cfg.split)
-    raise ValueError(f"data.source {data_cfg.source!r}")
+    cv2.setNumThreads(1)  # one resize per call: a thread pool per worker only oversubscribes the cores
 
 
 def build_loader(data_cfg, img_size: int, micro_batch: int, rank: int, world_size: int, seed: int, start_micro_batch: int = 0,
                  pin_memory: bool = False, source=None):
     """(DataLoader, sampler) for this rank, positioned at micro-batch ``start_micro_batch``.
     ``source``: an already built source (saves a second scan of a large folder)."""
-    source = source if source is not None else build_source(data_cfg, seed)
+    if source is None:
+        from mimscale.data.streams import build_source
+
+        source = build_source(data_cfg, seed)
     dataset = CropDataset(source, img_size, (data_cfg.scale_min, data_cfg.scale_max), data_cfg.hflip, seed, data_cfg.max_bad_in_a_row)
     sampler = ShardedBatchSampler(len(dataset), micro_batch, rank, world_size, seed, start_micro_batch)
     workers = data_cfg.num_workers
@@ -165,7 +162,7 @@ def build_loader(data_cfg, img_size: int, micro_batch: int, rank: int, world_siz
         num_workers=workers,
         collate_fn=collate,
         pin_memory=pin_memory,
-        worker_init_fn=_worker_init if workers else None,
+        worker_init_fn=worker_init if workers else None,
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
         # A generator of its own: creating the iterator must not consume the global torch RNG,

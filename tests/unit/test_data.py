@@ -215,9 +215,10 @@ def test_crop_bytes_reduced_decode_registers_detail_with_full_decode(width, heig
         crop = crop_bytes(data, np.random.default_rng(seed), size, hflip=0.0)
         diffs.append(np.abs(crop.image - _reference_crop(full, crop.box, size)).mean())
     assert any(dec < w for w, dec in record_decodes)
-    # aligned sizes give ~1.5 (different low-pass filters); a misregistration of a few pixels on
-    # a 64-pixel-period wave gives 10-35.
-    assert max(diffs) < 4.0, f"crop vs full-resolution decode, worst mean abs diff {max(diffs):.1f} (all: {np.round(diffs, 1)})"
+    # aligned crops give 1.5-5 (cv2's area/bicubic filters vs PIL's anti-aliased bicubic on a wave
+    # near the output's Nyquist rate); a misregistration of a few pixels on a 64-pixel-period
+    # wave gives 10-35.
+    assert max(diffs) < 6.5, f"crop vs full-resolution decode, worst mean abs diff {max(diffs):.1f} (all: {np.round(diffs, 1)})"
 
 
 def test_crop_bytes_full_scale_when_crop_needs_it(record_decodes):
@@ -240,18 +241,28 @@ def test_crop_bytes_png_path_box_matches_pixels():
 
 
 def test_crop_bytes_and_crop_array_agree_on_box_and_flip():
-    # same rng draws for the same image size, whichever path decodes it
+    # same rng draws for the same image size, whichever path decodes it; a reduced-size JPEG decode
+    # rounds the box to its own pixels (at most 8 original pixels at scale 1/8) and reports that box
     arr = _gradient(200, 150)
     png = _encode(Image.fromarray(arr), "PNG")
     jpg = _encode(Image.fromarray(arr), quality=95)
+    reduced = 0
     for seed in range(10):
         a = crop_array(arr, np.random.default_rng(seed), 24)
         b = crop_bytes(png, np.random.default_rng(seed), 24)
         c = crop_bytes(jpg, np.random.default_rng(seed), 24)
-        assert a.box == b.box == c.box
+        assert a.box == b.box
+        assert np.allclose(a.box, c.box, atol=8 / 150 + 1e-9)
+        reduced += a.box != c.box
         assert a.flip == b.flip == c.flip
         assert np.array_equal(a.image, b.image)  # PNG is lossless and goes through the same resize
-        assert np.abs(a.image.astype(int) - c.image).mean() < 2.0
+        if a.box == c.box:
+            assert np.abs(a.image.astype(int) - c.image).mean() < 2.0
+        else:  # compare with what c's own box must show
+            exp = _expected_gradient_crop(c.box, 200, 150, 24)
+            got = (c.image[:, ::-1] if c.flip else c.image)[..., :2].astype(np.float64)
+            assert np.abs(got - exp).mean() < 3.0
+    assert reduced > 0  # the reduced-decode path was exercised
 
 
 # ----------------------------------------------------------------------------------------------

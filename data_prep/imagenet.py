@@ -1,0 +1,182 @@
+"""Listing an ImageNet-layout folder: which files, in which global order, with which labels.
+
+Layouts read (``<root>`` is the ImageNet root, ``<split>`` is ``train`` or ``val``):
+
+- foldered: ``<root>/<split>/<wnid>/<file>`` (``train`` always; ``val`` when it has subfolders).
+- flat val: ``<root>/val/<file>`` plus a ground-truth CSV, looked for as
+  ``LOC_val_solution.csv`` in ``<root>/val`` then ``<root>``, then any other ``*.csv`` there.
+  Two CSV forms are recognised by their header: Kaggle's ``ImageId,PredictionString`` (ImageId
+  without extension; the first token of PredictionString is the wnid) and a 2-column
+  ``file,wnid`` CSV (file with or without its extension).
+
+Image files are those whose lower-cased name ends in one of ``IMAGE_EXTS``, the same set
+``mimscale.data.sources.FolderSource`` reads, so that the indices agree.
+
+Classes: the lines of ``<root>/synsets.txt`` (``wnid<TAB>name`` or ``wnid name``) in order, which
+for ImageNet is the sorted wnid order; without it, the sorted wnids of ``train/`` (or of the val
+folders/CSV when there is no ``train/``). A wnid outside that list is an error naming it.
+
+Global sample index: position in the listing sorted by (class folder, file name) for foldered
+layouts, by file name for flat val. For foldered layouts this equals FolderSource's index.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_EXTS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")  # = mimscale.data.sources.IMAGE_EXTS
+KAGGLE_CSV = "LOC_val_solution.csv"
+_FILE_COLS = ("file", "filename", "file_name", "path", "image", "imageid", "image_id", "name")
+_WNID_COLS = ("wnid", "synset", "class", "label")
+
+
+class LayoutError(ValueError):
+    """The folder is not an ImageNet layout we can read; the message says what was expected."""
+
+
+@dataclass
+class Listing:
+    split_dir: Path
+    split: str
+    classes: list[str]  # wnids in class-index order
+    files: list[str]  # paths relative to split_dir, in global-index order
+    labels: np.ndarray  # int64 class index per file
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def wnid(self, index: int) -> str:
+        return self.classes[int(self.labels[index])]
+
+    def read(self, index: int) -> bytes:
+        with open(self.split_dir / self.files[index], "rb") as f:
+            return f.read()
+
+    def fingerprint(self) -> str:
+        """sha256 of the (file, label) list: tells a rerun whether the source is the same one."""
+        h = hashlib.sha256()
+        for f, lab in zip(self.files, self.labels.tolist()):
+            h.update(f"{f}\t{lab}\n".encode())
+        return h.hexdigest()
+
+
+def _images(folder: Path) -> list[str]:
+    return sorted(e.name for e in os.scandir(folder) if e.is_file() and e.name.lower().endswith(IMAGE_EXTS))
+
+
+def _subdirs(folder: Path) -> list[str]:
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir())
+
+
+def read_synsets(root: Path) -> list[str] | None:
+    path = root / "synsets.txt"
+    if not path.is_file():
+        return None
+    wnids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    if len(set(wnids)) != len(wnids):
+        raise LayoutError(f"{path} lists a wnid twice")
+    return wnids
+
+
+def _labeler(classes: list[str]):
+    """wnid -> class index; a wnid outside the class list is an error naming it and where it is."""
+    index = {w: i for i, w in enumerate(classes)}
+
+    def label(wnid: str, where: str) -> int:
+        if wnid not in index:
+            raise LayoutError(f"wnid {wnid!r} ({where}) is not in the class list ({len(classes)} classes)")
+        return index[wnid]
+
+    return label
+
+
+def find_val_csv(root: Path) -> tuple[Path, str] | None:
+    """(path, kind) of the first recognised ground-truth CSV, kind "kaggle" or "simple"."""
+    candidates = []
+    for d in (root / "val", root):
+        candidates.append(d / KAGGLE_CSV)
+        if d.is_dir():
+            candidates.extend(sorted(p for p in d.glob("*.csv") if p.name != KAGGLE_CSV))
+    for path in candidates:
+        if not path.is_file():
+            continue
+        with open(path, newline="") as f:
+            header = [c.strip().lower() for c in next(csv.reader(f), [])]
+        if header[:2] == ["imageid", "predictionstring"]:
+            return path, "kaggle"
+        if len(header) == 2 and header[0] in _FILE_COLS and header[1] in _WNID_COLS:
+            return path, "simple"
+    return None
+
+
+def _read_val_csv(path: Path, kind: str) -> dict[str, str]:
+    """file name or stem -> wnid."""
+    out = {}
+    with open(path, newline="") as f:
+        rows = csv.reader(f)
+        next(rows)
+        for row in rows:
+            if not row:
+                continue
+            name = row[0].strip()
+            wnid = row[1].split()[0] if kind == "kaggle" else row[1].strip()
+            out[name] = wnid
+    return out
+
+
+def list_split(root: str | Path, split: str) -> Listing:
+    """The files of ``<root>/<split>`` in global-index order with their labels."""
+    root = Path(root)
+    split_dir = root / split
+    if not split_dir.is_dir():
+        raise LayoutError(f"{split_dir} is not a folder (expected <root>/{split}/<wnid>/<image> files)")
+    synsets = read_synsets(root)
+    folders = _subdirs(split_dir)
+    if folders:
+        per_class = [(w, _images(split_dir / w)) for w in folders]
+        if synsets is not None:
+            classes = synsets
+        elif split != "train" and (root / "train").is_dir():
+            classes = _subdirs(root / "train")
+        else:
+            classes = folders
+        label = _labeler(classes)
+        files, labels = [], []
+        for wnid, names in per_class:
+            if not names:
+                continue
+            ci = label(wnid, f"folder {split_dir / wnid}")
+            files.extend(f"{wnid}/{n}" for n in names)
+            labels.extend([ci] * len(names))
+    else:
+        files = _images(split_dir)
+        found = find_val_csv(root)
+        if found is None:
+            raise LayoutError(
+                f"{split_dir} holds no class folders, and no ground-truth CSV was found: looked for "
+                f"{split_dir / KAGGLE_CSV}, {root / KAGGLE_CSV} and any *.csv with a header "
+                f"'ImageId,PredictionString' or 'file,wnid' in {split_dir} and {root}"
+            )
+        truth = _read_val_csv(*found)
+        wnids = []
+        for name in files:
+            wnid = truth.get(name, truth.get(os.path.splitext(name)[0]))
+            if wnid is None:
+                raise LayoutError(f"{split_dir / name} has no row in {found[0]}")
+            wnids.append(wnid)
+        if synsets is not None:
+            classes = synsets
+        elif (root / "train").is_dir() and _subdirs(root / "train"):
+            classes = _subdirs(root / "train")
+        else:
+            classes = sorted(set(wnids))
+        label = _labeler(classes)
+        labels = [label(w, f"{name} in {found[0].name}") for name, w in zip(files, wnids)]
+    if not files:
+        raise LayoutError(f"{split_dir} holds no images with extensions {IMAGE_EXTS}")
+    return Listing(split_dir, split, list(classes), files, np.asarray(labels, dtype=np.int64))
