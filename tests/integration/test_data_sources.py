@@ -1,0 +1,68 @@
+"""2-rank CPU pretraining on WebDataset shards and on an FFCV file made by data_prep."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.integration.launch import losses, run, summary, write_ds_config
+from tests.integration.test_train import _folder_with_bad_files
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def imagenet(tmp_path_factory) -> Path:
+    """48 real ImageNet JPEGs plus a truncated and a garbage file, in the ImageNet layout."""
+    root = tmp_path_factory.mktemp("src")
+    return _folder_with_bad_files(root)
+
+
+def _sets(source: str, path: Path) -> list[str]:
+    return [f"data.source={source}", f"data.path={path}", "data.num_workers=2", "data.shuffle_buffer=16",
+            "model.img_size=32", f"train.steps={STEPS}"]
+
+
+def test_wds_two_ranks_stop_and_resume_matches_uninterrupted(imagenet, tmp_path):
+    from data_prep.wds import write_shards
+
+    shards = tmp_path / "shards"
+    m = write_shards(imagenet, "train", shards, shard_size=10, max_side=96, workers=1, progress=False)
+    assert m["num_samples"] == 48 and len(m["skipped"]) == 2
+    ds = write_ds_config(tmp_path / "z1.json", 1, micro=4, accum=1)
+    ref_out, out = tmp_path / "ref", tmp_path / "run"
+    r = run(ds, ref_out, _sets("wds", shards) + ["resume=never"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ref = summary(ref_out)
+    assert ref["steps"] == STEPS and ref["skipped_images"] == 0
+    r = run(ds, out, _sets("wds", shards) + ["train.stop_after=3"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run(ds, out, _sets("wds", shards))
+    assert r.returncode == 0, r.stderr[-3000:]
+    second = summary(out)
+    assert second["resumed_from"].endswith("step00000003")
+    resumed, expected = losses(second), losses(ref)
+    assert sorted(resumed) == [4, 5, 6]
+    for step, loss in resumed.items():  # the resumed streams continue exactly where they stopped
+        assert abs(loss - expected[step]) <= 1e-6, (step, loss, expected[step])
+
+
+def test_ffcv_two_ranks_trains_and_resumes(imagenet, tmp_path):
+    from data_prep.ffcv import write_beton
+
+    beton = tmp_path / "train.beton"
+    m = write_beton(imagenet, "train", beton, max_side=96, workers=1, progress=False)
+    assert m["num_samples"] == 48
+    ds = write_ds_config(tmp_path / "z2.json", 2, micro=4, accum=1)
+    out = tmp_path / "run"
+    r = run(ds, out, _sets("ffcv", beton) + ["train.stop_after=3"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    first = summary(out)
+    assert first["steps"] == 3 and all(e["loss"] > 0 for e in first["loss_history"])
+    r = run(ds, out, _sets("ffcv", beton))
+    assert r.returncode == 0, r.stderr[-3000:]
+    second = summary(out)
+    assert second["steps"] == STEPS and second["resumed_from"].endswith("step00000003")
+    assert second["samples_seen"] == STEPS * 4 * 2
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
