@@ -28,7 +28,7 @@ from types import SimpleNamespace  # noqa: E402
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-PRESETS = {"mae": "mae_vit_base.yaml"}
+PRESETS = {"mae": "mae_vit_base.yaml", "amt": "amt_vit_base.yaml"}
 
 
 def _sync(device: torch.device) -> None:
@@ -74,11 +74,14 @@ def bench_step(args) -> dict:
     trainer = Trainer(cfg, SimpleNamespace(deepspeed_config=str(ds_path), local_rank=0, deepspeed=True), eng)
     from mimscale.data.loader import build_loader
 
+    if trainer.runtime is not None and hasattr(trainer.runtime, "refresh"):
+        trainer.runtime.refresh(1, 0)  # AMT: fill the attention store so steps mask *and throw*
     loader, _ = build_loader(cfg.data, cfg.model.img_size, args.batch, 0, 1, cfg.train.seed)
     images, meta = trainer.to_device(next(iter(loader)))
     for _ in range(args.warmup):
         trainer.micro_step(images, meta)
     _sync(trainer.device)
+    trainer._update_plan_sizes()  # FLOPs of the plan the timed steps use
     times, fwd_bwd = [], []
     engine = trainer.engine
     for _ in range(args.steps):
@@ -136,7 +139,6 @@ def bench_step_plain(args, cfg) -> dict:
     the reference that shows what the engine's own work costs."""
     from mimscale import dist
     from mimscale.data.loader import build_loader
-    from mimscale.masking.base import plan_sizes
     from mimscale.metrics import model_flops_per_image, peak_flops
     from mimscale.models.mim import build_model
     from mimscale.optim import build_optimizer
@@ -151,6 +153,8 @@ def bench_step_plain(args, cfg) -> dict:
     batch = next(iter(loader))
     images = batch["image"].to(device)
     meta = {k: batch[k].to(device) for k in ("box", "flip", "index")}
+    if args.method == "amt":  # stand-in attention maps (no store without the trainer): masking and throwing
+        meta["attn"] = torch.rand(images.shape[0], model.encoder.num_patches, device=device).half()
 
     def fwd_bwd():
         loss, _ = model(images, meta)
@@ -177,7 +181,7 @@ def bench_step_plain(args, cfg) -> dict:
     peak, source = peak_flops(device)
     if device.type == "cpu":
         peak = max(peak, peak_flops(device)[0])
-    visible, masked, _ = plan_sizes(model.encoder.num_patches, cfg.masking.mask_ratio)
+    visible, masked = model.last_plan.visible.shape[1], model.last_plan.masked.shape[1]
     flops = model_flops_per_image(cfg, visible, masked)
     img_s = args.batch / step_s
     return {

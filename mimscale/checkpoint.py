@@ -112,9 +112,12 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(engine, output_dir: str | Path, step: int, client_state: dict, keep: int, rank_state: Optional[dict] = None) -> Path:
+def save(engine, output_dir: str | Path, step: int, client_state: dict, keep: int, rank_state: Optional[dict] = None,
+         marker_extra: Optional[dict] = None) -> Path:
     """Save on every rank (DeepSpeed requires it); returns the tag directory. ``rank_state``: this
-    rank's own extra state (e.g. its data streams' positions), kept next to its RNG state."""
+    rank's own extra state (e.g. its data streams' positions), kept next to its RNG state.
+    ``marker_extra``: small facts readable without loading the checkpoint (e.g. which AMT store
+    generation it trained with), written into the COMPLETE marker."""
     root = checkpoint_root(output_dir)
     tag = tag_for(step)
     if dist.is_rank0() and (root / tag).exists():
@@ -124,7 +127,7 @@ def save(engine, output_dir: str | Path, step: int, client_state: dict, keep: in
     torch.save({**rng_state(), "rank_state": rank_state or {}}, root / tag / f"rng_rank{dist.rank()}.pt")
     dist.barrier()  # every rank's files are on disk before the marker says so
     if dist.is_rank0():
-        (root / tag / MARKER).write_text(json.dumps({"step": step, "time": time.time(), "world_size": dist.world_size()}))
+        (root / tag / MARKER).write_text(json.dumps({"step": step, "time": time.time(), "world_size": dist.world_size(), **(marker_extra or {})}))
         _prune(root, keep)
     dist.barrier()
     return root / tag

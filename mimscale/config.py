@@ -31,9 +31,21 @@ class ModelConfig:
 
 
 @dataclass
+class AMTConfig:
+    mask_ratio: float = 0.45  # r: first rL of the attention-weighted order are masked
+    throw_ratio: float = 0.40  # t: the next tL are thrown (in no encoder, decoder or loss)
+    # When to refresh the attention store: epochs ("40") or a share of the run ("10%").
+    # Before the first refresh: random masking at masking.mask_ratio.
+    first_refresh: str = "40"
+    refresh_every: str = "40"
+    refresh_batch: int = 0  # images per attention forward; 0: 4 x the micro batch
+
+
+@dataclass
 class MaskingConfig:
-    method: str = "random"
-    mask_ratio: float = 0.75
+    method: str = "random"  # random | amt
+    mask_ratio: float = 0.75  # random masking (and AMT's before its first refresh)
+    amt: AMTConfig = field(default_factory=AMTConfig)
 
 
 @dataclass
@@ -79,6 +91,8 @@ class TrackingConfig:
     enabled: bool = True
     experiment: str = "mimscale"
     run_name: Optional[str] = None  # None: "<preset>-<time>"
+    mask_grid_every: int = 1000  # steps between mask-grid images (image | weights | plan); 0: never
+    mask_grid_rows: int = 8  # samples per grid
 
 
 @dataclass
@@ -221,6 +235,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'model.img_size' = {cfg.model.img_size} must be a multiple of the patch size {patch}")
     if not 0.0 < cfg.masking.mask_ratio < 1.0:
         raise ConfigError(f"config key 'masking.mask_ratio' = {cfg.masking.mask_ratio} must be in (0, 1)")
+    _validate_amt(cfg)
     if not 0.0 < cfg.data.scale_min <= cfg.data.scale_max <= 1.0:
         raise ConfigError("config keys 'data.scale_min'/'data.scale_max' must satisfy 0 < min <= max <= 1")
     if not 0.0 <= cfg.data.hflip <= 1.0:
@@ -268,6 +283,34 @@ def validate(cfg: Config) -> None:
     r = cfg.resume
     if r not in ("auto", "never") and not Path(r).exists():
         raise ConfigError(f"config key 'resume' = {r!r}: allowed values are auto, never, or an existing checkpoint path")
+
+
+def _when(key: str, text: str, allow_zero: bool) -> None:
+    """A refresh time: a number of epochs or a percentage of the run."""
+    s = str(text).strip()
+    try:
+        v = float(s[:-1]) if s.endswith("%") else float(s)
+    except ValueError:
+        raise ConfigError(f"config key '{key}' = {text!r}: expected epochs (e.g. 40 or 0.5) or a share of the run (e.g. 10%)") from None
+    if v < 0 or (v == 0 and not allow_zero) or (s.endswith("%") and v > 100):
+        raise ConfigError(f"config key '{key}' = {text!r} must be {'>= 0' if allow_zero else '> 0'} (percentages at most 100%)")
+
+
+def _validate_amt(cfg: Config) -> None:
+    a = cfg.masking.amt
+    for key, v in (("masking.amt.mask_ratio", a.mask_ratio), ("masking.amt.throw_ratio", a.throw_ratio)):
+        if not 0.0 <= v < 1.0:
+            raise ConfigError(f"config key '{key}' = {v} must be in [0, 1)")
+    if a.mask_ratio <= 0 or a.mask_ratio + a.throw_ratio >= 1.0:
+        raise ConfigError(f"config keys 'masking.amt.mask_ratio' + 'masking.amt.throw_ratio' = {a.mask_ratio} + {a.throw_ratio} "
+                          "must leave some patches masked and some visible (mask_ratio > 0, sum < 1)")
+    _when("masking.amt.first_refresh", a.first_refresh, allow_zero=True)
+    _when("masking.amt.refresh_every", a.refresh_every, allow_zero=False)
+    if a.refresh_batch < 0:
+        raise ConfigError(f"config key 'masking.amt.refresh_batch' = {a.refresh_batch} must be >= 0 (0: 4 x micro batch)")
+    for key in ("tracking.mask_grid_every", "tracking.mask_grid_rows"):
+        if get_key(cfg, key) < 0:
+            raise ConfigError(f"config key '{key}' = {get_key(cfg, key)} must be >= 0")
 
 
 def check_paths(cfg: Config) -> None:

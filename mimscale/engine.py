@@ -22,7 +22,8 @@ from mimscale import checkpoint, dist
 from mimscale.config import Config, flatten, to_dict
 from mimscale.data.streams import StreamPosition, build_source, open_stream
 from mimscale.ds_config import EngineSettings
-from mimscale.masking.base import plan_sizes
+from mimscale.masking import build_runtime
+from mimscale.masking.base import MaskPlan
 from mimscale.metrics import model_flops_per_image, peak_flops
 from mimscale.models.mim import build_model
 from mimscale.optim import build_optimizer, build_scheduler
@@ -62,7 +63,7 @@ class Trainer:
         dist.seed_all(cfg.train.seed)
         model = build_model(cfg)
         self.num_patches = model.encoder.num_patches
-        self.visible, self.masked, self.thrown = plan_sizes(self.num_patches, cfg.masking.mask_ratio)
+        self.visible, self.masked, self.thrown = model.masker.initial_sizes()
 
         self.source = build_source(cfg.data, cfg.train.seed)
         n_samples = len(self.source)
@@ -86,6 +87,9 @@ class Trainer:
         self.skipped = 0
         self.converted = 0
         self.run_id: Optional[str] = None
+        self.tracker = Tracker(False, self.out, "", "")
+        self.windows: list[dict] = []
+        self.runtime = build_runtime(cfg, self)  # method-specific loop hooks (AMT's attention store), or None
         self.resumed_from: Optional[Path] = checkpoint.resolve_resume(cfg.resume, cfg.output_dir)
         self.data_position = StreamPosition(cfg.data.num_workers)
         if self.resumed_from is None:
@@ -102,12 +106,13 @@ class Trainer:
             self.skipped = int(client.get("mim_skipped_images", 0))
             self.converted = int(client.get("mim_converted_images", 0))
             self.run_id = client.get("mim_mlflow_run_id")
+            if self.runtime is not None:
+                self.runtime.restore(client)
             dist.log0(f"[mimscale] resumed from {self.resumed_from} at step {self.step}")
         self.last_checkpoint: Optional[str] = str(self.resumed_from) if self.resumed_from else None
 
         self.flops_per_img = model_flops_per_image(cfg, self.visible, self.masked)
         self.peak, self.peak_source = peak_flops(self.device)
-        self.tracker = Tracker(False, self.out, "", "")
         if dist.is_rank0():
             name = cfg.tracking.run_name or f"{cfg.preset or 'mimscale'}-{time.strftime('%Y%m%d-%H%M%S')}"
             self.tracker = Tracker(cfg.tracking.enabled, self.out, cfg.tracking.experiment, name, self.run_id)
@@ -124,7 +129,6 @@ class Trainer:
         self.loss_history: list[dict] = []
         if dist.is_rank0():
             self._trim_metrics_file()
-        self.windows: list[dict] = []
         self.last_metrics: dict = {}
 
     def _trim_metrics_file(self) -> None:
@@ -137,7 +141,8 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def to_device(self, batch: dict) -> tuple[torch.Tensor, dict]:
         images = batch["image"].to(self.device, non_blocking=True)
-        meta = {k: batch[k].to(self.device, non_blocking=True) for k in META_KEYS}
+        extra = self.runtime.host_inputs(batch) if self.runtime is not None else {}
+        meta = {k: v.to(self.device, non_blocking=True) for k, v in [*((k, batch[k]) for k in META_KEYS), *extra.items()]}
         return images, meta
 
     def micro_step(self, images: torch.Tensor, meta: dict) -> tuple[torch.Tensor, dict]:
@@ -151,6 +156,7 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def _client_state(self) -> dict:
         return {
+            **(self.runtime.client_state() if self.runtime is not None else {}),
             "mim_step": self.step,
             "mim_samples_seen": self.samples_seen,
             "mim_skipped_images": self.skipped,
@@ -162,8 +168,17 @@ class Trainer:
 
     def save(self) -> None:
         path = checkpoint.save(self.engine, self.out, self.step, self._client_state(), self.cfg.train.keep_checkpoints,
-                               rank_state={"data": self.data_position.state()})
+                               rank_state={"data": self.data_position.state()},
+                               marker_extra=self.runtime.marker_extra() if self.runtime is not None else None)
         self.last_checkpoint = str(path)
+        if self.runtime is not None:
+            self.runtime.after_save()
+
+    def mean_step_seconds(self) -> Optional[float]:
+        """Seconds per optimizer step over the windows logged so far (None before the first)."""
+        w = self.windows[1:] if len(self.windows) > 1 else self.windows
+        steps = sum(x["steps"] for x in w)
+        return sum(x["seconds"] for x in w) / steps if steps else None
 
     def fit(self) -> dict:
         cfg, eng = self.cfg, self.eng
@@ -192,6 +207,8 @@ class Trainer:
         files = [0, 0]  # skipped, converted files in this window (host ints from CPU tensors)
         stopped = None
         while self.step < end:
+            if self.runtime is not None:
+                win.t0 += self.runtime.before_step(self.step)  # a refresh is not billed to the training steps
             for _ in range(eng.grad_accum):
                 t = time.perf_counter()
                 batch = next(it)
@@ -199,7 +216,8 @@ class Trainer:
                 self.data_position.observe(batch)
                 files[0] += int(batch["skipped"])  # CPU tensors: no device sync
                 files[1] += int(batch["converted"])
-                loss, terms = self.micro_step(*self.to_device(batch))
+                images, meta = self.to_device(batch)
+                loss, terms = self.micro_step(images, meta)
                 if self._term_names is None:
                     self._term_names = sorted(terms)
                 vals = torch.stack([loss.detach().float()] + [terms[k].float() for k in self._term_names])
@@ -213,6 +231,9 @@ class Trainer:
             self.samples_seen += eng.global_batch
             win.steps += 1
             bar.update(1)
+            grid_every = cfg.tracking.mask_grid_every
+            if grid_every and self.step % grid_every == 0 and dist.is_rank0():
+                self._log_mask_grid(images)
             stop = self.stop_request.poll()  # the same answer on every rank
             ckpt_now = self.step % cfg.train.ckpt_every == 0 or self.step == end
             # Every rank takes the same branch (the all-reduce in _log): decided on the step
@@ -235,6 +256,7 @@ class Trainer:
 
     def _log(self, acc, micro, bad, first_bad, win: Window, files: list[int], bar) -> None:
         """The log step's one packed all-reduce, then rank-0 logging. Raises TrainingDiverged."""
+        self._update_plan_sizes()
         n_terms = len(self._term_names or [])
         extras = torch.tensor([micro, win.wait, files[0], files[1]], dtype=torch.float32, device=self.device)
         packed = torch.cat([acc.float(), bad.reshape(1), extras])
@@ -276,13 +298,42 @@ class Trainer:
         if grad_norm is not None:
             metrics["grad_norm"] = grad_norm
         self.last_metrics = metrics
-        self.windows.append({"steps": win.steps, "seconds": elapsed, "img_per_s": img_s})
+        self.windows.append({"steps": win.steps, "seconds": elapsed, "img_per_s": img_s, "flops_per_img": self.flops_per_img})
         if dist.is_rank0():
             self.loss_history.append({"step": self.step, "loss": loss})
             self.tracker.log_metrics(metrics, self.step)
             bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{img_s:.1f}", refresh=False)
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"step": self.step, **metrics}) + "\n")
+
+    def _update_plan_sizes(self) -> None:
+        """FLOPs per image follow the plan actually used (AMT switches from random masking to
+        masking-and-throwing at its first refresh); shapes only, no device sync."""
+        plan: Optional[MaskPlan] = self.engine.module.last_plan
+        if plan is None:
+            return
+        sizes = (plan.visible.shape[1], plan.masked.shape[1], plan.thrown.shape[1])
+        if sizes != (self.visible, self.masked, self.thrown):
+            self.visible, self.masked, self.thrown = sizes
+            self.flops_per_img = model_flops_per_image(self.cfg, self.visible, self.masked)
+
+    def _log_mask_grid(self, images: torch.Tensor) -> None:
+        """Rank 0: image | masker weights (if any) | plan, for the first samples of the last
+        micro batch, as a PNG artifact under mask_grids/."""
+        from mimscale.masking.viz import save_plan_grid
+
+        model = self.engine.module
+        plan = model.last_plan
+        if plan is None:
+            return
+        path = self.out / "mask_grids" / f"step{self.step:08d}.png"
+        weights = getattr(model.masker, "last_weights", None)
+        try:
+            save_plan_grid(path, images, plan, weights, model.patch_size, rows=self.cfg.tracking.mask_grid_rows)
+        except OSError as e:  # a full disk must not stop training
+            dist.log0(f"[mimscale] could not write {path}: {e}")
+            return
+        self.tracker.log_artifact(path, "mask_grids")
 
     def throughput(self) -> float:
         """Images/s over this invocation, leaving out the first window (warm-up, compilation)
@@ -293,6 +344,11 @@ class Trainer:
 
     def finish(self, stopped: Optional[str] = None) -> dict:
         img_s = self.throughput()
+        w = self.windows[1:] if len(self.windows) > 1 else self.windows
+        secs = sum(x["seconds"] for x in w)
+        # model FLOP/s over the windows, each at the plan sizes it ran with
+        flop_s = sum(x["steps"] * self.eng.global_batch * x["flops_per_img"] for x in w) / secs if secs else 0.0
+        plan: Optional[MaskPlan] = self.engine.module.last_plan
         summary = {
             "steps": self.step,
             "total_steps": self.total_steps,
@@ -300,7 +356,7 @@ class Trainer:
             "loss_history": self.loss_history,
             "final_loss": self.loss_history[-1]["loss"] if self.loss_history else None,
             "img_per_s": img_s,
-            "mfu": self.flops_per_img * img_s / self.world / self.peak if self.peak and img_s else None,  # None: unknown peak
+            "mfu": flop_s / self.world / self.peak if self.peak and flop_s else None,  # None: unknown peak
             "gflop_per_img": self.flops_per_img / 1e9,
             "peak_gflops_per_rank": self.peak / 1e9 if self.peak else None,
             "peak_source": self.peak_source,
@@ -316,6 +372,10 @@ class Trainer:
             "zero_stage": self.eng.zero_stage,
             "mlflow_tracking_uri": self.tracker.uri,
             "mlflow_run_id": self.run_id,
+            "masking": self.cfg.masking.method,
+            # fractions of the patches in the last batch's plan
+            "mask_fractions": plan.fractions() if plan is not None else None,
+            **(self.runtime.summary() if self.runtime is not None else {}),
         }
         if dist.is_rank0():
             path = self.out / "summary.json"

@@ -78,11 +78,12 @@ class Tracker:
         except Exception as e:
             self._fail("log_metrics", e)
 
-    def log_artifact(self, path: str | Path) -> None:
+    def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
+        """Copy a file into the run's artifacts (under ``artifact_path`` when given)."""
         if not self.active:
             return
         try:
-            self._mlflow.log_artifact(str(path))
+            self._mlflow.log_artifact(str(path), artifact_path)
         except Exception as e:  # an artifact store problem (credentials, disk) keeps metrics going
             print(f"[mimscale] WARNING: MLflow could not store artifact {path} ({type(e).__name__}: {e})",
                   file=sys.stderr, flush=True)

@@ -17,6 +17,8 @@ import simplejpeg
 from PIL import Image
 
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
+# The "box" of scale=None: the whole image, whatever size a reduced decode gives it.
+WHOLE = (0, 0, None, None)
 
 
 class UnreadableImage(Exception):
@@ -65,6 +67,10 @@ def _finish(arr: np.ndarray, box_px, sx: float, sy: float, size: int, flip: bool
     """
     x0, y0, w, h = box_px
     ah, aw = arr.shape[:2]
+    if box_px == WHOLE:  # including a reduced decode's last pixel, which is partly padding
+        shrink = min(aw, ah) / size
+        out = cv2.resize(arr, (size, size), interpolation=cv2.INTER_AREA if shrink > 1.5 else cv2.INTER_CUBIC)
+        return np.ascontiguousarray(out), (0.0, 0.0, aw / sx, ah / sy)
     bx0 = min(max(int(round(x0 * sx)), 0), aw - 1)
     by0 = min(max(int(round(y0 * sy)), 0), ah - 1)
     bx1 = min(max(int(round((x0 + w) * sx)), bx0 + 1), aw)
@@ -78,6 +84,9 @@ def _finish(arr: np.ndarray, box_px, sx: float, sy: float, size: int, flip: bool
 
 
 def _draw(rng: np.random.Generator, width: int, height: int, scale, hflip: float):
+    """(box, flip); ``scale=None`` is the whole image, unflipped (AMT's attention pass)."""
+    if scale is None:
+        return WHOLE, False
     box = sample_box(rng, width, height, scale)
     flip = bool(rng.random() < hflip)
     return box, flip
@@ -91,7 +100,8 @@ def _norm_box(box_px, width: int, height: int) -> tuple[float, float, float, flo
 
 
 def crop_array(arr: np.ndarray, rng: np.random.Generator, size: int, scale=(0.2, 1.0), hflip: float = 0.5) -> Crop:
-    """RandomResizedCrop + flip of an in-memory RGB image [H, W, 3] uint8 (synthetic data)."""
+    """RandomResizedCrop + flip of an in-memory RGB image [H, W, 3] uint8 (synthetic data);
+    ``scale=None``: the whole image resized to size x size (aspect not kept), no flip."""
     height, width = arr.shape[:2]
     box, flip = _draw(rng, width, height, scale, hflip)
     out, applied = _finish(arr, box, 1.0, 1.0, size, flip)
@@ -105,7 +115,7 @@ def crop_bytes(data: bytes, rng: np.random.Generator, size: int, scale=(0.2, 1.0
     pixels. Anything simplejpeg cannot read, or reads only with warnings (CMYK, PNG or GIF bytes
     in a .JPEG, odd modes, stray bytes before a marker), goes to PIL and is converted to RGB with
     the same box and flip. Raises UnreadableImage when PIL cannot decode it either (corrupt,
-    truncated).
+    truncated). ``scale=None``: the whole image resized to size x size, no flip.
     """
     drawn = None  # (width, height, box, flip) once drawn: a fallback decode reuses it
     if data[:2] == b"\xff\xd8":
@@ -121,8 +131,8 @@ def crop_bytes(data: bytes, rng: np.random.Generator, size: int, scale=(0.2, 1.0
                 arr = simplejpeg.decode_jpeg(
                     data,
                     colorspace="RGB",
-                    min_width=math.ceil(width * size / w),
-                    min_height=math.ceil(height * size / h),
+                    min_width=math.ceil(width * size / (w or width)),
+                    min_height=math.ceil(height * size / (h or height)),
                     strict=True,  # warnings send the file to PIL, which decides if it is usable
                 )
             except ValueError:

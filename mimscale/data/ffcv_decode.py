@@ -88,7 +88,10 @@ def uniform(key, counter):
 @njit(cache=False)
 def draw_crop(key, width, height, smin, smax, hflip):
     """(x0, y0, w, h, flip) in pixels: area fraction ~ U(smin, smax), log aspect ~ U(log 3/4, log 4/3),
-    10 tries, then the whole image center-cropped to the ratio range (torchvision's rule)."""
+    10 tries, then the whole image center-cropped to the ratio range (torchvision's rule).
+    smin < 0: the whole image, unflipped (AMT's attention pass over uncropped images)."""
+    if smin < 0:
+        return 0, 0, width, height, False
     area = float(width) * float(height)
     lo, hi = math.log(RATIO[0]), math.log(RATIO[1])
     flip = uniform(key, 99) < hflip
@@ -179,8 +182,9 @@ class SeededRandomResizedCrop(SimpleRGBImageDecoder):
         super().__init__()
         self.size = int(size)
         self.seed = int(seed) & 0xFFFFFFFFFFFFFFFF
-        self.scale = (float(scale[0]), float(scale[1]))
-        self.hflip = float(hflip)
+        # scale None: the whole image, unflipped (encoded as smin < 0 for the compiled code)
+        self.scale = (-1.0, -1.0) if scale is None else (float(scale[0]), float(scale[1]))
+        self.hflip = 0.0 if scale is None else float(hflip)
         self._epoch = np.zeros(1, np.int64)  # read through its address: keep it alive and never replace it
         self._index = None if index_table is None else np.ascontiguousarray(index_table, dtype=np.int64)
 

@@ -128,7 +128,7 @@ class ShardStream(IterableDataset):
         self.rank = rank
         self.world = world_size
         self.seed = seed
-        self.scale = tuple(scale)
+        self.scale = None if scale is None else tuple(scale)  # None: whole images (crop.py)
         self.hflip = hflip
         self.buffer = max(1, shuffle_buffer)
         self.mode = mode

@@ -69,6 +69,11 @@ class Masker(nn.Module, metaclass=abc.ABCMeta):
     def forward(self, images: torch.Tensor, meta: dict) -> MaskPlan:
         """Return the plan for this batch (see the class docstring for shapes)."""
 
+    @abc.abstractmethod
+    def initial_sizes(self) -> tuple[int, int, int]:
+        """(visible, masked, thrown) of the plans at the start of training (for FLOP counts
+        before the first batch; the trainer follows the actual plans after that)."""
+
 
 def plan_sizes(num_patches: int, mask_ratio: float, throw_ratio: float = 0.0) -> tuple[int, int, int]:
     """(visible, masked, thrown) counts; masked = round(r L), thrown = round(t L), visible the rest."""

@@ -13,6 +13,9 @@ class RandomMasking(Masker):
         self.mask_ratio = mask_ratio
         self.num_visible, self.num_masked, _ = plan_sizes(num_patches, mask_ratio)
 
+    def initial_sizes(self) -> tuple[int, int, int]:
+        return self.num_visible, self.num_masked, 0
+
     def forward(self, images: torch.Tensor, meta: dict) -> MaskPlan:
         B = images.shape[0]
         noise = torch.rand(B, self.num_patches, device=images.device)  # [B, L]

@@ -87,10 +87,16 @@ class ViTEncoder(nn.Module):
         images: torch.Tensor,
         visible: Optional[torch.Tensor] = None,
         token_scale: Optional[torch.Tensor] = None,
+        cls_attention: bool = False,
     ) -> torch.Tensor:
         """images [B, 3, H, W]; visible [B, V] patch indices (None = all L patches);
         token_scale [B, L] optional multiplier on patch tokens (see MaskPlan).
-        Returns [B, 1 + V, D]: the CLS token followed by the visible tokens in ``visible`` order."""
+        Returns [B, 1 + V, D]: the CLS token followed by the visible tokens in ``visible`` order;
+        with ``cls_attention``: [B, L] float32 (see ``_cls_attention``).
+
+        The attention map is a mode of forward, not a method of its own, so that it runs inside
+        this module's call: under ZeRO-3 DeepSpeed gathers a module's parameters in its forward
+        hooks, and ``cls_token`` belongs to this module."""
         x = self.patch_embed(images)  # [B, L, D]
         if token_scale is not None:
             x = x * token_scale.unsqueeze(-1).to(x.dtype)
@@ -99,6 +105,33 @@ class ViTEncoder(nn.Module):
             x = gather_tokens(x, visible)  # [B, V, D]
         cls = (self.cls_token + self.pos_embed[:, :1].to(self.cls_token.dtype)).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
+        if cls_attention:
+            return self._cls_attention(x)
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)
+
+    def _cls_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """AMT's per-patch weight from tokens x [B, 1 + L, D]: the last block's attention of the
+        CLS query over the L patch keys, min-max normalized per head over patches, averaged over
+        heads -> [B, L] float32 in [0, 1].
+
+        Only the CLS row q_cls . K^T is formed (not the N x N matrix), and the last block's value
+        path and MLP are skipped. The softmax runs over the patch keys only: including the CLS key
+        would scale each head's row by a constant, which the min-max removes."""
+        for blk in self.blocks[:-1]:
+            x = blk(x)
+        last = self.blocks[-1]
+        attn = last.attn
+        h = last.norm1(x)
+        B, N, D = h.shape
+        heads = attn.num_heads
+        qkv = attn.qkv(h)  # [B, N, 3D]; a module call, so ZeRO-3 gathers its weight
+        q = qkv[:, 0, :D].reshape(B, heads, 1, D // heads)  # the CLS query
+        k = qkv[:, 1:, D:2 * D].reshape(B, N - 1, heads, D // heads).transpose(1, 2)  # [B, H, L, hd]
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        logits = (q.float() @ k.float().transpose(-1, -2)).squeeze(2) * attn.scale  # [B, H, L]
+        a = logits.softmax(dim=-1)
+        lo, hi = a.amin(dim=-1, keepdim=True), a.amax(dim=-1, keepdim=True)
+        a = (a - lo) / (hi - lo).clamp_min(1e-12)
+        return a.mean(dim=1)

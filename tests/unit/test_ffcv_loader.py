@@ -371,3 +371,15 @@ def test_starting_the_loader_leaves_the_global_rng_alone(grad_beton):
     torch.manual_seed(5)
     _take(build_ffcv_loader(grad_beton, S, 4, 0, 1, seed=0, num_workers=1), 1)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_whole_image_pass_covers_each_sample_once_uncropped(grad_beton):
+    """scale=None (AMT's attention refresh): every sample once across 2 ranks, the whole image
+    (up to a reduced decode's part-padding last pixel), never flipped."""
+    seen = []
+    for rank in range(2):
+        for b in build_ffcv_loader(grad_beton, S, 4, rank, 2, seed=0, num_workers=1, mode="eval", scale=None, hflip=1.0):
+            assert not b["flip"].any()
+            assert torch.all(b["box"][:, :2] == 0) and torch.all(b["box"][:, 2:] > 0.97)
+            seen += b["index"].tolist()
+    assert sorted(seen) == sorted(_index(p) for p in range(N))

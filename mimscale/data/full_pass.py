@@ -1,0 +1,85 @@
+"""One pass over the whole dataset with uncropped images, each sample exactly once across ranks.
+
+AMT's attention refresh (and feature extraction) needs every training image once, whole and
+resized to the model's input size, not a random crop. Every source gives this rank a disjoint
+share; together the shares cover the dataset:
+  synthetic / folder: the contiguous index block [r N / W, (r + 1) N / W);
+  wds:  shard j goes to (rank, worker) slot j mod (W x workers) (the loader's eval mode);
+  ffcv: the contiguous block of .beton positions, as above.
+Batches: ``image`` [B, 3, S, S] uint8 (the whole image resized to S x S; aspect not kept),
+``index`` [B] int64 global sample indices; the last batch of a share may be short. Unreadable
+files are left out (wds, ffcv have none by construction) and counted in ``skipped``.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Iterable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from mimscale.data.crop import UnreadableImage, crop_array, crop_bytes
+from mimscale.data.sources import SyntheticSource
+
+
+def share(num_samples: int, rank: int, world_size: int) -> range:
+    """This rank's contiguous block of indices (sizes differ by at most one)."""
+    return range(rank * num_samples // world_size, (rank + 1) * num_samples // world_size)
+
+
+class WholeImages(Dataset):
+    """Index -> whole image resized to size x size, or None when the file is unreadable."""
+
+    def __init__(self, source, size: int):
+        self.source = source
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int):
+        rng = np.random.default_rng(0)  # unused: no random draw for whole images
+        try:
+            if isinstance(self.source, SyntheticSource):
+                crop = crop_array(self.source.array(index), rng, self.size, scale=None)
+            else:
+                crop = crop_bytes(self.source.read(index), rng, self.size, scale=None)
+        except (UnreadableImage, OSError) as e:
+            print(f"[mimscale.data] full pass: skipping unreadable {self.source.name(index)}: {e}", file=sys.stderr)
+            return None
+        return torch.from_numpy(crop.image).permute(2, 0, 1), index
+
+
+def _collate(samples: list) -> dict:
+    good = [s for s in samples if s is not None]
+    if not good:
+        return {"image": torch.zeros(0, 3, 1, 1, dtype=torch.uint8), "index": torch.zeros(0, dtype=torch.int64),
+                "skipped": torch.tensor(len(samples))}
+    return {
+        "image": torch.stack([s[0] for s in good]),
+        "index": torch.tensor([s[1] for s in good], dtype=torch.int64),
+        "skipped": torch.tensor(len(samples) - len(good)),
+    }
+
+
+def open_full_pass(data_cfg, source, img_size: int, batch_size: int, rank: int, world_size: int, seed: int = 0) -> Iterable[dict]:
+    """This rank's share of one whole-image pass (see the module docstring)."""
+    from mimscale.data.loader import worker_init
+
+    workers = data_cfg.num_workers
+    if data_cfg.source == "wds":
+        from mimscale.data.wds_loader import ShardStream
+
+        stream = ShardStream(source, img_size, batch_size, rank, world_size, seed, scale=None, hflip=0.0, mode="eval")
+        return DataLoader(stream, batch_size=None, num_workers=workers, worker_init_fn=worker_init if workers else None,
+                          generator=torch.Generator().manual_seed(seed))
+    if data_cfg.source == "ffcv":
+        from mimscale.data.ffcv_loader import build_ffcv_loader
+
+        return build_ffcv_loader(str(source.path), img_size, batch_size, rank, world_size, seed, scale=None,
+                                 num_workers=max(1, workers), mode="eval")
+    mine = list(share(len(source), rank, world_size))
+    batches = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+    return DataLoader(WholeImages(source, img_size), batch_sampler=batches, num_workers=workers, collate_fn=_collate,
+                      worker_init_fn=worker_init if workers else None, generator=torch.Generator().manual_seed(seed))
