@@ -74,8 +74,10 @@ def bench_step(args) -> dict:
     trainer = Trainer(cfg, SimpleNamespace(deepspeed_config=str(ds_path), local_rank=0, deepspeed=True), eng)
     from mimscale.data.loader import build_loader
 
+    refresh = None
     if trainer.runtime is not None and hasattr(trainer.runtime, "refresh"):
-        trainer.runtime.refresh(1, 0)  # AMT: fill the attention store so steps mask *and throw*
+        # AMT: fill the attention store so the timed steps mask *and throw*; time it on the way
+        refresh = {"seconds": trainer.runtime.refresh(1, 0), "images": len(trainer.source)}
     loader, _ = build_loader(cfg.data, cfg.model.img_size, args.batch, 0, 1, cfg.train.seed)
     images, meta = trainer.to_device(next(iter(loader)))
     for _ in range(args.warmup):
@@ -128,6 +130,11 @@ def bench_step(args) -> dict:
         "mfu_fwd_bwd": trainer.flops_per_img * args.batch / fwd_bwd_s / peak if peak else None,
         "plan": {"visible": trainer.visible, "masked": trainer.masked, "thrown": trainer.thrown},
     }
+    if refresh is not None:
+        # one refresh's cost in training steps' time, per image: x 100 = % of an epoch it costs
+        # (then / refresh_every epochs = its share of the whole run)
+        result["refresh_s_per_img"] = refresh["seconds"] / refresh["images"]
+        result["refresh_pct_of_epoch"] = 100.0 * result["refresh_s_per_img"] / (step_s / args.batch)
     if cuda:
         result["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     dist.shutdown()

@@ -292,6 +292,7 @@ class Trainer:
             "skipped_images": float(self.skipped),
             "converted_images": float(self.converted),
             "epoch": self.step / self.steps_per_epoch,
+            "gflop_per_img": self.flops_per_img / 1e9,  # follows the plan (AMT: drops at the first refresh)
         }
         if mfu is not None:
             metrics["mfu"] = mfu

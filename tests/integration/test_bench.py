@@ -23,3 +23,20 @@ def test_bench_step_prints_json(extra):
         assert isinstance(d[key], float) and d[key] > 0, key
     assert d["batch"] == 2 and d["precision"] == "fp32"
     assert abs(d["img_per_s"] - 2 / d["step_s"]) < 1e-6
+
+
+@pytest.mark.parametrize("extra", [[], ["--no-deepspeed"]], ids=["deepspeed", "torch"])
+def test_bench_step_amt_masks_and_throws(extra):
+    """--method amt times steps after a refresh: the plan throws, and FLOPs fall with it."""
+    r = subprocess.run([sys.executable, "-m", "mimscale.bench", "step", "--method", "amt", *TINY, *extra, "--json"],
+                       cwd=REPO, env=env(), capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    d = json.loads(r.stdout.strip().splitlines()[-1])
+    assert d["method"] == "amt" and d["step_s"] > 0
+    from mimscale.metrics import mim_flops_per_image
+
+    tiny = dict(enc_dim=192, enc_depth=12, img_size=32, patch=8, dec_dim=32, dec_depth=1)
+    assert d["gflop_per_img"] * 1e9 == pytest.approx(mim_flops_per_image(visible=3, masked=7, **tiny))  # L=16: 3 / 7 / 6
+    if not extra:
+        assert d["plan"] == {"visible": 3, "masked": 7, "thrown": 6}
+        assert d["refresh_s_per_img"] > 0 and d["refresh_pct_of_epoch"] > 0

@@ -1,0 +1,109 @@
+"""AMT end to end on 2 CPU ranks: refreshes cover every sample exactly once, masking and throwing
+after the first refresh, resume keeps the store and repeats the uninterrupted run, the mask grid
+reaches MLflow, and ZeRO-3's gathered attention pass gives ZeRO-1/2's maps."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.integration.launch import losses, run, summary, write_ds_config
+
+STEPS = 12
+N = 512  # synthetic samples (launch.TINY_SETS); 2 ranks x micro 4 x accumulation 2: 32 steps an epoch
+L = 16  # 32 px images, patch 8
+AMT = ["masking.method=amt", "masking.amt.first_refresh=0.125", "masking.amt.refresh_every=0.125",  # steps 4 and 8
+       "masking.amt.refresh_batch=64", f"train.steps={STEPS}"]
+
+
+def _rows(out: Path, generation: int) -> np.ndarray:
+    return np.fromfile(out / "amt" / f"maps-{generation:04d}.f16", dtype=np.float16).reshape(N, L + 1)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def zero3(tmp_path_factory):
+    """An uninterrupted ZeRO-3 run with MLflow, and one stopped at step 6 then resumed."""
+    root = tmp_path_factory.mktemp("amt")
+    ds = write_ds_config(root / "z3.json", 3)
+    ref = root / "ref"
+    r = run(ds, ref, AMT + ["resume=never", "tracking.enabled=true", "tracking.mask_grid_every=6"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = root / "run"
+    r = run(ds, out, AMT + ["train.stop_after=6"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    first = summary(out)
+    gen1 = _sha(out / "amt" / "maps-0001.f16")
+    r = run(ds, out, AMT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return {"ref": ref, "out": out, "first": first, "gen1": gen1, "log": r.stdout + r.stderr}
+
+
+def test_refreshes_cover_every_sample_once_and_switch_to_throwing(zero3):
+    s = summary(zero3["ref"])
+    assert [(r["generation"], r["step"], r["samples"], r["skipped"]) for r in s["amt_refreshes"]] == [(1, 4, N, 0), (2, 8, N, 0)]
+    assert all(r["seconds"] > 0 and r["pct_of_epoch"] > 0 for r in s["amt_refreshes"])
+    rows = _rows(zero3["ref"], 2)
+    # N rows written in total, and every one of the N rows carries this generation: each exactly once
+    assert np.all(rows[:, -1] == 2)
+    maps = rows[:, :-1].astype(np.float32)
+    assert np.all(np.isfinite(maps)) and maps.min() >= 0 and maps.max() <= 1
+    assert np.all(maps.max(1) > maps.min(1))  # a real map per sample, not a constant
+    assert s["mask_fractions"] == {"visible": 3 / L, "masked": 7 / L, "thrown": 6 / L}
+    assert s["amt_generation"] == 2
+    # the FLOPs counted per image follow the plan: MAE's (4 visible + 12 masked) until the first
+    # refresh, the throwing plan's (3 + 7) after it
+    flops = {m["step"]: m["gflop_per_img"] for m in map(json.loads, (zero3["ref"] / "metrics.jsonl").read_text().splitlines())}
+    assert len({flops[k] for k in range(1, 5)}) == 1 and len({flops[k] for k in range(5, STEPS + 1)}) == 1
+    from mimscale.metrics import mim_flops_per_image
+
+    tiny = dict(enc_dim=192, enc_depth=12, img_size=32, patch=8, dec_dim=128, dec_depth=2)  # vit_tiny, the mae tiny preset
+    assert flops[4] == pytest.approx(mim_flops_per_image(visible=4, masked=12, **tiny) / 1e9)
+    assert flops[5] == pytest.approx(mim_flops_per_image(visible=3, masked=7, **tiny) / 1e9)
+    # store generations no checkpoint needs are gone (only step 12's, generation 2, is kept)
+    assert sorted(p.name for p in (zero3["ref"] / "amt").iterdir()) == ["maps-0002.f16", "maps-0002.json"]
+
+
+def test_mask_grid_reaches_mlflow(zero3):
+    grids = sorted(p.name for p in (zero3["ref"] / "mask_grids").iterdir())
+    assert grids == ["step00000006.png", "step00000012.png"]
+    logged = list((zero3["ref"] / "mlartifacts").rglob("mask_grids/step00000012.png"))
+    assert len(logged) == 1
+    from PIL import Image
+
+    img = Image.open(logged[0])
+    assert img.size == (3 * 128, 4 * 128)  # the micro batch of 4 x (image | weights | plan), 32 px enlarged 4x
+
+
+def test_resume_keeps_the_store_and_matches_uninterrupted(zero3):
+    out, first = zero3["out"], zero3["first"]
+    assert [r["generation"] for r in first["amt_refreshes"]] == [1] and first["steps"] == 6
+    second = summary(out)
+    assert second["resumed_from"].endswith("step00000006")
+    # generation 1 came back from disk (the same record, the same bytes), generation 2 was new
+    assert second["amt_refreshes"][0] == first["amt_refreshes"][0]
+    assert [r["generation"] for r in second["amt_refreshes"]] == [1, 2]
+    assert _sha(out / "amt" / "maps-0001.f16") == zero3["gen1"]  # kept: the step-6 checkpoint refers to it
+    assert "AMT refresh 1 " not in zero3["log"]
+    ref, resumed = losses(summary(zero3["ref"])), losses(second)
+    assert sorted(resumed) == list(range(7, STEPS + 1))
+    for step, loss in resumed.items():
+        assert abs(loss - ref[step]) <= 1e-6, (step, loss, ref[step])
+    assert np.array_equal(_rows(out, 2), _rows(zero3["ref"], 2))
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero3_attention_pass_gives_the_maps_of_zero_stage(zero3, stage, tmp_path):
+    ds = write_ds_config(tmp_path / f"z{stage}.json", stage)
+    out = tmp_path / "run"
+    r = run(ds, out, AMT + ["train.stop_after=5"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    mine, theirs = _rows(out, 1), _rows(zero3["out"], 1)
+    assert np.all(mine[:, -1] == 1)
+    np.testing.assert_allclose(mine[:, :-1].astype(np.float32), theirs[:, :-1].astype(np.float32), atol=2e-3)
