@@ -27,8 +27,10 @@ test-fast: setup
 
 # SOURCE=folder (default) | wds | ffcv | synthetic; wds/ffcv convert the sample into runs/data first.
 SOURCE ?= folder
+# METHOD=mae (default) | amt: which tiny preset (mimscale/configs/<METHOD>_vit_tiny_cpu.yaml).
+METHOD ?= mae
 demo: setup
-	bash scripts/demo.sh $(SOURCE) $(SAMPLE)
+	bash scripts/demo.sh $(SOURCE) $(SAMPLE) $(METHOD)
 
 bench: setup
 	OMP_NUM_THREADS= $(PY) -m mimscale.bench step --method mae --model vit_base --batch 16 --steps 3 --json

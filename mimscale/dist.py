@@ -59,6 +59,25 @@ def init_distributed() -> None:
 
     ensure_env()
     deepspeed.init_distributed()
+    _unlink_shm_workspace()
+
+
+def _unlink_shm_workspace() -> None:
+    """DeepSpeed's CPU backend gives each rank a 69 MB shared-memory all-reduce workspace in
+    /dev/shm and never unlinks it: every CPU run would leave its ranks' files behind until /dev/shm
+    (RAM) fills. Once every rank has mapped every other rank's workspace (inside
+    init_distributed) the names are no longer needed, so each rank removes its own; the mappings
+    stay valid until the process exits, however it exits."""
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu":
+        return
+    barrier()  # every rank is past its shm set-up
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}_{rank()}"
+    try:
+        os.unlink(os.path.join("/dev/shm", name))
+    except FileNotFoundError:  # shm all-reduce not in use (e.g. ranks on several nodes)
+        pass
 
 
 def device() -> torch.device:

@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
-# make demo [SOURCE=folder|wds|ffcv|synthetic]: the tiny preset on 2 CPU ranks (fp32, ZeRO-1).
-# wds and ffcv first convert the shared ImageNet sample into runs/data/ (once; kept for reruns).
+# make demo [SOURCE=folder|wds|ffcv|synthetic] [METHOD=mae|amt]: the method's tiny preset on 2 CPU
+# ranks (fp32, ZeRO-1). wds and ffcv first convert the shared ImageNet sample into runs/data/
+# (once; kept for reruns).
 set -euo pipefail
 SOURCE=${1:-folder}
 SAMPLE=${2:-../shared/data/imagenet-sample}
+METHOD=${3:-mae}
+PRESET=mimscale/configs/${METHOD}_vit_tiny_cpu.yaml
+if [ ! -f "$PRESET" ]; then
+  echo "METHOD=$METHOD: no $PRESET (allowed: mae, amt)" >&2
+  exit 2
+fi
 PY=.venv/bin/python
 if [ "$SOURCE" != synthetic ] && [ ! -d "$SAMPLE/train" ]; then
   echo "$SAMPLE not found: using synthetic images"
@@ -22,5 +29,5 @@ case "$SOURCE" in
 esac
 rm -rf runs/demo
 PATH=$PWD/.venv/bin:$PATH CUDA_VISIBLE_DEVICES= DS_ACCELERATOR=cpu deepspeed --num_gpus 2 mimscale/pretrain.py \
-  --deepspeed_config ds_configs/cpu_fp32_zero1.json --config mimscale/configs/mae_vit_tiny_cpu.yaml \
+  --deepspeed_config ds_configs/cpu_fp32_zero1.json --config "$PRESET" \
   --set output_dir=runs/demo --set resume=never "${data[@]}"

@@ -31,6 +31,7 @@ def _sha(path: Path) -> str:
 def zero3(tmp_path_factory):
     """An uninterrupted ZeRO-3 run with MLflow, and one stopped at step 6 then resumed."""
     root = tmp_path_factory.mktemp("amt")
+    shm_before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     ds = write_ds_config(root / "z3.json", 3)
     ref = root / "ref"
     r = run(ds, ref, AMT + ["resume=never", "tracking.enabled=true", "tracking.mask_grid_every=6"])
@@ -42,6 +43,8 @@ def zero3(tmp_path_factory):
     gen1 = _sha(out / "amt" / "maps-0001.f16")
     r = run(ds, out, AMT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    # DeepSpeed's CPU all-reduce workspaces (69 MB each in /dev/shm) do not outlive the runs
+    assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) <= shm_before
     return {"ref": ref, "out": out, "first": first, "gen1": gen1, "log": r.stdout + r.stderr}
 
 
