@@ -42,10 +42,20 @@ class AMTConfig:
 
 
 @dataclass
+class AutoMAEConfig:
+    extractor: str = "online"  # online | ema | frozen | stored (AMT's store, on masking.amt's schedule)
+    extractor_checkpoint: str = ""  # frozen: timm/mimscale state dict (.safetensors/.pt) or a mimscale checkpoint dir
+    ema_decay: float = 0.999  # ema: per optimizer step
+    lam: float = 0.2  # weight of the generator's adversarial loss
+    throw_ratio: float = 0.0  # > 0: the generator's order also picks thrown patches (as AMT)
+
+
+@dataclass
 class MaskingConfig:
-    method: str = "random"  # random | amt
-    mask_ratio: float = 0.75  # random masking (and AMT's before its first refresh)
+    method: str = "random"  # random | amt | automae
+    mask_ratio: float = 0.75  # random masking, AMT's before its first refresh, AutoMAE's
     amt: AMTConfig = field(default_factory=AMTConfig)
+    automae: AutoMAEConfig = field(default_factory=AutoMAEConfig)
 
 
 @dataclass
@@ -110,6 +120,7 @@ class Config:
 # Values with a closed set of choices; checked in validate().
 CHOICES = {
     "data.source": ("synthetic", "folder", "wds", "ffcv"),
+    "masking.automae.extractor": ("online", "ema", "frozen", "stored"),
 }
 
 
@@ -308,6 +319,18 @@ def _validate_amt(cfg: Config) -> None:
     _when("masking.amt.refresh_every", a.refresh_every, allow_zero=False)
     if a.refresh_batch < 0:
         raise ConfigError(f"config key 'masking.amt.refresh_batch' = {a.refresh_batch} must be >= 0 (0: 4 x micro batch)")
+    u = cfg.masking.automae
+    if cfg.masking.method == "automae":
+        if u.extractor == "frozen" and not u.extractor_checkpoint:
+            raise ConfigError("config key 'masking.automae.extractor_checkpoint' must name a checkpoint when "
+                              "masking.automae.extractor is 'frozen'")
+        if not 0.0 <= u.throw_ratio < 1.0 or cfg.masking.mask_ratio + u.throw_ratio >= 1.0:
+            raise ConfigError(f"config keys 'masking.mask_ratio' + 'masking.automae.throw_ratio' = {cfg.masking.mask_ratio} + "
+                              f"{u.throw_ratio} must leave some patches visible (throw_ratio in [0, 1), sum < 1)")
+    if not 0.0 <= u.ema_decay < 1.0:
+        raise ConfigError(f"config key 'masking.automae.ema_decay' = {u.ema_decay} must be in [0, 1)")
+    if u.lam < 0:
+        raise ConfigError(f"config key 'masking.automae.lam' = {u.lam} must be >= 0")
     for key in ("tracking.mask_grid_every", "tracking.mask_grid_rows"):
         if get_key(cfg, key) < 0:
             raise ConfigError(f"config key '{key}' = {get_key(cfg, key)} must be >= 0")

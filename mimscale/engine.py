@@ -107,7 +107,7 @@ class Trainer:
             self.converted = int(client.get("mim_converted_images", 0))
             self.run_id = client.get("mim_mlflow_run_id")
             if self.runtime is not None:
-                self.runtime.restore(client)
+                self.runtime.restore(client, rank_state.get("method", {}))
             dist.log0(f"[mimscale] resumed from {self.resumed_from} at step {self.step}")
         self.last_checkpoint: Optional[str] = str(self.resumed_from) if self.resumed_from else None
 
@@ -150,7 +150,10 @@ class Trainer:
         optimizer, clipping and LR step at accumulation boundaries)."""
         loss, terms = self.engine(images, meta)
         self.engine.backward(loss)
+        boundary = self.engine.is_gradient_accumulation_boundary()  # asked before step() advances the count
         self.engine.step()
+        if boundary and self.runtime is not None:
+            self.runtime.after_optimizer_step()
         return loss, terms
 
     # ------------------------------------------------------------------ the loop
@@ -168,7 +171,8 @@ class Trainer:
 
     def save(self) -> None:
         path = checkpoint.save(self.engine, self.out, self.step, self._client_state(), self.cfg.train.keep_checkpoints,
-                               rank_state={"data": self.data_position.state()},
+                               rank_state={"data": self.data_position.state(),
+                                           "method": self.runtime.rank_state() if self.runtime is not None else {}},
                                marker_extra=self.runtime.marker_extra() if self.runtime is not None else None)
         self.last_checkpoint = str(path)
         if self.runtime is not None:
@@ -376,6 +380,8 @@ class Trainer:
             "masking": self.cfg.masking.method,
             # fractions of the patches in the last batch's plan
             "mask_fractions": plan.fractions() if plan is not None else None,
+            # the last log window's loss terms (loss_rec; AutoMAE: loss_g, loss_d, d_real, d_fake)
+            **{k: self.last_metrics.get(k) for k in self._term_names or []},
             **(self.runtime.summary() if self.runtime is not None else {}),
         }
         if dist.is_rank0():

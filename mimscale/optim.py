@@ -11,20 +11,24 @@ NO_DECAY_NAMES = ("cls_token", "mask_token", "pos_embed")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: decayed weights (matrices, convs) and everything MAE leaves undecayed.
+    """Decayed weights (matrices, convs), everything MAE leaves undecayed, and AutoMAE's
+    discriminator (no decay; empty for other methods and dropped by build_optimizer).
 
     Group dicts carry a ``name`` so later methods can add their own groups (e.g. a discriminator)."""
-    decay, no_decay = [], []
+    decay, no_decay, disc = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or name.endswith(".bias") or any(n in name for n in NO_DECAY_NAMES):
+        if ".discriminator." in f".{name}":  # AutoMAE's D: Adam without weight decay, as its paper
+            disc.append(p)
+        elif p.ndim <= 1 or name.endswith(".bias") or any(n in name for n in NO_DECAY_NAMES):
             no_decay.append(p)
         else:
             decay.append(p)
     return [
         {"name": "decay", "params": decay, "weight_decay": weight_decay},
         {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
+        {"name": "discriminator", "params": disc, "weight_decay": 0.0},
     ]
 
 

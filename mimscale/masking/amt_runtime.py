@@ -26,6 +26,7 @@ import torch
 from mimscale import checkpoint, dist
 from mimscale.data.full_pass import open_full_pass
 from mimscale.masking.amt_store import AttentionStore, prune
+from mimscale.masking.base import LoopHooks
 
 
 def parse_when(text: str, total_epochs: float) -> float:
@@ -52,7 +53,7 @@ def refresh_steps(first: str, every: str, total_steps: int, steps_per_epoch: int
         k += 1
 
 
-class AMTRuntime:
+class AMTRuntime(LoopHooks):
     def __init__(self, trainer):
         self.t = trainer
         self.cfg = trainer.cfg.masking.amt
@@ -72,7 +73,7 @@ class AMTRuntime:
     def marker_extra(self) -> dict:
         return {"amt_generation": self.generation}
 
-    def restore(self, client: dict) -> None:
+    def restore(self, client: dict, rank_state: dict) -> None:
         self.generation = int(client.get("amt_generation", 0))
         self.records = list(client.get("amt_refreshes", []))
         if not self.generation:

@@ -12,7 +12,7 @@ rest of the model.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -28,6 +28,10 @@ class MaskPlan:
     # Optional [B, L] per-patch multiplier applied to patch tokens before they are gathered. Methods
     # that learn the mask (AutoMAE) pass s with values 1 in the forward but a gradient path to s.
     token_scale: Optional[torch.Tensor] = None
+    # Optional loss a method adds to the reconstruction loss (AutoMAE's adversarial terms, already
+    # routed so each term's gradient reaches only its own parameters), and its detached parts.
+    aux_loss: Optional[torch.Tensor] = None
+    aux_terms: dict = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:
@@ -73,6 +77,41 @@ class Masker(nn.Module, metaclass=abc.ABCMeta):
     def initial_sizes(self) -> tuple[int, int, int]:
         """(visible, masked, thrown) of the plans at the start of training (for FLOP counts
         before the first batch; the trainer follows the actual plans after that)."""
+
+
+class LoopHooks:
+    """A method's side of the training loop; the Trainer calls these on every rank in the same
+    order. The defaults do nothing: methods override what they need (AMT's attention refreshes,
+    AutoMAE's EMA extractor)."""
+
+    def restore(self, client: dict, rank_state: dict) -> None:
+        """After a checkpoint was loaded: the client state and this rank's own state."""
+
+    def before_step(self, step: int) -> float:
+        """Before optimizer step ``step`` + 1; returns seconds spent (not billed to training)."""
+        return 0.0
+
+    def after_optimizer_step(self) -> None:
+        """After the engine applied an optimizer step."""
+
+    def host_inputs(self, batch: dict) -> dict:
+        """Extra CPU tensors for the batch's meta, moved to the device with it."""
+        return {}
+
+    def client_state(self) -> dict:
+        return {}
+
+    def rank_state(self) -> dict:
+        return {}
+
+    def marker_extra(self) -> dict:
+        return {}
+
+    def after_save(self) -> None:
+        """After a checkpoint was saved."""
+
+    def summary(self) -> dict:
+        return {}
 
 
 def plan_sizes(num_patches: int, mask_ratio: float, throw_ratio: float = 0.0) -> tuple[int, int, int]:

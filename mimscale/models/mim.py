@@ -43,7 +43,11 @@ class MIMModel(nn.Module):
         dtype = self.encoder.patch_embed.proj.weight.dtype  # bf16 under a bf16 engine
         latent = self.encoder(x.to(dtype), plan.visible, plan.token_scale)
         pred = self.decoder(latent, plan)
-        return masked_pixel_loss(pred, x, plan.masked, self.patch_size, self.norm_pix)
+        loss, terms = masked_pixel_loss(pred, x, plan.masked, self.patch_size, self.norm_pix)
+        if plan.aux_loss is not None:  # one loss, one backward: the method routed its terms' gradients
+            loss = loss + plan.aux_loss
+            terms.update(plan.aux_terms)
+        return loss, terms
 
 
 def build_model(cfg, masker_factory=None) -> MIMModel:
@@ -60,5 +64,5 @@ def build_model(cfg, masker_factory=None) -> MIMModel:
         depth=cfg.model.decoder_depth,
         heads=cfg.model.decoder_heads,
     )
-    masker = (masker_factory or build_masker)(cfg, encoder.num_patches)
+    masker = (masker_factory or build_masker)(cfg, encoder)
     return MIMModel(encoder, decoder, masker, norm_pix=cfg.model.norm_pix_loss)

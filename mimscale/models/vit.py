@@ -87,12 +87,12 @@ class ViTEncoder(nn.Module):
         images: torch.Tensor,
         visible: Optional[torch.Tensor] = None,
         token_scale: Optional[torch.Tensor] = None,
-        cls_attention: bool = False,
+        cls_attention: bool | str = False,
     ) -> torch.Tensor:
         """images [B, 3, H, W]; visible [B, V] patch indices (None = all L patches);
         token_scale [B, L] optional multiplier on patch tokens (see MaskPlan).
         Returns [B, 1 + V, D]: the CLS token followed by the visible tokens in ``visible`` order;
-        with ``cls_attention``: [B, L] float32 (see ``_cls_attention``).
+        with ``cls_attention`` True: [B, L] float32, "heads": [B, H, L] (see ``_cls_attention``).
 
         The attention map is a mode of forward, not a method of its own, so that it runs inside
         this module's call: under ZeRO-3 DeepSpeed gathers a module's parameters in its forward
@@ -106,15 +106,15 @@ class ViTEncoder(nn.Module):
         cls = (self.cls_token + self.pos_embed[:, :1].to(self.cls_token.dtype)).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
         if cls_attention:
-            return self._cls_attention(x)
+            return self._cls_attention(x, per_head=cls_attention == "heads")
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)
 
-    def _cls_attention(self, x: torch.Tensor) -> torch.Tensor:
+    def _cls_attention(self, x: torch.Tensor, per_head: bool = False) -> torch.Tensor:
         """AMT's per-patch weight from tokens x [B, 1 + L, D]: the last block's attention of the
         CLS query over the L patch keys, min-max normalized per head over patches, averaged over
-        heads -> [B, L] float32 in [0, 1].
+        heads -> [B, L] float32 in [0, 1] (``per_head``: [B, H, L], before the average; AutoMAE).
 
         Only the CLS row q_cls . K^T is formed (not the N x N matrix), and the last block's value
         path and MLP are skipped. The softmax runs over the patch keys only: including the CLS key
@@ -134,4 +134,4 @@ class ViTEncoder(nn.Module):
         a = logits.softmax(dim=-1)
         lo, hi = a.amin(dim=-1, keepdim=True), a.amax(dim=-1, keepdim=True)
         a = (a - lo) / (hi - lo).clamp_min(1e-12)
-        return a.mean(dim=1)
+        return a if per_head else a.mean(dim=1)

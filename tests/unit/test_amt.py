@@ -242,7 +242,7 @@ def test_aligned_weights_follow_the_box_and_flip():
 
 def test_build_masker_by_name():
     cfg = load_config(None, TINY)
-    m = build_masker(cfg, 16)
+    m = build_masker(cfg, ViTEncoder(ENCODERS["vit_tiny"], img_size=32, patch_size=8))
     assert isinstance(m, AMTMasking) and m.initial_sizes() == (4, 12, 0)
 
 

@@ -1,0 +1,113 @@
+"""AutoMAE's small networks and pseudo masks (Chen et al. 2023; ../shared/METHODS.md section 3).
+
+MaskGenerator   attention maps [B, C, g, g] -> log-probabilities over the L = g*g patches
+Discriminator   a mask image [B, 1, g, g] -> one LSGAN score per mask (spectral-norm convs, no sigmoid)
+pseudo_masks    the "real" masks D learns to accept: a soft random rectangle per sample
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+
+class MaskGenerator(nn.Module):
+    """Conv(C -> C/2, 3x3) -> ReLU -> Conv(C/2 -> 1, 3x3) -> log-softmax over patches.
+    C = attention heads (or 1 for the head-averaged stored maps)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        hidden = max(1, channels // 2)
+        self.conv1 = nn.Conv2d(channels, hidden, 3, padding=1)
+        self.conv2 = nn.Conv2d(hidden, 1, 3, padding=1)
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        """maps [B, C, g, g] -> log-probabilities [B, g*g] (float32)."""
+        x = self.conv2(F.relu(self.conv1(maps)))
+        return F.log_softmax(x.flatten(1).float(), dim=1)
+
+
+class Discriminator(nn.Module):
+    """SN-Conv(1->16, k4 s2 p1, no bias) -> LeakyReLU(0.2) -> SN-Conv(16->32, k4 s2 p1) -> LeakyReLU(0.2)
+    -> SN-Conv(32->1, k = what is left) -> one score. For g = 14: 14 -> 7 -> 3 -> 1 (8,769 parameters).
+
+    Spectral norm is torch's parametrization: every forward in training mode runs one power
+    iteration, so a batch is scored in ONE call (all scores see the same normalized weights)."""
+
+    def __init__(self, grid: int):
+        super().__init__()
+        left = (grid // 2) // 2
+        if left < 1:
+            raise ValueError(f"AutoMAE's discriminator needs a patch grid of at least 4 x 4, got {grid} x {grid}")
+        self.conv1 = spectral_norm(nn.Conv2d(1, 16, 4, stride=2, padding=1, bias=False))
+        self.conv2 = spectral_norm(nn.Conv2d(16, 32, 4, stride=2, padding=1))
+        self.conv3 = spectral_norm(nn.Conv2d(32, 1, left))
+
+    def forward(self, masks: torch.Tensor) -> torch.Tensor:
+        """masks [B, 1, g, g] -> scores [B] (float32)."""
+        x = F.leaky_relu(self.conv1(masks), 0.2)
+        x = F.leaky_relu(self.conv2(x), 0.2)
+        return self.conv3(x).flatten().float()
+
+
+def pseudo_masks(batch: int, grid: int, device=None, generator: Optional[torch.Generator] = None,
+                 with_rectangles: bool = False):
+    """[B, g*g] soft masks, each a softmax over patches of U(0,1) noise plus 0.5 inside a random
+    rectangle. At g = 14 (the paper's): area 40..160 patches, one side 4..10, the other
+    min(14, ceil(area / side)), either orientation; other grids scale these with g.
+    ``with_rectangles``: also return the rectangles as a [B, g*g] bool."""
+    L = grid * grid
+    u = lambda *shape: torch.rand(*shape, device=device, generator=generator)  # noqa: E731
+    a_lo, a_hi = max(1, round(40 / 196 * L)), max(1, round(160 / 196 * L))
+    s_lo, s_hi = max(1, round(4 / 14 * grid)), max(1, round(10 / 14 * grid))
+    area = (a_lo + u(batch) * (a_hi - a_lo + 1)).floor().clamp(max=a_hi)
+    side = (s_lo + u(batch) * (s_hi - s_lo + 1)).floor().clamp(max=s_hi)
+    other = torch.minimum(torch.ceil(area / side), torch.tensor(float(grid), device=device))
+    tall = u(batch) < 0.5
+    h = torch.where(tall, other, side)
+    w = torch.where(tall, side, other)
+    y0 = (u(batch) * (grid - h + 1)).floor()
+    x0 = (u(batch) * (grid - w + 1)).floor()
+    r = torch.arange(grid, device=device, dtype=torch.float32)
+    inside_y = (r[None] >= y0[:, None]) & (r[None] < (y0 + h)[:, None])  # [B, g]
+    inside_x = (r[None] >= x0[:, None]) & (r[None] < (x0 + w)[:, None])
+    inside = (inside_y[:, :, None] & inside_x[:, None, :]).reshape(batch, L)
+    masks = torch.softmax(u(batch, L) + 0.5 * inside.float(), dim=1)
+    return (masks, inside) if with_rectangles else masks
+
+
+def lsgan_terms(d_real: torch.Tensor, d_sg: torch.Tensor, d_gen: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LSGAN losses from ONE discriminator call on [real, sg(m), m] (scores [B] each).
+
+    Returns (L_D, L_G', L_G): L_D = (d_real - 1)^2 + d_sg^2 trains D only (sg(m) carries no path to
+    the generator); L_G' = lam ((d_gen - 1)^2 - (d_sg - 1)^2) is what the step adds: d_gen and d_sg
+    have equal values from the same weights, so D's gradients from the two halves cancel exactly
+    and only the generator learns from it; L_G = lam (d_gen - 1)^2 is its value, for logging."""
+    loss_d = (d_real - 1).pow(2).mean() + d_sg.pow(2).mean()
+    loss_g = lam * (d_gen - 1).pow(2).mean()
+    routed = loss_g - lam * (d_sg - 1).pow(2).mean()
+    return loss_d, routed, loss_g.detach()
+
+
+def straight_through_topk(m: torch.Tensor, k: int) -> torch.Tensor:
+    """Hard top-k indicator of m [B, L] in the forward, the gradient of m in the backward."""
+    b = torch.zeros_like(m).scatter_(1, m.topk(k, dim=1).indices, 1.0)
+    return b - m.detach() + m
+
+
+def sigma_max(conv: nn.Module) -> float:
+    """Largest singular value of a (spectral-normalized) conv's weight as a matrix [out, in*k*k]."""
+    w = conv.weight.detach().reshape(conv.weight.shape[0], -1)
+    return float(torch.linalg.matrix_norm(w, ord=2))
+
+
+def gumbel_mask(logp: torch.Tensor) -> torch.Tensor:
+    """Soft Gumbel-softmax sample (tau = 1) of log-probabilities [B, L]: rows sum to 1."""
+    return F.gumbel_softmax(logp, tau=1.0, hard=False, dim=1)
+
+
+__all__ = ["MaskGenerator", "Discriminator", "pseudo_masks", "lsgan_terms", "straight_through_topk", "sigma_max",
+           "gumbel_mask"]
