@@ -1,6 +1,6 @@
 """Throughput benchmarks (print numbers and JSON; never asserted in tests).
 
-    python -m mimscale.bench step --method mae --model vit_base --batch 16 --steps 3 --json
+    python -m mimscale.bench step --method mae|amt|automae [--extractor online|ema|frozen|stored] --model vit_base --batch 16 --steps 3 --json
     python -m mimscale.bench loader --source pil|folder|wds|ffcv --path <data> --workers 2 --batch 64 --batches 20 --json
 
 ``loader``: see mimscale/bench_loader.py.
@@ -28,12 +28,31 @@ from types import SimpleNamespace  # noqa: E402
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-PRESETS = {"mae": "mae_vit_base.yaml", "amt": "amt_vit_base.yaml"}
+PRESETS = {"mae": "mae_vit_base.yaml", "amt": "amt_vit_base.yaml", "automae": "automae_vit_base.yaml"}
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _automae_overrides(args, tmp: Path) -> list[str]:
+    """The extractor to time; ``frozen`` gets a freshly initialized encoder saved as a timm-format
+    safetensors file (its cost is what is measured, not its weights)."""
+    sets = [f"masking.automae.extractor={args.extractor}", "masking.amt.first_refresh=0"]
+    if args.extractor == "frozen":
+        from safetensors.torch import save_file
+
+        from mimscale.models.registry import ENCODERS
+        from mimscale.models.vit import ViTEncoder
+
+        img = next((s.split("=", 1)[1] for s in args.set if s.startswith("model.img_size=")), "224")
+        patch = next((s.split("=", 1)[1] for s in args.set if s.startswith("model.patch_size=")), None)
+        enc = ViTEncoder(ENCODERS[args.model], img_size=int(img), patch_size=int(patch) if patch else None)
+        path = tmp / "extractor.safetensors"
+        save_file({k: v.contiguous() for k, v in enc.state_dict().items()}, str(path))
+        sets.append(f"masking.automae.extractor_checkpoint={path}")
+    return sets
 
 
 def bench_step(args) -> dict:
@@ -64,6 +83,7 @@ def bench_step(args) -> dict:
         "train.warmup_steps=10",
         f"train.compile={str(args.compile).lower()}",
         f"train.threads={args.threads}",
+        *(_automae_overrides(args, tmp) if args.method == "automae" else []),
         *args.set,
     ]
     cfg = load_config(REPO / "mimscale" / "configs" / PRESETS[args.method], overrides)
@@ -95,6 +115,8 @@ def bench_step(args) -> dict:
         _sync(trainer.device)
         t_mid = time.perf_counter()
         engine.step()
+        if trainer.runtime is not None:
+            trainer.runtime.after_optimizer_step()  # AutoMAE ema: the EMA update is part of the step
         _sync(trainer.device)
         times.append(time.perf_counter() - t)
         fwd_bwd.append(t_mid - t)
@@ -130,6 +152,8 @@ def bench_step(args) -> dict:
         "mfu_fwd_bwd": trainer.flops_per_img * args.batch / fwd_bwd_s / peak if peak else None,
         "plan": {"visible": trainer.visible, "masked": trainer.masked, "thrown": trainer.thrown},
     }
+    if args.method == "automae":
+        result["extractor"] = args.extractor
     if refresh is not None:
         # one refresh's cost in training steps' time, per image: x 100 = % of an epoch it costs
         # (then / refresh_every epochs = its share of the whole run)
@@ -160,7 +184,7 @@ def bench_step_plain(args, cfg) -> dict:
     batch = next(iter(loader))
     images = batch["image"].to(device)
     meta = {k: batch[k].to(device) for k in ("box", "flip", "index")}
-    if args.method == "amt":  # stand-in attention maps (no store without the trainer): masking and throwing
+    if args.method == "amt" or (args.method == "automae" and args.extractor == "stored"):  # stand-in attention maps (no store without the trainer): masking and throwing
         meta["attn"] = torch.rand(images.shape[0], model.encoder.num_patches, device=device).half()
 
     def fwd_bwd():
@@ -209,6 +233,8 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="what", required=True)
     s = sub.add_parser("step", help="time full training steps of one method")
     s.add_argument("--method", default="mae", choices=sorted(PRESETS))
+    s.add_argument("--extractor", default="online", choices=("online", "ema", "frozen", "stored"),
+                   help="automae: where the generator's attention maps come from")
     s.add_argument("--model", default="vit_base")
     s.add_argument("--batch", type=int, default=16)
     s.add_argument("--steps", type=int, default=3)

@@ -4,7 +4,7 @@ Accepted: a timm-format state dict (.safetensors, or .pt/.pth/.bin, optionally w
 "model"/"state_dict"/"module"), a mimscale export, or a mimscale DeepSpeed checkpoint (a tag
 directory, a ``checkpoints`` directory or a run's output_dir; consolidated from any ZeRO stage).
 Returned keys are the encoder's own (``patch_embed.*``, ``cls_token``, ``blocks.*``, ``norm.*``);
-a learned ``pos_embed`` (timm) is dropped, since mimscale's encoder uses fixed 2-D sin-cos, as MAE.
+a classifier head and a learned ``pos_embed`` (timm) are dropped, the latter since mimscale's encoder uses fixed 2-D sin-cos, as MAE.
 """
 from __future__ import annotations
 
@@ -51,4 +51,5 @@ def load_encoder_state(path: str | Path) -> dict[str, torch.Tensor]:
         state = torch.load(p, map_location="cpu", weights_only=True)
     state = _strip(dict(state))
     state.pop("pos_embed", None)
-    return {k: v.float() for k, v in state.items() if torch.is_tensor(v)}
+    # a classifier's head (timm) is not part of an encoder
+    return {k: v.float() for k, v in state.items() if torch.is_tensor(v) and not k.startswith(("head.", "fc_norm.", "head_drop."))}

@@ -29,6 +29,8 @@ def test_one_backward_routes_each_term_to_its_own_parameters_under_zero(stage, t
         assert diff <= 1e-5 * max(1.0, d["scale"][name]), (name, diff, d["scale"][name])
     assert any(n.startswith("masker.discriminator.") and d["scale"][n] > 0 for n in d["diff"])
     assert any(n.startswith("masker.generator.") and d["scale"][n] > 0 for n in d["diff"])
+    if stage == 3:
+        assert d["d_persistent"] and all(d["d_persistent"].values())
 
 
 def test_ema_throwing_run_resumes_exactly_zero3(tmp_path):

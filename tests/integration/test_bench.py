@@ -40,3 +40,13 @@ def test_bench_step_amt_masks_and_throws(extra):
     if not extra:
         assert d["plan"] == {"visible": 3, "masked": 7, "thrown": 6}
         assert d["refresh_s_per_img"] > 0 and d["refresh_pct_of_epoch"] > 0
+
+
+@pytest.mark.parametrize("extractor", ["frozen", "stored"])
+def test_bench_step_automae_extractors(extractor):
+    r = subprocess.run([sys.executable, "-m", "mimscale.bench", "step", "--method", "automae", "--extractor", extractor, *TINY,
+                        "--json"], cwd=REPO, env=env(), capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    d = json.loads(r.stdout.strip().splitlines()[-1])
+    assert d["method"] == "automae" and d["extractor"] == extractor and d["step_s"] > 0
+    assert d["plan"] == {"visible": 4, "masked": 12, "thrown": 0}

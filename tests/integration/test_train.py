@@ -150,9 +150,12 @@ def test_sigterm_saves_and_resumes_exactly_on_real_jpegs_with_mlflow(tmp_path):
 
 
 
-def test_gpu_bf16_zero3_config_runs_on_two_ranks(tmp_path):
-    """The shipped GPU config path (bf16 engine, ZeRO-3, every tensor partitioned) on CPU ranks
-    with a tiny model: inputs are cast to the engine's dtype and the loss stays finite."""
+@pytest.mark.parametrize("method", [[], ["masking.method=automae", "masking.automae.extractor=ema", "masking.automae.throw_ratio=0.125"]],
+                         ids=["mae", "automae-ema"])
+def test_gpu_bf16_zero3_config_runs_on_two_ranks(tmp_path, method):
+    """The shipped GPU config path (bf16 engine, ZeRO-3, every tensor partitioned, AutoMAE's tiny
+    discriminator included) on CPU ranks with a tiny model: inputs are cast to the engine's dtype
+    and the loss stays finite."""
     import json
 
     cfg = json.loads((REPO / "ds_configs" / "gpu_bf16_zero3.json").read_text())
@@ -160,7 +163,7 @@ def test_gpu_bf16_zero3_config_runs_on_two_ranks(tmp_path):
     cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     ds = tmp_path / "bf16_z3.json"
     ds.write_text(json.dumps(cfg))
-    r = run(ds, tmp_path / "out", ["train.steps=3", "resume=never"])
+    r = run(ds, tmp_path / "out", ["train.steps=3", "resume=never", *method])
     assert r.returncode == 0, r.stderr[-3000:]
     s = summary(tmp_path / "out")
     assert s["precision"] == "bf16" and s["zero_stage"] == 3 and s["steps"] == 3
