@@ -27,7 +27,7 @@ test-fast: setup
 
 # SOURCE=folder (default) | wds | ffcv | synthetic; wds/ffcv convert the sample into runs/data first.
 SOURCE ?= folder
-# METHOD=mae (default) | amt: which tiny preset (mimscale/configs/<METHOD>_vit_tiny_cpu.yaml).
+# METHOD=mae (default) | amt | automae: which tiny preset (mimscale/configs/<METHOD>_vit_tiny_cpu.yaml).
 METHOD ?= mae
 demo: setup
 	bash scripts/demo.sh $(SOURCE) $(SAMPLE) $(METHOD)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# make demo [SOURCE=folder|wds|ffcv|synthetic] [METHOD=mae|amt]: the method's tiny preset on 2 CPU
+# make demo [SOURCE=folder|wds|ffcv|synthetic] [METHOD=mae|amt|automae]: the method's tiny preset on 2 CPU
 # ranks (fp32, ZeRO-1). wds and ffcv first convert the shared ImageNet sample into runs/data/
 # (once; kept for reruns).
 set -euo pipefail
@@ -8,7 +8,7 @@ SAMPLE=${2:-../shared/data/imagenet-sample}
 METHOD=${3:-mae}
 PRESET=mimscale/configs/${METHOD}_vit_tiny_cpu.yaml
 if [ ! -f "$PRESET" ]; then
-  echo "METHOD=$METHOD: no $PRESET (allowed: mae, amt)" >&2
+  echo "METHOD=$METHOD: no $PRESET (allowed: mae, amt, automae)" >&2
   exit 2
 fi
 PY=.venv/bin/python
