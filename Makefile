@@ -19,7 +19,7 @@ $(STAMP): setup.py
 
 # The venv's bin on PATH: DeepSpeed JIT-builds its CPU comm op with the venv's ninja.
 test: setup
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q tests
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q --durations=15 tests
 
 # Unit tests only (no multi-rank launches).
 test-fast: setup

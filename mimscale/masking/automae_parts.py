@@ -46,8 +46,18 @@ class Discriminator(nn.Module):
         self.conv2 = spectral_norm(nn.Conv2d(16, 32, 4, stride=2, padding=1))
         self.conv3 = spectral_norm(nn.Conv2d(32, 1, left))
 
+    def _match_power_iteration_dtype(self, dtype: torch.dtype) -> None:
+        """A bf16 engine casts the weights but not spectral norm's u, v buffers (DeepSpeed converts
+        parameters only); the power iteration's matrix-vector products need one dtype."""
+        for conv in (self.conv1, self.conv2, self.conv3):
+            sn = conv.parametrizations.weight[0]
+            if sn._u.dtype != dtype:
+                sn._u.data = sn._u.data.to(dtype)
+                sn._v.data = sn._v.data.to(dtype)
+
     def forward(self, masks: torch.Tensor) -> torch.Tensor:
         """masks [B, 1, g, g] -> scores [B] (float32)."""
+        self._match_power_iteration_dtype(masks.dtype)
         x = F.leaky_relu(self.conv1(masks), 0.2)
         x = F.leaky_relu(self.conv2(x), 0.2)
         return self.conv3(x).flatten().float()

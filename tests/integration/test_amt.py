@@ -101,7 +101,7 @@ def test_resume_keeps_the_store_and_matches_uninterrupted(zero3):
     assert np.array_equal(_rows(out, 2), _rows(zero3["ref"], 2))
 
 
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [1])
 def test_zero3_attention_pass_gives_the_maps_of_zero_stage(zero3, stage, tmp_path):
     ds = write_ds_config(tmp_path / f"z{stage}.json", stage)
     out = tmp_path / "run"
