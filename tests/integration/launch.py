@@ -56,9 +56,24 @@ def command(ds_config: Path, out: Path, sets: list[str], ranks: int = 2) -> list
     return [launcher, "--num_gpus", str(ranks), "--master_port", str(free_port()), *args]
 
 
+def run_group(cmd: list[str], timeout: int = 300, **kw) -> subprocess.CompletedProcess:
+    """subprocess.run in a session of its own: on a timeout (a hung rank) the launcher AND its
+    ranks are killed, instead of leaving orphaned ranks that hold memory for the rest of the suite."""
+    import signal
+
+    with subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                          **{"env": env(), **kw}) as p:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            out, err = p.communicate()
+            raise AssertionError(f"timed out after {timeout} s; the process group was killed\n{out[-3000:]}\n{err[-3000:]}") from None
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
 def run(ds_config: Path, out: Path, sets: list[str] = (), ranks: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(command(ds_config, out, list(sets), ranks), cwd=REPO, env=env(), capture_output=True,
-                          text=True, timeout=timeout)
+    return run_group(command(ds_config, out, list(sets), ranks), timeout)
 
 
 def summary(out: Path) -> dict:

@@ -4,12 +4,11 @@ discriminator with its spectral-norm vectors, and EMA extractor all restored).""
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.integration.launch import REPO, env, free_port, losses, run, summary, write_ds_config
+from tests.integration.launch import env, free_port, losses, run, run_group, summary, write_ds_config
 
 STEPS = 8
 SETS = ["masking.method=automae", "masking.automae.extractor=ema", "masking.automae.ema_decay=0.9",
@@ -20,8 +19,8 @@ SETS = ["masking.method=automae", "masking.automae.extractor=ema", "masking.auto
 def test_one_backward_routes_each_term_to_its_own_parameters_under_zero(stage, tmp_path):
     out = tmp_path / "grads.json"
     launcher = str(Path(env()["PATH"].split(":")[0]) / "deepspeed")
-    r = subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(free_port()), "tests/integration/automae_grads.py",
-                        str(stage), str(out)], cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    r = run_group([launcher, "--num_gpus", "2", "--master_port", str(free_port()), "tests/integration/automae_grads.py",
+                   str(stage), str(out)], timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     d = json.loads(out.read_text())
     assert len(d["diff"]) > 100  # every trainable parameter: encoder, decoder, generator, discriminator
