@@ -13,12 +13,17 @@ TINY = ["--model", "vit_tiny", "--batch", "2", "--steps", "1", "--warmup", "1", 
         "--set", "model.decoder_dim=32", "--set", "model.decoder_heads=2", "--set", "data.synthetic_size=40"]
 
 
-@pytest.mark.parametrize("extra", [[], ["--no-deepspeed"]], ids=["deepspeed", "torch"])
-def test_bench_step_prints_json(extra):
-    r = subprocess.run([sys.executable, "-m", "mimscale.bench", "step", "--method", "mae", *TINY, *extra, "--json"],
+def bench_step(*args: str) -> dict:
+    """Run ``python -m mimscale.bench step <args> --json`` on the tiny model; its JSON result."""
+    r = subprocess.run([sys.executable, "-m", "mimscale.bench", "step", *args, *TINY, "--json"],
                        cwd=REPO, env=env(), capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
-    d = json.loads(r.stdout.strip().splitlines()[-1])
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("extra", [[], ["--no-deepspeed"]], ids=["deepspeed", "torch"])
+def test_bench_step_prints_json(extra):
+    d = bench_step("--method", "mae", *extra)
     for key in ("img_per_s", "step_s", "gflop_per_img", "peak_gflops", "mfu", "fwd_bwd_s", "optimizer_s"):
         assert isinstance(d[key], float) and d[key] > 0, key
     assert d["batch"] == 2 and d["precision"] == "fp32"
@@ -28,10 +33,7 @@ def test_bench_step_prints_json(extra):
 @pytest.mark.parametrize("extra", [[], ["--no-deepspeed"]], ids=["deepspeed", "torch"])
 def test_bench_step_amt_masks_and_throws(extra):
     """--method amt times steps after a refresh: the plan throws, and FLOPs fall with it."""
-    r = subprocess.run([sys.executable, "-m", "mimscale.bench", "step", "--method", "amt", *TINY, *extra, "--json"],
-                       cwd=REPO, env=env(), capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stderr[-3000:]
-    d = json.loads(r.stdout.strip().splitlines()[-1])
+    d = bench_step("--method", "amt", *extra)
     assert d["method"] == "amt" and d["step_s"] > 0
     from mimscale.metrics import mim_flops_per_image
 
@@ -44,9 +46,6 @@ def test_bench_step_amt_masks_and_throws(extra):
 
 @pytest.mark.parametrize("extractor", ["frozen"])  # stored, online, ema: tests/unit/test_automae.py
 def test_bench_step_automae_extractors(extractor):
-    r = subprocess.run([sys.executable, "-m", "mimscale.bench", "step", "--method", "automae", "--extractor", extractor, *TINY,
-                        "--json"], cwd=REPO, env=env(), capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stderr[-3000:]
-    d = json.loads(r.stdout.strip().splitlines()[-1])
+    d = bench_step("--method", "automae", "--extractor", extractor)
     assert d["method"] == "automae" and d["extractor"] == extractor and d["step_s"] > 0
     assert d["plan"] == {"visible": 4, "masked": 12, "thrown": 0}
