@@ -112,12 +112,16 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+CONFIG = "config.yaml"  # the run's resolved config, beside the weights (export and eval read the model from it)
+
+
 def save(engine, output_dir: str | Path, step: int, client_state: dict, keep: int, rank_state: Optional[dict] = None,
-         marker_extra: Optional[dict] = None) -> Path:
+         marker_extra: Optional[dict] = None, config: Optional[dict] = None) -> Path:
     """Save on every rank (DeepSpeed requires it); returns the tag directory. ``rank_state``: this
     rank's own extra state (e.g. its data streams' positions), kept next to its RNG state.
     ``marker_extra``: small facts readable without loading the checkpoint (e.g. which AMT store
-    generation it trained with), written into the COMPLETE marker."""
+    generation it trained with), written into the COMPLETE marker. ``config``: the run's resolved
+    config (``to_dict``), written as ``config.yaml`` in the tag so the weights carry their model."""
     root = checkpoint_root(output_dir)
     tag = tag_for(step)
     if dist.is_rank0() and (root / tag).exists():
@@ -127,6 +131,10 @@ def save(engine, output_dir: str | Path, step: int, client_state: dict, keep: in
     torch.save({**rng_state(), "rank_state": rank_state or {}}, root / tag / f"rng_rank{dist.rank()}.pt")
     dist.barrier()  # every rank's files are on disk before the marker says so
     if dist.is_rank0():
+        if config is not None:
+            import yaml
+
+            (root / tag / CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
         (root / tag / MARKER).write_text(json.dumps({"step": step, "time": time.time(), "world_size": dist.world_size(), **(marker_extra or {})}))
         _prune(root, keep)
     dist.barrier()

@@ -173,7 +173,8 @@ class Trainer:
         path = checkpoint.save(self.engine, self.out, self.step, self._client_state(), self.cfg.train.keep_checkpoints,
                                rank_state={"data": self.data_position.state(),
                                            "method": self.runtime.rank_state() if self.runtime is not None else {}},
-                               marker_extra=self.runtime.marker_extra() if self.runtime is not None else None)
+                               marker_extra=self.runtime.marker_extra() if self.runtime is not None else None,
+                               config=to_dict(self.cfg))
         self.last_checkpoint = str(path)
         if self.runtime is not None:
             self.runtime.after_save()
