@@ -51,11 +51,29 @@ class AutoMAEConfig:
 
 
 @dataclass
+class RMAEConfig:
+    lam: float = 1.0  # weight of the auto-encoding (constraint) term on the second view
+
+
+@dataclass
+class CMAEConfig:
+    temperature: float = 0.2  # InfoNCE softmax temperature (the paper's)
+    momentum: float = 0.996  # EMA of the target encoder, projector and mask token, per optimizer step
+    proj_hidden: int = 2048  # projector and predictor: 2-layer MLPs with GELU
+    proj_dim: int = 256
+    color_jitter: bool = True  # SimSiam's colour augmentation, drawn per view
+
+
+@dataclass
 class MaskingConfig:
-    method: str = "random"  # random | amt | automae
-    mask_ratio: float = 0.75  # random masking, AMT's before its first refresh, AutoMAE's
+    method: str = "random"  # random | amt | automae | rmae | cmae
+    # random masking, AMT's before its first refresh, AutoMAE's; R-MAE / C-MAE: the share of the
+    # patches in the second view (the first view keeps the rest)
+    mask_ratio: float = 0.75
     amt: AMTConfig = field(default_factory=AMTConfig)
     automae: AutoMAEConfig = field(default_factory=AutoMAEConfig)
+    rmae: RMAEConfig = field(default_factory=RMAEConfig)
+    cmae: CMAEConfig = field(default_factory=CMAEConfig)
 
 
 @dataclass
@@ -103,6 +121,10 @@ class TrackingConfig:
     run_name: Optional[str] = None  # None: "<preset>-<time>"
     mask_grid_every: int = 1000  # steps between mask-grid images (image | weights | plan); 0: never
     mask_grid_rows: int = 8  # samples per grid
+    # MLflow's system/* metrics of rank 0's node (CPU, memory, disk, network; NVIDIA GPUs via nvidia-ml-py),
+    # one point a minute (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL / _SAMPLES_BEFORE_LOGGING change it)
+    system_metrics: bool = True
+    log_encoder: bool = True  # at the end of a finished run: the final encoder exported for timm, as artifacts encoder/
 
 
 @dataclass
@@ -331,6 +353,7 @@ def _validate_amt(cfg: Config) -> None:
         raise ConfigError(f"config key 'masking.automae.ema_decay' = {u.ema_decay} must be in [0, 1)")
     if u.lam < 0:
         raise ConfigError(f"config key 'masking.automae.lam' = {u.lam} must be >= 0")
+    _validate_views(cfg)
     for key in ("tracking.mask_grid_every", "tracking.mask_grid_rows"):
         if get_key(cfg, key) < 0:
             raise ConfigError(f"config key '{key}' = {get_key(cfg, key)} must be >= 0")
@@ -363,3 +386,17 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def _validate_views(cfg: Config) -> None:
+    """R-MAE's and C-MAE's keys."""
+    if cfg.masking.rmae.lam < 0:
+        raise ConfigError(f"config key 'masking.rmae.lam' = {cfg.masking.rmae.lam} must be >= 0")
+    c = cfg.masking.cmae
+    if c.temperature <= 0:
+        raise ConfigError(f"config key 'masking.cmae.temperature' = {c.temperature} must be > 0")
+    if not 0.0 <= c.momentum < 1.0:
+        raise ConfigError(f"config key 'masking.cmae.momentum' = {c.momentum} must be in [0, 1)")
+    for key in ("masking.cmae.proj_hidden", "masking.cmae.proj_dim"):
+        if get_key(cfg, key) <= 0:
+            raise ConfigError(f"config key '{key}' = {get_key(cfg, key)} must be > 0")

@@ -29,12 +29,25 @@ def mim_flops_per_image(enc_dim: int, enc_depth: int, img_size: int, patch: int,
 
 
 def model_flops_per_image(cfg, visible: int, masked: int) -> float:
+    """Training FLOPs per image of ``cfg``'s method at plan sizes (visible, masked)."""
     from mimscale.models.registry import ENCODERS
 
     spec = ENCODERS[cfg.model.name]
     patch = cfg.model.patch_size or spec.patch_size
-    return mim_flops_per_image(spec.dim, spec.depth, cfg.model.img_size, patch, visible, masked,
-                               cfg.model.decoder_dim, cfg.model.decoder_depth, spec.mlp_ratio)
+    args = (cfg.model.decoder_dim, cfg.model.decoder_depth, spec.mlp_ratio)
+    if cfg.masking.method == "rmae":  # each view through encoder and decoder; the second also decodes its own tokens
+        L = visible + masked
+        first = mim_flops_per_image(spec.dim, spec.depth, cfg.model.img_size, patch, visible, masked, *args)
+        second = mim_flops_per_image(spec.dim, spec.depth, cfg.model.img_size, patch, masked, visible, *args)
+        return first + second + 3.0 * 2.0 * masked * cfg.model.decoder_dim * patch * patch * 3
+    if cfg.masking.method == "cmae":  # two online views (forward + backward) and two target views (forward) on all L
+        L = visible + masked
+        c = cfg.masking.cmae
+        enc = 2.0 * L * patch * patch * 3 * spec.dim + spec.depth * block_flops(1 + L, spec.dim, spec.mlp_ratio)
+        heads = 2.0 * L * (spec.dim * c.proj_hidden + c.proj_hidden * c.proj_dim)  # projector
+        online = enc + heads + 2.0 * L * 2 * c.proj_hidden * c.proj_dim  # + predictor
+        return 2 * (3.0 * online + enc + heads)
+    return mim_flops_per_image(spec.dim, spec.depth, cfg.model.img_size, patch, visible, masked, *args)
 
 
 # Dense bf16 tensor-core peaks, FLOP/s per GPU (vendor data sheets; SXM parts unless named).

@@ -4,13 +4,13 @@ from __future__ import annotations
 from mimscale.masking.base import LoopHooks, Masker, MaskPlan, plan_sizes
 from mimscale.masking.random import RandomMasking
 
-METHODS = ("random", "amt", "automae")
+METHODS = ("random", "amt", "automae", "rmae", "cmae")
 
 
 def build_masker(cfg, encoder) -> Masker:
     """Build the masking module named by ``cfg.masking.method`` for ``encoder`` (a ViTEncoder)."""
     m = cfg.masking
-    if m.method == "random":
+    if m.method in ("random", "rmae", "cmae"):  # R-MAE / C-MAE: the plan's two sets are the two views
         return RandomMasking(encoder.num_patches, m.mask_ratio)
     if m.method == "amt":
         from mimscale.masking.amt import AMTMasking
@@ -36,7 +36,12 @@ def build_runtime(cfg, trainer):
     if m.method == "automae" and m.automae.extractor == "ema":
         from mimscale.masking.ema import EMAHooks
 
-        return EMAHooks(trainer)
+        module = trainer.engine.module
+        return EMAHooks(list(zip(module.encoder.parameters(), module.masker.ema.parameters())), m.automae.ema_decay)
+    if m.method == "cmae":
+        from mimscale.masking.ema import EMAHooks
+
+        return EMAHooks(trainer.engine.module.objective.ema_pairs(), m.cmae.momentum)
     return None
 
 

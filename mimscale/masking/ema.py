@@ -1,4 +1,4 @@
-"""AutoMAE's EMA extractor: after every optimizer step, ema <- decay * ema + (1 - decay) * encoder.
+"""EMA weights: after every optimizer step, ema <- decay * ema + (1 - decay) * online.
 
 Both encoders live in the engine's module, so under ZeRO-3 each rank holds the same slice of
 every parameter of the two (equal shapes partition alike) and updates only that slice: no
@@ -15,25 +15,47 @@ import torch
 from mimscale.masking.base import LoopHooks
 
 
-def local_data(p: torch.Tensor) -> torch.Tensor:
-    """This rank's values of a parameter: its ZeRO-3 partition, or the whole tensor."""
-    return p.ds_tensor if hasattr(p, "ds_tensor") else p.data
+def persisted(p: torch.Tensor) -> bool:
+    """ZeRO-3 keeps parameters under ``stage3_param_persistence_threshold`` whole on every rank
+    (``p.data``) besides their partition (``ds_tensor``); forwards read the whole one."""
+    return hasattr(p, "ds_tensor") and bool(getattr(p, "ds_persist", False))
+
+
+def ema_view(p: torch.Tensor) -> torch.Tensor:
+    """What the EMA averages for ``p``: the whole tensor when a forward reads it whole, else this rank's slice."""
+    return p.data if persisted(p) or not hasattr(p, "ds_tensor") else p.ds_tensor
+
+
+def write_partition(p: torch.Tensor, whole: torch.Tensor) -> None:
+    """Copy this rank's slice of ``whole`` into a persisted parameter's partition (what its
+    checkpoint saves), as ZeRO-3 lays it out: flat, rank r holding [r n, (r + 1) n), zero-padded."""
+    import torch.distributed as tdist
+
+    part = p.ds_tensor.view(-1)
+    n = part.numel()
+    start = (tdist.get_rank() if tdist.is_initialized() else 0) * n
+    chunk = whole.reshape(-1)[start:start + n]
+    part[:chunk.numel()].copy_(chunk)
 
 
 class EMAHooks(LoopHooks):
-    def __init__(self, trainer):
-        module = trainer.engine.module
-        self.decay = trainer.cfg.masking.automae.ema_decay
-        self.pairs = list(zip(module.encoder.parameters(), module.masker.ema.parameters()))
+    """target <- decay * target + (1 - decay) * online for each (online, target) parameter pair
+    (AutoMAE's EMA extractor; C-MAE's target encoder, projector and mask token)."""
+
+    def __init__(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], decay: float):
+        self.decay = decay
+        self.pairs = pairs
         self.shadow: Optional[list[torch.Tensor]] = None
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
         if self.shadow is None:
-            self.shadow = [local_data(e).detach().float().clone() for _, e in self.pairs]
+            self.shadow = [ema_view(e).detach().float().clone() for _, e in self.pairs]
         for (p, e), sh in zip(self.pairs, self.shadow):
-            sh.lerp_(local_data(p).float(), 1.0 - self.decay)
-            local_data(e).copy_(sh)
+            sh.lerp_(ema_view(p).float(), 1.0 - self.decay)
+            ema_view(e).copy_(sh)
+            if persisted(e):  # the whole copy was updated: keep the partition (saved) in step
+                write_partition(e, e.data)
 
     def rank_state(self) -> dict:
         return {"ema_shadow": self.shadow}
@@ -42,4 +64,4 @@ class EMAHooks(LoopHooks):
         shadow = rank_state.get("ema_shadow")
         # None (a checkpoint from before the first step, or another world size): restart the
         # fp32 average from the EMA weights the checkpoint restored
-        self.shadow = None if shadow is None else [s.to(local_data(e).device) for s, (_, e) in zip(shadow, self.pairs)]
+        self.shadow = None if shadow is None else [s.to(ema_view(e).device) for s, (_, e) in zip(shadow, self.pairs)]

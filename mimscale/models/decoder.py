@@ -31,9 +31,11 @@ class MAEDecoder(nn.Module):
         init_mae_weights(self)
         nn.init.normal_(self.mask_token, std=0.02)
 
-    def forward(self, latent: torch.Tensor, plan: MaskPlan) -> torch.Tensor:
+    def forward(self, latent: torch.Tensor, plan: MaskPlan, with_visible: bool = False):
         """latent [B, 1 + V, De] (encoder output for plan.visible) -> predictions [B, M, p*p*3]
-        for the patches in plan.masked, in that order."""
+        for the patches in plan.masked, in that order. ``with_visible``: also the predictions at
+        the visible tokens' own positions [B, V, p*p*3] (R-MAE's auto-encoding term), as a pair
+        (masked, visible)."""
         x = self.embed(latent)  # [B, 1 + V, D]
         B, M = plan.masked.shape
         pos = self.pos_embed.to(x.dtype).expand(B, -1, -1)  # [B, 1 + L, D]
@@ -44,5 +46,8 @@ class MAEDecoder(nn.Module):
         x = torch.cat([cls, vis, msk], dim=1)  # [B, 1 + V + M, D]
         for blk in self.blocks:
             x = blk(x)
+        if with_visible:
+            out = self.pred(self.norm(x[:, 1:]))  # [B, V + M, P]
+            return out[:, -M:], out[:, :-M]
         x = self.norm(x[:, -M:])
         return self.pred(x)

@@ -5,6 +5,8 @@ partitioned, gathered under ZeRO-3 and trained by the same optimizer step as the
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -19,11 +21,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class MIMModel(nn.Module):
-    def __init__(self, encoder: ViTEncoder, decoder: MAEDecoder, masker: Masker, norm_pix: bool = True):
+    def __init__(self, encoder: ViTEncoder, decoder: Optional[MAEDecoder], masker: Masker, norm_pix: bool = True,
+                 objective: Optional[nn.Module] = None):
         super().__init__()
         self.encoder = encoder
-        self.decoder = decoder
+        self.decoder = decoder  # None for objectives without a pixel decoder (C-MAE)
         self.masker = masker
+        self.objective = objective  # None: MAE's reconstruction below; R-MAE / C-MAE: see mimscale/objectives
         self.norm_pix = norm_pix
         self.patch_size = encoder.patch_size
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
@@ -40,10 +44,13 @@ class MIMModel(nn.Module):
         x = self.normalize(images)  # fp32, also the loss target
         plan = self.masker(x, meta)
         self.last_plan = plan
-        dtype = self.encoder.patch_embed.proj.weight.dtype  # bf16 under a bf16 engine
-        latent = self.encoder(x.to(dtype), plan.visible, plan.token_scale)
-        pred = self.decoder(latent, plan)
-        loss, terms = masked_pixel_loss(pred, x, plan.masked, self.patch_size, self.norm_pix)
+        if self.objective is not None:
+            loss, terms = self.objective(x, plan)
+        else:
+            dtype = self.encoder.patch_embed.proj.weight.dtype  # bf16 under a bf16 engine
+            latent = self.encoder(x.to(dtype), plan.visible, plan.token_scale)
+            pred = self.decoder(latent, plan)
+            loss, terms = masked_pixel_loss(pred, x, plan.masked, self.patch_size, self.norm_pix)
         if plan.aux_loss is not None:  # one loss, one backward: the method routed its terms' gradients
             loss = loss + plan.aux_loss
             terms.update(plan.aux_terms)
@@ -53,6 +60,7 @@ class MIMModel(nn.Module):
 def build_model(cfg, masker_factory=None) -> MIMModel:
     """Encoder, decoder and masker from a Config (see config.py)."""
     from mimscale.masking import build_masker
+    from mimscale.objectives import build_objective, needs_decoder
 
     spec = ENCODERS[cfg.model.name]
     encoder = ViTEncoder(spec, img_size=cfg.model.img_size, patch_size=cfg.model.patch_size)
@@ -63,6 +71,7 @@ def build_model(cfg, masker_factory=None) -> MIMModel:
         dim=cfg.model.decoder_dim,
         depth=cfg.model.decoder_depth,
         heads=cfg.model.decoder_heads,
-    )
+    ) if needs_decoder(cfg) else None
     masker = (masker_factory or build_masker)(cfg, encoder)
-    return MIMModel(encoder, decoder, masker, norm_pix=cfg.model.norm_pix_loss)
+    objective = build_objective(cfg, encoder, decoder)
+    return MIMModel(encoder, decoder, masker, norm_pix=cfg.model.norm_pix_loss, objective=objective)

@@ -88,9 +88,13 @@ class ViTEncoder(nn.Module):
         visible: Optional[torch.Tensor] = None,
         token_scale: Optional[torch.Tensor] = None,
         cls_attention: bool | str = False,
+        hidden: Optional[torch.Tensor] = None,
+        mask_token: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """images [B, 3, H, W]; visible [B, V] patch indices (None = all L patches);
-        token_scale [B, L] optional multiplier on patch tokens (see MaskPlan).
+        token_scale [B, L] optional multiplier on patch tokens (see MaskPlan);
+        hidden [B, K] patch indices whose tokens are replaced by ``mask_token`` [D] before the
+        position embedding is added (C-MAE's masked views keep all L positions; MAE drops them).
         Returns [B, 1 + V, D]: the CLS token followed by the visible tokens in ``visible`` order;
         with ``cls_attention`` True: [B, L] float32, "heads": [B, H, L] (see ``_cls_attention``).
 
@@ -100,6 +104,9 @@ class ViTEncoder(nn.Module):
         x = self.patch_embed(images)  # [B, L, D]
         if token_scale is not None:
             x = x * token_scale.unsqueeze(-1).to(x.dtype)
+        if hidden is not None:
+            fill = mask_token.to(x.dtype).reshape(1, 1, -1).expand(x.shape[0], hidden.shape[1], -1)
+            x = x.scatter(1, hidden.unsqueeze(-1).expand(-1, -1, x.shape[-1]), fill)
         x = x + self.pos_embed[:, 1:].to(x.dtype)
         if visible is not None:
             x = gather_tokens(x, visible)  # [B, V, D]

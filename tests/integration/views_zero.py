@@ -1,0 +1,98 @@
+"""Run under ``deepspeed --num_gpus 2``: R-MAE and C-MAE inside a DeepSpeed engine (ZeRO stage from
+argv) against plain torch.
+
+For each method: one forward/backward on each rank's own batch; the engine's averaged gradients
+must equal the average over both ranks' batches of the plain model's gradients (same seeds, so
+the same masks and colour jitter). Then C-MAE takes an optimizer step and its EMA hook runs: the
+target's gathered weights must equal decay * before + (1 - decay) * the online weights after the
+step, and no target parameter may hold a gradient. Rank 0 writes the results as JSON.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import sys
+
+import deepspeed
+import torch
+from deepspeed.utils import safe_get_full_grad
+
+from mimscale import dist
+from mimscale.config import load_config
+from mimscale.masking.ema import EMAHooks
+from mimscale.models.mim import build_model
+
+BASE = ["model.name=vit_tiny", "model.img_size=32", "model.patch_size=8", "model.decoder_dim=64", "model.decoder_depth=1",
+        "model.decoder_heads=4", "masking.cmae.proj_hidden=64", "masking.cmae.proj_dim=32"]
+DECAY = 0.5
+
+
+def batch(rank: int):
+    g = torch.Generator().manual_seed(10 + rank)
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8, generator=g)
+    return images, {"box": torch.rand(3, 4, generator=g).sort(1).values, "flip": torch.zeros(3, dtype=torch.bool),
+                    "index": torch.arange(3)}
+
+
+def gathered(params) -> list[torch.Tensor]:
+    with deepspeed.zero.GatheredParameters(list(params)):
+        return [p.detach().clone().float() for p in params]
+
+
+def check(method: str, stage: int) -> dict:
+    torch.manual_seed(0)
+    model = build_model(load_config(None, BASE + [f"masking.method={method}"]))
+    ref = copy.deepcopy(model)
+    ds = {"train_micro_batch_size_per_gpu": 3, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": stage},
+          "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
+    rank = dist.rank()
+    torch.manual_seed(100 + rank)
+    loss, terms = engine(*batch(rank))
+    engine.backward(loss)
+    got = {n: safe_get_full_grad(p) for n, p in engine.module.named_parameters() if p.requires_grad}
+    got = {n: (g.detach().clone().float() if g is not None else None) for n, g in got.items()}
+    params = [(n, p) for n, p in ref.named_parameters() if p.requires_grad]
+    expect = {n: torch.zeros_like(p) for n, p in params}
+    for r in range(dist.world_size()):
+        torch.manual_seed(100 + r)
+        total, _ = ref(*batch(r))
+        for (n, _), g in zip(params, torch.autograd.grad(total, [p for _, p in params], allow_unused=True)):
+            if g is not None:
+                expect[n] += g / dist.world_size()
+    diff = {n: float((got[n] - expect[n]).abs().max()) if got[n] is not None else float("inf") for n in expect}
+    scale = {n: float(expect[n].abs().max()) for n in expect}
+    out = {"diff": diff, "scale": scale, "terms": sorted(terms), "loss": float(loss)}
+    if method == "cmae":
+        obj = engine.module.objective
+        hooks = EMAHooks(obj.ema_pairs(), DECAY)
+        online = [p for p, _ in hooks.pairs]
+        target = [t for _, t in hooks.pairs]
+        before = gathered(target)
+        engine.step()
+        hooks.after_optimizer_step()
+        after_online, after_target = gathered(online), gathered(target)
+        err = max(float((t - (DECAY * b + (1 - DECAY) * o)).abs().max()) for b, o, t in zip(before, after_online, after_target))
+        moved = max(float((t - b).abs().max()) for b, t in zip(before, after_target))
+        target_names = [n for n, _ in engine.module.named_parameters() if n.startswith("objective.target_")]
+        out.update(ema_error=err, target_moved=moved, n_target=len(target_names),
+                   target_trainable=[n for n, p in engine.module.named_parameters() if n.startswith("objective.target_") and p.requires_grad],
+                   target_in_optimizer=sum(any(p is q for g in opt.param_groups for q in g["params"])
+                                           for n, p in engine.module.named_parameters() if n.startswith("objective.target_")))
+    return out
+
+
+def main(stage: int, path: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_distributed()
+    result = {m: check(m, stage) for m in ("rmae", "cmae")}
+    if dist.rank() == 0:
+        with open(path, "w") as f:
+            json.dump(result, f)
+    dist.shutdown()
+
+
+if __name__ == "__main__":
+    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+    main(int(args[0]), args[1])
