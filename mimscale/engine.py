@@ -28,7 +28,7 @@ from mimscale.metrics import model_flops_per_image, peak_flops
 from mimscale.models.mim import build_model
 from mimscale.optim import build_optimizer, build_scheduler
 from mimscale.preempt import StopRequest
-from mimscale.tracking import Tracker
+from mimscale.tracking import Tracker, write_resolved_config
 
 META_KEYS = ("box", "flip", "index")
 
@@ -115,15 +115,18 @@ class Trainer:
         self.peak, self.peak_source = peak_flops(self.device)
         if dist.is_rank0():
             name = cfg.tracking.run_name or f"{cfg.preset or 'mimscale'}-{time.strftime('%Y%m%d-%H%M%S')}"
-            self.tracker = Tracker(cfg.tracking.enabled, self.out, cfg.tracking.experiment, name, self.run_id)
+            self.tracker = Tracker(cfg.tracking.enabled, self.out, cfg.tracking.experiment, name, self.run_id,
+                                   system_metrics=cfg.tracking.system_metrics)
             self.run_id = self.tracker.run_id or self.run_id
             params = flatten(to_dict(cfg))
             params.update(flatten(eng.raw, "ds."))
             params.update({"derived.lr": self.lr, "derived.total_steps": self.total_steps, "derived.warmup_steps": self.warmup_steps,
                            "derived.world_size": self.world, "derived.global_batch": eng.global_batch})
             self.tracker.log_params(params)
-            if ds_config_path:
-                self.tracker.log_artifact(ds_config_path)
+            # The config files as artifacts: the resolved config (also <output_dir>/config.yaml, for
+            # export/eval of any tag), the ds_config and the preset as given (pretrain.py's --config).
+            resolved = write_resolved_config(self.out, to_dict(cfg))
+            self.tracker.log_run_config(resolved, getattr(ds_args, "config", None), ds_config_path)
 
         self._term_names: Optional[list[str]] = None
         self.loss_history: list[dict] = []
@@ -391,5 +394,9 @@ class Trainer:
             final = {f"final_{k}": float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
             self.tracker.log_metrics(final, self.step)
             self.tracker.log_artifact(path)
+            # The final encoder, timm-loadable, once the whole run is done (not at a preemption or a
+            # stop_after, which resume later); the last save's barrier put every rank's shards on disk.
+            if not stopped and self.cfg.tracking.log_encoder and self.step >= self.total_steps and self.last_checkpoint:
+                self.tracker.log_encoder(self.last_checkpoint, self.out / "export")
             self.tracker.end("KILLED" if stopped else "FINISHED")
         return summary

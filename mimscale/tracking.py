@@ -3,6 +3,11 @@
 Default store: ``sqlite:///<output_dir>/mlflow.db`` with artifacts in ``<output_dir>/mlartifacts``;
 ``MLFLOW_TRACKING_URI`` points runs at a team server instead. Any tracking error prints one
 warning and turns tracking off for the rest of the run.
+
+Besides params and metrics a run gets: MLflow's system metrics (``system/*``: CPU, memory, disk,
+network, and NVIDIA GPUs through nvidia-ml-py, of rank 0's node), its config files under
+``config/``, ``summary.json``, and at the end of a finished run the exported encoder under
+``encoder/`` (see mimscale/export.py).
 """
 from __future__ import annotations
 
@@ -12,9 +17,25 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
+
+# System metrics: a sample every 15 s, logged as the mean of 4 samples: one point a minute per
+# metric (MLflow's default, every 10 s, adds ~9k points a day per metric to a weeks-long run's
+# store). MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL / _SAMPLES_BEFORE_LOGGING in the environment win.
+SYSTEM_METRICS_ENV = {"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "15", "MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING": "4"}
+RESOLVED_CONFIG = "config.yaml"
+
+
+def write_resolved_config(output_dir: str | Path, config: dict) -> Path:
+    """``<output_dir>/config.yaml``: the run's resolved config (``to_dict(cfg)``), preset and --set applied."""
+    path = Path(output_dir) / RESOLVED_CONFIG
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
 
 class Tracker:
-    def __init__(self, enabled: bool, output_dir: str | Path, experiment: str, run_name: str, run_id: Optional[str] = None):
+    def __init__(self, enabled: bool, output_dir: str | Path, experiment: str, run_name: str, run_id: Optional[str] = None,
+                 system_metrics: bool = False):
         self.active = False
         self.run_id: Optional[str] = None
         self.uri: Optional[str] = None
@@ -24,6 +45,9 @@ class Tracker:
         # A server that is down must cost seconds, not the client's default minutes of retries.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        if system_metrics:
+            for k, v in SYSTEM_METRICS_ENV.items():
+                os.environ.setdefault(k, v)  # read by the monitor when the run starts
         try:
             import mlflow
 
@@ -40,13 +64,14 @@ class Tracker:
             run = None
             if run_id:
                 try:
-                    run = mlflow.start_run(run_id=run_id)
+                    # a resumed run's system metrics continue after its last system step
+                    run = mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
                 except Exception as e:  # e.g. the run lives in another store: continue in a new run
                     print(f"[mimscale] MLflow run {run_id} not found here ({type(e).__name__}); starting a new run",
                           file=sys.stderr, flush=True)
             if run is None:
                 tags = {"mimscale.resumed_from_run": run_id} if run_id else None
-                run = mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=tags)
+                run = mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=tags, log_system_metrics=system_metrics)
             self.run_id = run.info.run_id
             self.active = True
         except Exception as e:  # tracking must never stop training
@@ -87,6 +112,46 @@ class Tracker:
         except Exception as e:  # an artifact store problem (credentials, disk) keeps metrics going
             print(f"[mimscale] WARNING: MLflow could not store artifact {path} ({type(e).__name__}: {e})",
                   file=sys.stderr, flush=True)
+
+    def log_artifacts(self, local_dir: str | Path, artifact_path: Optional[str] = None) -> bool:
+        """Copy a directory's files into the run's artifacts (under ``artifact_path`` when given);
+        False when tracking is off or the artifact store failed (with a warning)."""
+        if not self.active:
+            return False
+        try:
+            self._mlflow.log_artifacts(str(local_dir), artifact_path)
+            return True
+        except Exception as e:
+            print(f"[mimscale] WARNING: MLflow could not store artifacts {local_dir} ({type(e).__name__}: {e})",
+                  file=sys.stderr, flush=True)
+            return False
+
+    def log_run_config(self, resolved: str | Path, preset: Optional[str | Path], ds_config: Optional[str | Path]) -> None:
+        """The run's config files under ``config/``: the resolved config.yaml, the ds_config, and the
+        YAML preset as given under ``config/preset/`` (its own name, which may also be config.yaml)."""
+        self.log_artifact(resolved, "config")
+        if ds_config:
+            self.log_artifact(ds_config, "config")
+        if preset:
+            self.log_artifact(preset, "config/preset")
+
+    def log_encoder(self, checkpoint: str | Path, export_dir: str | Path) -> Optional[Path]:
+        """Export ``checkpoint``'s encoder (timm safetensors + config.json, no decoder) to ``export_dir``
+        and log it as the artifacts ``encoder/``. Every rank's shards must be on disk (after the
+        save's barrier). Any failure is a warning: the run's weights are in the checkpoint anyway."""
+        if not self.active:
+            return None
+        try:
+            from mimscale.export import export_checkpoint
+
+            export_checkpoint(checkpoint, export_dir, decoder=False, force=True)
+        except Exception as e:
+            print(f"[mimscale] WARNING: could not export the encoder of {checkpoint} ({type(e).__name__}: {e}); "
+                  "export it later with python -m mimscale.export", file=sys.stderr, flush=True)
+            return None
+        logged = " and logged as MLflow artifacts encoder/" if self.log_artifacts(export_dir, "encoder") else ""
+        print(f"[mimscale] final encoder exported to {export_dir} (timm format){logged}", file=sys.stderr, flush=True)
+        return Path(export_dir)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if not self.active:

@@ -95,3 +95,63 @@ def test_check_resume_guards(tmp_path):
     abandon_newer(tmp_path, 10)  # a roll-back to step 10: step 20 is set aside, not deleted
     assert [s for s, _ in complete_tags(root)] == [10]
     assert any(p.name.startswith("step00000020.abandoned-") for p in root.iterdir())
+
+
+def _tracker_script(tmp_path, body: str, env_extra: dict) -> tuple[subprocess.CompletedProcess, dict]:
+    """Run ``body`` after ``from mimscale.tracking import *`` in a fresh process (MLflow keeps its
+    active run and URI in globals); its ``print("OUT", json)`` line comes back as a dict."""
+    code = "import json, os, time\nfrom mimscale.tracking import Tracker, write_resolved_config\n" + textwrap.dedent(body)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    r = subprocess.run([sys.executable, "-c", code], env={**env, **env_extra}, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = [x for x in r.stdout.splitlines() if x.startswith("OUT ")]
+    return r, json.loads(out[0][4:])
+
+
+def test_system_metrics_sampled_and_the_users_interval_wins(tmp_path):
+    r, out = _tracker_script(tmp_path, f"""
+        t = Tracker(True, {str(tmp_path)!r}, "exp", "run-sys", system_metrics=True)
+        time.sleep(3)  # 4 samples 0.25 s apart per logged point: several points
+        print("OUT", json.dumps({{"run": t.run_id, "uri": t.uri,
+                                  "interval": os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"],
+                                  "samples": os.environ["MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING"]}}))
+        t.end()
+    """, {"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.25"})
+    assert out["interval"] == "0.25" and out["samples"] == "4"  # the user's interval, our default averaging
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(out["uri"])
+    keys = {k for k in client.get_run(out["run"]).data.metrics if k.startswith("system/")}
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= keys, keys
+    assert len(client.get_metric_history(out["run"], "system/cpu_utilization_percentage")) >= 1
+
+
+def test_config_artifacts_no_system_metrics_and_a_failed_encoder_export_only_warns(tmp_path):
+    preset = tmp_path / "presets" / "config.yaml"  # named like the resolved config: kept apart under config/preset/
+    preset.parent.mkdir()
+    preset.write_text("model:\n  name: vit_tiny\n")
+    ds = tmp_path / "zero3.json"
+    ds.write_text('{"train_micro_batch_size_per_gpu": 4}')
+    r, out = _tracker_script(tmp_path, f"""
+        t = Tracker(True, {str(tmp_path)!r}, "exp", "run-cfg", system_metrics=False)
+        resolved = write_resolved_config({str(tmp_path)!r}, {{"model": {{"name": "vit_tiny", "img_size": 32}}}})
+        t.log_run_config(resolved, {str(preset)!r}, {str(ds)!r})
+        exported = t.log_encoder({str(tmp_path / "no-such-run")!r}, {str(tmp_path / "export")!r})
+        t.log_metrics({{"loss": 1.0}}, step=1)  # tracking goes on after the failed export
+        print("OUT", json.dumps({{"run": t.run_id, "uri": t.uri, "active": t.active, "exported": exported,
+                                  "interval": os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL")}}))
+        t.end()
+    """, {})
+    assert out["active"] and out["exported"] is None and out["interval"] is None
+    assert "WARNING: could not export the encoder" in r.stderr and "no-such-run" in r.stderr
+    assert not (tmp_path / "export").exists()
+    import mlflow
+    import yaml
+
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text()) == {"model": {"name": "vit_tiny", "img_size": 32}}
+    client = mlflow.tracking.MlflowClient(out["uri"])
+    run = client.get_run(out["run"])
+    assert not [k for k in run.data.metrics if k.startswith("system/")] and run.data.metrics["loss"] == 1.0
+    listed = {a.path for a in client.list_artifacts(out["run"], "config")}
+    assert listed == {"config/config.yaml", "config/zero3.json", "config/preset"}
+    assert [a.path for a in client.list_artifacts(out["run"], "config/preset")] == ["config/preset/config.yaml"]

@@ -1,0 +1,239 @@
+"""Quality benchmark: the same small ViT pretrained by each method for the same compute, then probed.
+
+    python -m benchmarks.quality --data <ImageFolder root | .tar.gz of one> \
+        --methods random_init,mae,amt,automae,rmae,cmae --budget <minutes per method> [--quick] --json
+
+For every method: a short calibration run measures its step time on this machine (and, for AMT,
+one attention refresh over the pretraining set), then the real run gets as many steps as fit in
+the budget, refreshes included, so methods are compared at equal wall-clock compute. Each
+encoder is then evaluated the same way (``python -m mimscale.eval``): linear probe and weighted
+kNN on frozen features, and CKA occlusion invariance at a drop ratio of 0.5 (mean over blocks).
+Prints a table, and with ``--json`` one JSON object
+    {method: {probe_top1, knn_top1, pretrain_img_per_s, cka_at_0.5, ...}}
+as its last line. Pretraining runs ``mimscale/pretrain.py`` as one process (all cores); the model's
+input and patch size follow the images (CIFAR's 32 px: 32 / patch 4, an 8 x 8 grid).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.quality_data import prepare
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = ("random_init", "mae", "amt", "automae", "rmae", "cmae")
+# Per-method overrides of the shared config; everything else is identical across methods.
+METHOD_SETS = {
+    "mae": ["masking.method=random", "masking.mask_ratio=0.75"],
+    # AMT's ratios; refreshes at 20% and 60% of the run (the paper: every 10% of 400 epochs, which
+    # at this scale would spend most of the budget on attention passes)
+    "amt": ["masking.method=amt", "masking.amt.first_refresh=20%", "masking.amt.refresh_every=40%"],
+    "automae": ["masking.method=automae", "masking.automae.extractor=online"],
+    "rmae": ["masking.method=rmae", "masking.mask_ratio=0.75"],
+    # heads scaled to the tiny model; a faster EMA for runs of a few hundred steps
+    "cmae": ["masking.method=cmae", "masking.mask_ratio=0.75", "masking.cmae.proj_hidden=512",
+             "masking.cmae.proj_dim=128", "masking.cmae.momentum=0.99"],
+}
+# quick: the whole pipeline in under 5 minutes on 2 cores, a smoke run: every method gets the same
+# few steps (no calibration; too short to compare methods). full: calibrated budgets, under 60 minutes.
+MODES = {
+    True: {"budget": None, "quick_steps": 6, "pretrain_images": 1000, "probe_train": 1000, "probe_val": 500,
+           "cka_images": 64, "batch": 32, "calib_steps": 0},
+    False: {"budget": 5.0, "pretrain_images": 20000, "probe_train": 10000, "probe_val": 2000, "cka_images": 256,
+            "batch": 128, "calib_steps": 6},
+}
+
+
+def log(msg: str) -> None:
+    print(f"[quality] {msg}", file=sys.stderr, flush=True)
+
+
+def child_env() -> dict:
+    e = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+         "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+    e.pop("OMP_NUM_THREADS", None)  # one process: let torch use every core
+    e["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{e.get('PATH', '')}"
+    return e
+
+
+def run(cmd: list[str], what: str, timeout: float) -> subprocess.CompletedProcess:
+    r = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0:
+        raise RuntimeError(f"{what} failed (exit {r.returncode}): {' '.join(cmd)}\n{r.stderr[-4000:]}")
+    return r
+
+
+def base_sets(args, data: dict, out: Path) -> list[str]:
+    return [f"output_dir={out}", "resume=never", "model.name=vit_tiny", f"model.img_size={data['img_size']}",
+            f"model.patch_size={data['patch_size']}", "model.decoder_dim=128", "model.decoder_depth=2",
+            "model.decoder_heads=4", "data.source=folder", f"data.path={data['pretrain']}", "data.num_workers=1",
+            f"train.base_lr={args.base_lr}", "train.weight_decay=0.05", f"train.seed={args.seed}",
+            "train.log_every=1", "tracking.enabled=false", "tracking.mask_grid_every=0"]
+
+
+def pretrain(args, method: str, data: dict, steps: int, out: Path, extra: list[str], timeout: float) -> dict:
+    ds = out.parent / f"{out.name}.ds.json"
+    cfg = json.loads((REPO / "ds_configs" / "cpu_fp32_zero1.json").read_text())
+    cfg.update(train_micro_batch_size_per_gpu=args.batch, gradient_accumulation_steps=1)
+    ds.parent.mkdir(parents=True, exist_ok=True)
+    ds.write_text(json.dumps(cfg))
+    sets = base_sets(args, data, out) + METHOD_SETS[method] + [f"train.steps={steps}", f"train.ckpt_every={steps}",
+                                                               f"train.warmup_steps={max(1, steps // 20)}"] + extra
+    cmd = [sys.executable, "mimscale/pretrain.py", "--deepspeed_config", str(ds),
+           "--config", str(REPO / "mimscale" / "configs" / "mae_vit_tiny_cpu.yaml")]
+    for s in sets:
+        cmd += ["--set", s]
+    t0 = time.perf_counter()
+    run(cmd, f"{method} pretraining", timeout)
+    s = json.loads((out / "summary.json").read_text())
+    s["wall_s"] = time.perf_counter() - t0
+    return s
+
+
+def step_seconds(run_dir: Path) -> float:
+    """Median optimizer-step time of a calibration run, leaving out its first two steps."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    times = sorted(r["step_s"] for r in rows[2:] or rows)
+    return times[len(times) // 2]
+
+
+def refreshes_in(steps: int, first: float, every: float) -> int:
+    """AMT refreshes that start within ``steps`` (first / every as shares of the run)."""
+    n, at = 0, first
+    while at * steps < steps:
+        n, at = n + 1, at + every
+    return n
+
+
+def plan_steps(args, method: str, data: dict, mode: dict, out: Path) -> tuple[int, dict]:
+    """Steps that fit in the budget, from a calibration run of this method."""
+    calib = out / "calibration"
+    extra = ["masking.amt.first_refresh=0"] if method == "amt" else []
+    s = pretrain(args, method, data, mode["calib_steps"], calib, extra, timeout=1800)
+    step_s = step_seconds(calib)
+    refresh_s = sum(r["seconds"] for r in s.get("amt_refreshes", []))
+    budget_s = args.budget * 60
+    steps = max(4, int(budget_s / step_s))
+    if method == "amt":  # each refresh costs refresh_s: fewer steps for the same compute
+        for _ in range(3):
+            steps = max(4, int((budget_s - refreshes_in(steps, 0.2, 0.4) * refresh_s) / step_s))
+    return steps, {"calib_step_s": step_s, "calib_refresh_s": refresh_s or None}
+
+
+def evaluate(checkpoint: str, data: dict, mode: dict, cache: Path, args) -> dict:
+    from mimscale.eval.features import split_features
+    from mimscale.eval.knn import knn_classify
+    from mimscale.eval.probe import linear_probe
+
+    # in this process: one feature extraction (cached) serves the probe and the kNN
+    f = split_features(checkpoint, data["probe"], pool=args.pool, cache=cache, seed=args.seed, num_workers=1)
+    res = {"probe": linear_probe(f.train_f, f.train_y, f.val_f, f.val_y, f.classes, seed=args.seed),
+           "knn": knn_classify(f.train_f, f.train_y, f.val_f, f.val_y, f.classes)}
+    common = ["--checkpoint", checkpoint, "--data", str(data["probe"]), "--json", "--seed", str(args.seed)]
+    r = run([sys.executable, "-m", "mimscale.eval", "cka", *common, "--split", "val", "--images", str(mode["cka_images"]),
+             "--ratios", "0.5", "--plot", str(cache / "cka.png")], f"cka of {checkpoint}", 3600)
+    res["cka"] = json.loads(r.stdout.strip().splitlines()[-1])
+    return res
+
+
+def cka_mean(cka: dict, ratio: float = 0.5) -> float:
+    per_block = cka["cka"][f"{ratio:.1f}"] if isinstance(cka.get("cka"), dict) else cka[f"{ratio:.1f}"]
+    return float(sum(per_block) / len(per_block))
+
+
+def bench_method(args, method: str, data: dict, mode: dict, root: Path) -> dict:
+    out = root / method
+    row: dict = {}
+    if method == "random_init":
+        ckpt = f"random:vit_tiny:{data['img_size']}:{data['patch_size']}"
+        row.update(pretrain_img_per_s=None, pretrain_steps=0)
+    else:
+        if mode["calib_steps"]:
+            steps, calib = plan_steps(args, method, data, mode, out)
+        else:
+            steps, calib = mode["quick_steps"], {}
+        log(f"{method}: {steps} steps in the budget ({calib})")
+        s = pretrain(args, method, data, steps, out / "run", [], timeout=(args.budget or 2) * 60 * 3 + 600)
+        ckpt = str(out / "run")
+        row.update(pretrain_img_per_s=s["img_per_s"], pretrain_steps=s["steps"], pretrain_wall_s=s["wall_s"],
+                   final_loss=s["final_loss"], mask_fractions=s.get("mask_fractions"),
+                   refresh_s=sum(r["seconds"] for r in s.get("amt_refreshes", [])) or None, **calib)
+    ev = evaluate(ckpt, data, mode, out / "eval", args)
+    row.update(probe_top1=ev["probe"]["probe_top1"], knn_top1=ev["knn"]["knn_top1"], cka_at_0_5=cka_mean(ev["cka"]))
+    row["cka_at_0.5"] = row.pop("cka_at_0_5")
+    return row
+
+
+def table(results: dict) -> str:
+    head = f"{'method':<12} {'probe top-1':>11} {'kNN top-1':>10} {'CKA@0.5':>8} {'img/s':>8} {'steps':>6}"
+    lines = [head, "-" * len(head)]
+    for m, r in results.items():
+        ips = f"{r['pretrain_img_per_s']:.1f}" if r.get("pretrain_img_per_s") else "-"
+        lines.append(f"{m:<12} {r['probe_top1']:>11.4f} {r['knn_top1']:>10.4f} {r['cka_at_0.5']:>8.4f} {ips:>8} "
+                     f"{r.get('pretrain_steps', 0):>6}")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="ImageFolder root with train/ and val/ (or test/), or a .tar.gz of one")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from: {', '.join(METHODS)}")
+    p.add_argument("--budget", type=float, default=None,
+                   help="pretraining minutes per method, refreshes included (default 5; --quick: a fixed 6 steps instead)")
+    p.add_argument("--quick", action="store_true", help="small subsets and budget: the whole run in under 5 minutes")
+    p.add_argument("--out", default="runs/quality", help="working directory (runs, caches, extracted data)")
+    p.add_argument("--pretrain-images", type=int, default=None, help="images pretrained on (quick: 1000, full: 20000)")
+    p.add_argument("--probe-train", type=int, default=None, help="probe/kNN training images (quick: 1000, full: 10000)")
+    p.add_argument("--probe-val", type=int, default=None, help="probe/kNN evaluation images (quick: 500, full: 2000)")
+    p.add_argument("--img-size", type=int, default=None, help="model input size (default: from the images)")
+    p.add_argument("--patch-size", type=int, default=None, help="patch size (default: an 8 x 8 grid up to 64 px, else 16)")
+    p.add_argument("--base-lr", type=float, default=1.5e-3, help="lr = base_lr x batch / 256, the same for every method")
+    p.add_argument("--pool", default="mean", choices=("cls", "mean"),
+                   help="probe/kNN features: mean of patch tokens (default: short MIM runs leave CLS barely trained) or CLS")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    args = p.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        p.error(f"--methods: unknown {', '.join(bad) or '(none given)'}; allowed: {', '.join(METHODS)}")
+    args.methods = methods
+    mode = dict(MODES[args.quick])
+    if args.quick and args.budget is not None:
+        mode["calib_steps"] = MODES[False]["calib_steps"]  # a budget given: calibrate even in quick mode
+    for key in ("budget", "pretrain_images", "probe_train", "probe_val"):
+        if getattr(args, key) is not None:
+            if getattr(args, key) <= 0:
+                p.error(f"--{key.replace('_', '-')} must be > 0")
+            mode[key] = getattr(args, key)
+    args.budget = mode["budget"]
+    args.batch = mode["batch"]
+    return args, mode
+
+
+def main(argv=None) -> int:
+    args, mode = parse_args(argv)
+    root = Path(args.out).resolve()
+    data = prepare(Path(args.data), root / "data", mode, args.img_size, args.patch_size, args.seed)
+    log(f"data: {data['counts']}, model input {data['img_size']} px, patch {data['patch_size']}")
+    results = {}
+    t0 = time.perf_counter()
+    for m in args.methods:
+        t = time.perf_counter()
+        results[m] = bench_method(args, m, data, mode, root)
+        log(f"{m}: {json.dumps(results[m])} ({time.perf_counter() - t:.0f} s)")
+    print(table(results))
+    print(f"total {time.perf_counter() - t0:.0f} s; budget {args.budget} min per method; data {data['counts']}")
+    (root / "quality.json").write_text(json.dumps(results, indent=2))
+    if args.json:
+        print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

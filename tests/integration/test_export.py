@@ -1,0 +1,173 @@
+"""One tracked 2-rank ZeRO-3 CPU run, then: its MLflow run (name, config files, summary, system
+metrics, encoder artifact) and `python -m mimscale.export` of its checkpoint (timm reproduces the
+encoder, the decoder round-trips, bad inputs are refused by name)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.integration.launch import REPO, TINY, command, env, run_group, summary, write_ds_config
+
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The one launch: 3 steps, a checkpoint at the end, MLflow on with system metrics sampled
+    every 0.5 s (the default, 15 s x 4, would log nothing in a run this short)."""
+    root = tmp_path_factory.mktemp("export")
+    ds = write_ds_config(root / "z3.json", 3)
+    out = root / "run"
+    sets = [f"train.steps={STEPS}", f"train.ckpt_every={STEPS}", "tracking.enabled=true", "resume=never"]
+    r = run_group(command(ds, out, sets), env={**env(), "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.5",
+                                               "MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING": "1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    s = summary(out)
+    tag = out / "checkpoints" / f"step{STEPS:08d}"
+    assert s["steps"] == STEPS and s["zero_stage"] == 3 and s["checkpoint"] == str(tag)
+    return {"root": root, "out": out, "tag": tag, "summary": s, "ds": ds}
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mimscale.export", *args], cwd=REPO, env=env(), capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def exported(trained):
+    """The CLI export of the run directory (its newest tag), decoder included by default."""
+    exp = trained["root"] / "exp"
+    r = _cli("--checkpoint", str(trained["out"]), "--out", str(exp), "--dtype", "fp32")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return exp, r.stdout
+
+
+def test_mlflow_run_has_name_configs_summary_system_metrics_and_encoder(trained):
+    import mlflow
+    import yaml
+
+    s = trained["summary"]
+    client = mlflow.tracking.MlflowClient(s["mlflow_tracking_uri"])
+    run = client.get_run(s["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert re.fullmatch(rf"{TINY.stem}-\d{{8}}-\d{{6}}", run.info.run_name), run.info.run_name
+
+    def listing(path=None):
+        return {a.path for a in client.list_artifacts(run.info.run_id, path)}
+
+    assert {"config", "summary.json", "encoder"} <= listing()
+    assert listing("config") == {"config/config.yaml", "config/z3.json", "config/preset"}
+    assert listing("config/preset") == {f"config/preset/{TINY.name}"}
+    assert listing("encoder") == {"encoder/config.json", "encoder/encoder.safetensors"}  # no decoder in the artifact
+
+    # the resolved config: written to output_dir and logged, the same as the checkpoint's copy
+    resolved = yaml.safe_load((trained["out"] / "config.yaml").read_text())
+    assert resolved == yaml.safe_load((trained["tag"] / "config.yaml").read_text())
+    assert resolved["model"]["img_size"] == 32 and resolved["tracking"]["system_metrics"] is True
+    logged = client.download_artifacts(run.info.run_id, "config/config.yaml", str(trained["root"]))
+    assert yaml.safe_load(open(logged)) == resolved
+
+    system = {k for k in run.data.metrics if k.startswith("system/")}
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system, sorted(run.data.metrics)
+
+    # the encoder artifact is the final checkpoint's encoder
+    from mimscale.models.load import load_encoder
+
+    art = client.download_artifacts(run.info.run_id, "encoder", str(trained["root"] / "art"))
+    cfg = json.loads(open(os.path.join(art, "config.json")).read())
+    assert cfg["mimscale"]["step"] == STEPS and cfg["mimscale"]["source_checkpoint"] == str(trained["tag"].resolve())
+    weights = load_file(os.path.join(art, "encoder.safetensors"))
+    encoder, _ = load_encoder(trained["tag"])
+    assert all(torch.equal(weights[k], v) for k, v in encoder.state_dict().items())
+
+
+def test_timm_reproduces_the_checkpoints_encoder(trained, exported):
+    import timm
+
+    from mimscale.models.load import load_encoder
+
+    exp, stdout = exported
+    cfg = json.loads((exp / "config.json").read_text())
+    assert cfg["architecture"] == "vit_tiny_patch16_224"
+    assert cfg["timm_kwargs"] == {"img_size": 32, "patch_size": 8, "embed_dim": 192, "depth": 12, "num_heads": 3,
+                                  "mlp_ratio": 4.0, "num_classes": 0, "global_pool": "token"}
+    # stdout is the summary alone (DeepSpeed's progress goes to stderr), with the line to copy
+    assert stdout.startswith(f"exported {trained['tag'].resolve()} (step {STEPS}, vit_tiny 32px/8)")
+    assert f"model = timm.create_model('vit_tiny_patch16_224', pretrained=True" in stdout
+    assert f"file={str((exp / 'encoder.safetensors').resolve())!r}" in stdout
+    encoder, _ = load_encoder(trained["tag"])  # consolidated from the checkpoint, not from the export
+    model = timm.create_model(cfg["architecture"], pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(exp / "encoder.safetensors")), **cfg["timm_kwargs"]).eval()
+    saved = load_file(str(exp / "encoder.safetensors"))
+    assert set(model.state_dict()) == set(saved)  # nothing missing, nothing unexpected
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = encoder(x)  # [3, 1 + 16, 192]
+        got = model.forward_features(x)
+        assert got.shape == want.shape == (3, 17, 192)
+        assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()
+        again, _ = load_encoder(exp)
+        assert torch.allclose(again(x), want, atol=1e-5, rtol=0)
+
+
+def test_decoder_round_trip(trained, exported):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from mimscale.export import load_decoder
+
+    exp, _ = exported
+    tag = trained["tag"]
+    full = get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name)
+    want = {k[len("decoder."):]: v for k, v in full.items() if k.startswith("decoder.")}
+    saved = load_file(str(exp / "decoder.safetensors"))
+    assert saved.pop("pos_embed").shape == (1, 1 + 16, 128)
+    assert set(saved) == set(want) and all(torch.equal(saved[k], v) for k, v in want.items())
+    decoder, section = load_decoder(exp)
+    assert section == {"encoder_dim": 192, "decoder_dim": 128, "depth": 2, "heads": 4, "mlp_ratio": 4.0,
+                       "patch_size": 8, "grid": 4, "norm_pix_loss": True}
+    assert all(torch.equal(decoder.state_dict()[k], v) for k, v in want.items())
+
+
+def test_bad_inputs_are_refused_by_name(trained, exported):
+    from mimscale.export import export_checkpoint
+
+    root, tag = trained["root"], trained["tag"]
+    bad = root / "bad"
+
+    def copy_tag(name: str):
+        dst = bad / name / "checkpoints" / tag.name
+        shutil.copytree(tag, dst, copy_function=os.link)  # hard links: no copy of the shards
+        return dst
+
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        export_checkpoint(root / "nowhere", root / "o1")
+    cut = copy_tag("cut")
+    (cut / "COMPLETE").unlink()  # a save that was cut off
+    with pytest.raises(FileNotFoundError, match="holds no complete checkpoint"):
+        export_checkpoint(cut, root / "o2")
+    bare = copy_tag("bare")
+    (bare / "config.yaml").unlink()  # and no run-level config.yaml beside it either
+    with pytest.raises(FileNotFoundError, match="has no config.yaml"):
+        export_checkpoint(bare.parent.parent, root / "o3")
+    lost = copy_tag("lost")
+    for f in lost.glob("*zero_pp_rank_1_*optim_states.pt"):
+        f.unlink()
+    with pytest.raises(FileNotFoundError, match=r"missing \*zero_pp_rank_1_mp_rank_\*_optim_states.pt"):
+        export_checkpoint(lost, root / "o4")
+    assert not [p for p in root.iterdir() if p.name.startswith(("o1", "o2", "o3", "o4", ".o"))]  # nothing half-written
+
+    exp, _ = exported
+    before = {p.name: p.stat().st_mtime_ns for p in exp.iterdir()}
+    r = _cli("--checkpoint", str(tag), "--out", str(exp))
+    assert r.returncode == 2 and "exists and is not empty: pass --force" in r.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in exp.iterdir()} == before
+    cfg = export_checkpoint(tag, exp, decoder=False, force=True)
+    assert "decoder" not in cfg and sorted(p.name for p in exp.iterdir()) == ["config.json", "encoder.safetensors"]

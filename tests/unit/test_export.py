@@ -1,0 +1,147 @@
+"""mimscale.export from state dicts (no launch): timm rebuilds mimscale's encoder exactly."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from mimscale import export
+from mimscale.models.decoder import MAEDecoder
+from mimscale.models.load import load_encoder
+from mimscale.models.registry import ENCODERS
+from mimscale.models.vit import ViTEncoder
+
+# vit_small's widths at a size and patch no preset has, so nothing can come from timm's defaults
+RUN_MODEL = dict(name="vit_small", img_size=96, patch_size=12, decoder_dim=128, decoder_depth=2, decoder_heads=4,
+                 norm_pix_loss=False)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """An encoder and decoder with non-init weights (every tensor perturbed) and an input batch."""
+    torch.manual_seed(0)
+    enc = ViTEncoder(ENCODERS["vit_small"], img_size=96, patch_size=12).eval()
+    dec = MAEDecoder(384, 8, 12, dim=128, depth=2, heads=4).eval()
+    with torch.no_grad():
+        for p in [*enc.parameters(), *dec.parameters()]:
+            p.add_(0.02 * torch.randn_like(p))
+    return enc, dec, torch.randn(2, 3, 96, 96)
+
+
+def _timm(cfg: dict, out, overlay: bool) -> torch.nn.Module:
+    extra = cfg["pretrained_cfg_overlay"] if overlay else {}
+    return timm.create_model(cfg["architecture"], pretrained=True,
+                             pretrained_cfg_overlay=dict(file=str(out / "encoder.safetensors"), **extra),
+                             **cfg["timm_kwargs"]).eval()
+
+
+def test_timm_reproduces_the_encoder(trained, tmp_path):
+    enc, dec, x = trained
+    out = tmp_path / "exp"
+    cfg = export.write_export(out, RUN_MODEL, enc.state_dict(), dec.state_dict(), source="unit", step=7)
+    assert cfg == json.loads((out / "config.json").read_text())
+    assert cfg["architecture"] == "vit_small_patch16_224" and cfg["mimscale"]["step"] == 7
+    assert cfg["mimscale"]["model"] == {"name": "vit_small", "img_size": 96, "patch_size": 12}
+    saved = load_file(str(out / "encoder.safetensors"))
+    assert saved["pos_embed"].shape == (1, 1 + 64, 384) and torch.equal(saved["pos_embed"], enc.pos_embed)
+    with torch.no_grad():
+        want = enc(x)  # [2, 65, 384]
+        for overlay in (False, True):  # the plain file overlay, and with the config's mean/std/num_classes
+            model = _timm(cfg, out, overlay)
+            # every timm weight comes from the file, and the file has nothing timm does not take
+            assert set(model.state_dict()) == set(saved)
+            assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
+            got = model.forward_features(x)
+            assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5, rtol=0)
+        # the pooled feature is the CLS token after the final norm
+        assert torch.allclose(model.forward_head(got, pre_logits=True), want[:, 0], atol=1e-5, rtol=0)
+        data = timm.data.resolve_model_data_config(model)
+        assert tuple(data["mean"]) == (0.485, 0.456, 0.406) and tuple(data["input_size"]) == (3, 96, 96)
+        back, model_cfg = load_encoder(out)  # mimscale's own loader reads the export too
+        assert model_cfg == cfg["mimscale"]["model"]
+        assert torch.allclose(back(x), want, atol=1e-6, rtol=0)
+
+
+def test_decoder_round_trip(trained, tmp_path):
+    enc, dec, _ = trained
+    out = tmp_path / "exp"
+    cfg = export.write_export(out, RUN_MODEL, enc.state_dict(), dec.state_dict())
+    assert cfg["decoder"] == {"encoder_dim": 384, "decoder_dim": 128, "depth": 2, "heads": 4, "mlp_ratio": 4.0,
+                              "patch_size": 12, "grid": 8, "norm_pix_loss": False}
+    saved = load_file(str(out / "decoder.safetensors"))
+    assert torch.equal(saved.pop("pos_embed"), dec.pos_embed)
+    assert set(saved) == set(dec.state_dict())
+    back, section = export.load_decoder(out)
+    assert section == cfg["decoder"]
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in dec.state_dict().items())
+    assert torch.equal(back.pos_embed, dec.pos_embed)
+
+
+def test_bf16_export_loads_in_timm(trained, tmp_path):
+    enc, _, x = trained
+    out = tmp_path / "bf16"
+    cfg = export.write_export(out, RUN_MODEL, enc.state_dict(), dtype="bf16")
+    saved = load_file(str(out / "encoder.safetensors"))
+    assert cfg["dtype"] == "bf16" and {v.dtype for v in saved.values()} == {torch.bfloat16}
+    assert not (out / "decoder.safetensors").exists() and "decoder" not in cfg
+    assert cfg["files"]["encoder.safetensors"]["params"] == sum(p.numel() for p in enc.parameters())
+    with torch.no_grad():
+        got = _timm(cfg, out, overlay=True).forward_features(x)
+        assert (got - enc(x)).abs().max() < 0.1  # bf16 weights: close, not equal
+
+
+def test_out_is_refused_unless_forced_and_failures_leave_nothing(trained, tmp_path, monkeypatch):
+    enc, dec, _ = trained
+    out = tmp_path / "exp"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not empty: pass --force"):
+        export.write_export(out, RUN_MODEL, enc.state_dict())
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+    broken = {k: v for k, v in enc.state_dict().items() if k != "norm.weight"}
+    with pytest.raises(ValueError, match="lack 1 of"):
+        export.write_export(out, RUN_MODEL, broken, force=True)
+    wrong = dict(RUN_MODEL, patch_size=16)
+    with pytest.raises(ValueError, match="do not fit"):
+        export.write_export(out, wrong, enc.state_dict(), force=True)
+
+    # a failure while writing (the second file): the old export stays as it was, no partial folder
+    import safetensors.torch
+
+    real, calls = safetensors.torch.save_file, []
+
+    def failing(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", failing)
+    with pytest.raises(OSError, match="disk full"):
+        export.write_export(out, RUN_MODEL, enc.state_dict(), dec.state_dict(), force=True)
+    monkeypatch.undo()
+    assert len(calls) == 2 and [p.name for p in tmp_path.iterdir()] == ["exp"]
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+    export.write_export(out, RUN_MODEL, enc.state_dict(), force=True)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "encoder.safetensors"]
+    assert [p.name for p in tmp_path.iterdir()] == ["exp"]
+
+
+@pytest.mark.parametrize("name", list(ENCODERS))
+def test_every_preset_maps_onto_its_timm_model(name):
+    """Key names and shapes of each preset against the timm model config.json names (on the meta
+    device: vit_2b would be 7.6 GB)."""
+    model = {"name": name, "img_size": 224, "patch_size": None}
+    cfg = export.timm_section(model)
+    with torch.device("meta"):
+        ours = ViTEncoder(ENCODERS[name]).state_dict()
+        theirs = timm.create_model(cfg["architecture"], pretrained=False, **cfg["timm_kwargs"]).state_dict()
+    assert set(theirs) == set(ours) | {"pos_embed"}
+    assert all(theirs[k].shape == v.shape for k, v in ours.items())
+    grid = 224 // ENCODERS[name].patch_size
+    assert theirs["pos_embed"].shape == (1, 1 + grid * grid, ENCODERS[name].dim)
