@@ -125,6 +125,10 @@ class TrackingConfig:
     # one point a minute (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL / _SAMPLES_BEFORE_LOGGING change it)
     system_metrics: bool = True
     log_encoder: bool = True  # at the end of a finished run: the final encoder exported for timm, as artifacts encoder/
+    # CKA occlusion-invariance health check (mimscale/health.py): epochs between checks (0: never)
+    # and the fixed whole images it runs on
+    cka_every_epochs: float = 10.0
+    cka_images: int = 64
 
 
 @dataclass
@@ -354,6 +358,10 @@ def _validate_amt(cfg: Config) -> None:
     if u.lam < 0:
         raise ConfigError(f"config key 'masking.automae.lam' = {u.lam} must be >= 0")
     _validate_views(cfg)
+    if cfg.tracking.cka_every_epochs < 0:
+        raise ConfigError(f"config key 'tracking.cka_every_epochs' = {cfg.tracking.cka_every_epochs} must be >= 0 (0: never)")
+    if cfg.tracking.cka_images < 2:
+        raise ConfigError(f"config key 'tracking.cka_images' = {cfg.tracking.cka_images} must be >= 2 (CKA compares images)")
     for key in ("tracking.mask_grid_every", "tracking.mask_grid_rows"):
         if get_key(cfg, key) < 0:
             raise ConfigError(f"config key '{key}' = {get_key(cfg, key)} must be >= 0")

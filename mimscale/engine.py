@@ -22,6 +22,7 @@ from mimscale import checkpoint, dist
 from mimscale.config import Config, flatten, to_dict
 from mimscale.data.streams import StreamPosition, build_source, open_stream
 from mimscale.ds_config import EngineSettings
+from mimscale.health import CKAHealth
 from mimscale.masking import build_runtime
 from mimscale.masking.base import MaskPlan
 from mimscale.metrics import model_flops_per_image, peak_flops
@@ -90,6 +91,7 @@ class Trainer:
         self.tracker = Tracker(False, self.out, "", "")
         self.windows: list[dict] = []
         self.runtime = build_runtime(cfg, self)  # method-specific loop hooks (AMT's attention store), or None
+        self.health = CKAHealth(cfg, self.source, self.steps_per_epoch)
         self.resumed_from: Optional[Path] = checkpoint.resolve_resume(cfg.resume, cfg.output_dir)
         self.data_position = StreamPosition(cfg.data.num_workers)
         if self.resumed_from is None:
@@ -239,6 +241,12 @@ class Trainer:
             self.samples_seen += eng.global_batch
             win.steps += 1
             bar.update(1)
+            if self.health.due(self.step):  # every rank: the encoder's forwards are collective under ZeRO-3
+                t = time.perf_counter()
+                cka = self.health.run(self.engine.module.encoder)
+                win.t0 += time.perf_counter() - t  # not billed to the training steps
+                if dist.is_rank0():
+                    self.tracker.log_metrics(cka, self.step)
             grid_every = cfg.tracking.mask_grid_every
             if grid_every and self.step % grid_every == 0 and dist.is_rank0():
                 self._log_mask_grid(images)
@@ -387,6 +395,7 @@ class Trainer:
             # the last log window's loss terms (loss_rec; AutoMAE: loss_g, loss_d, d_real, d_fake)
             **{k: self.last_metrics.get(k) for k in self._term_names or []},
             **(self.runtime.summary() if self.runtime is not None else {}),
+            "cka": self.health.last or None,  # the last health check (cka/r<ratio>/last|mean), if one ran
         }
         if dist.is_rank0():
             path = self.out / "summary.json"

@@ -26,7 +26,9 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     ds = write_ds_config(root / "z3.json", 3)
     out = root / "run"
-    sets = [f"train.steps={STEPS}", f"train.ckpt_every={STEPS}", "tracking.enabled=true", "resume=never"]
+    # 32 steps per epoch here (512 images / 2 ranks / micro 4 / accumulation 2): a CKA health check at step 3
+    sets = [f"train.steps={STEPS}", f"train.ckpt_every={STEPS}", "tracking.enabled=true", "resume=never",
+            f"tracking.cka_every_epochs={STEPS / 32}", "tracking.cka_images=8"]
     r = run_group(command(ds, out, sets), env={**env(), "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.5",
                                                "MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING": "1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -74,6 +76,12 @@ def test_mlflow_run_has_name_configs_summary_system_metrics_and_encoder(trained)
     assert resolved["model"]["img_size"] == 32 and resolved["tracking"]["system_metrics"] is True
     logged = client.download_artifacts(run.info.run_id, "config/config.yaml", str(trained["root"]))
     assert yaml.safe_load(open(logged)) == resolved
+
+    # the in-training CKA health check ran once, at step 3, on every rank; rank 0 logged it
+    cka = {k: v for k, v in run.data.metrics.items() if k.startswith("cka/")}
+    assert set(cka) == {f"cka/r{r}/{w}" for r in ("0.25", "0.50", "0.75") for w in ("last", "mean")}
+    assert all(0.0 < v <= 1.0 + 1e-6 for v in cka.values()) and s["cka"] == cka
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "cka/r0.50/mean")] == [STEPS]
 
     system = {k for k in run.data.metrics if k.startswith("system/")}
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system, sorted(run.data.metrics)

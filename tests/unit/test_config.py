@@ -349,3 +349,12 @@ def test_flattened_config_round_trips_through_overrides():
     flat = {k: v for k, v in flatten(to_dict(cfg)).items() if k != "preset"}
     again = load_config(overrides=[f"{k}={'null' if v is None else v}" for k, v in flat.items()])
     assert dataclasses.replace(again, preset=cfg.preset) == cfg
+
+
+def test_cka_health_check_keys_are_checked_by_name():
+    from mimscale.config import ConfigError, load_config
+
+    for key, bad in (("tracking.cka_every_epochs", "-1"), ("tracking.cka_images", "1")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config(None, [f"{key}={bad}"])
+    assert load_config(None, ["tracking.cka_every_epochs=0"]).tracking.cka_every_epochs == 0  # 0: never
