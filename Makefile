@@ -7,7 +7,7 @@ SAMPLE := ../shared/data/imagenet-sample
 # One intra-op thread per rank: two ranks on two cores otherwise fight over them.
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup test test-fast demo bench clean
+.PHONY: setup test test-fast demo bench clean docker
 
 setup: $(STAMP)
 
@@ -37,3 +37,9 @@ bench: setup
 
 clean:
 	rm -rf runs .pytest_cache
+
+# The cluster image (docker/Dockerfile) as mimscale:<VERSION>, by default `git describe`.
+# DOCKER_BUILD_ARGS passes more, e.g. DOCKER_BUILD_ARGS="--build-arg WITH_FFCV=1".
+docker:
+	@docker info >/dev/null 2>&1 || { echo "make docker: no Docker daemon answers ('docker info' failed): start one, or build on a machine that has one" >&2; exit 1; }
+	docker build -f docker/Dockerfile $(DOCKER_BUILD_ARGS) -t mimscale:$(or $(VERSION),$(shell git describe --tags --always --dirty 2>/dev/null || echo dev)) .

@@ -126,23 +126,36 @@ def plan_steps(args, method: str, data: dict, mode: dict, out: Path) -> tuple[in
 
 
 def evaluate(checkpoint: str, data: dict, mode: dict, cache: Path, args) -> dict:
-    from mimscale.eval.features import split_features
+    """Linear probe, kNN and CKA at ratio 0.5 of one encoder, in this process (what
+    ``python -m mimscale.eval probe|knn|cka`` computes): one feature extraction, cached, serves
+    the probe and the kNN."""
+    import numpy as np
+    import torch
+
+    from data_prep.imagenet import list_split
+    from mimscale.data.full_pass import WholeImages
+    from mimscale.eval.cka import cka_by_block, plot
+    from mimscale.eval.features import ListedImages, open_checkpoint, split_features
     from mimscale.eval.knn import knn_classify
     from mimscale.eval.probe import linear_probe
 
-    # in this process: one feature extraction (cached) serves the probe and the kNN
-    f = split_features(checkpoint, data["probe"], pool=args.pool, cache=cache, seed=args.seed, num_workers=1)
+    ckpt = open_checkpoint(checkpoint, args.seed)
+    f = split_features(ckpt, data["probe"], pool=args.pool, cache=cache, seed=args.seed, num_workers=1)
     res = {"probe": linear_probe(f.train_f, f.train_y, f.val_f, f.val_y, f.classes, seed=args.seed),
            "knn": knn_classify(f.train_f, f.train_y, f.val_f, f.val_y, f.classes)}
-    common = ["--checkpoint", checkpoint, "--data", str(data["probe"]), "--json", "--seed", str(args.seed)]
-    r = run([sys.executable, "-m", "mimscale.eval", "cka", *common, "--split", "val", "--images", str(mode["cka_images"]),
-             "--ratios", "0.5", "--plot", str(cache / "cka.png")], f"cka of {checkpoint}", 3600)
-    res["cka"] = json.loads(r.stdout.strip().splitlines()[-1])
+    source = ListedImages(list_split(str(data["probe"]), "val"))
+    pick = np.sort(np.random.default_rng(args.seed).choice(len(source), min(mode["cka_images"], len(source)), replace=False))
+    whole = WholeImages(source, ckpt.model["img_size"])
+    images = torch.stack([s[0] for s in (whole[int(i)] for i in pick) if s is not None])  # [N, 3, S, S] uint8
+    with torch.no_grad():
+        res["cka"] = cka_by_block(ckpt.load(), images, (0.5,), args.seed)  # {0.5: [per block]}
+    plot(res["cka"], cache / "cka.png", title=f"{checkpoint} ({len(images)} images)")
     return res
 
 
 def cka_mean(cka: dict, ratio: float = 0.5) -> float:
-    per_block = cka["cka"][f"{ratio:.1f}"] if isinstance(cka.get("cka"), dict) else cka[f"{ratio:.1f}"]
+    """Mean over blocks of the CKA at ``ratio``."""
+    per_block = cka[ratio]
     return float(sum(per_block) / len(per_block))
 
 
@@ -164,8 +177,8 @@ def bench_method(args, method: str, data: dict, mode: dict, root: Path) -> dict:
                    final_loss=s["final_loss"], mask_fractions=s.get("mask_fractions"),
                    refresh_s=sum(r["seconds"] for r in s.get("amt_refreshes", [])) or None, **calib)
     ev = evaluate(ckpt, data, mode, out / "eval", args)
-    row.update(probe_top1=ev["probe"]["probe_top1"], knn_top1=ev["knn"]["knn_top1"], cka_at_0_5=cka_mean(ev["cka"]))
-    row["cka_at_0.5"] = row.pop("cka_at_0_5")
+    row.update({"probe_top1": ev["probe"]["probe_top1"], "knn_top1": ev["knn"]["knn_top1"], "cka_at_0.5": cka_mean(ev["cka"]),
+                "cka_at_0.5_last_block": ev["cka"][0.5][-1]})
     return row
 
 

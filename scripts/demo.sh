@@ -28,6 +28,6 @@ case "$SOURCE" in
   *) echo "SOURCE=$SOURCE: allowed values: folder, wds, ffcv, synthetic" >&2; exit 2 ;;
 esac
 rm -rf runs/demo
-PATH=$PWD/.venv/bin:$PATH CUDA_VISIBLE_DEVICES= DS_ACCELERATOR=cpu deepspeed --num_gpus 2 mimscale/pretrain.py \
+PATH=$PWD/.venv/bin:$PATH CUDA_VISIBLE_DEVICES="" DS_ACCELERATOR=cpu deepspeed --num_gpus 2 mimscale/pretrain.py \
   --deepspeed_config ds_configs/cpu_fp32_zero1.json --config "$PRESET" \
   --set output_dir=runs/demo --set resume=never "${data[@]}"
