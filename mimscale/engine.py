@@ -245,7 +245,7 @@ class Trainer:
                 t = time.perf_counter()
                 cka = self.health.run(self.engine.module.encoder)
                 win.t0 += time.perf_counter() - t  # not billed to the training steps
-                if dist.is_rank0():
+                if cka and dist.is_rank0():
                     self.tracker.log_metrics(cka, self.step)
             grid_every = cfg.tracking.mask_grid_every
             if grid_every and self.step % grid_every == 0 and dist.is_rank0():

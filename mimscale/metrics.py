@@ -36,7 +36,6 @@ def model_flops_per_image(cfg, visible: int, masked: int) -> float:
     patch = cfg.model.patch_size or spec.patch_size
     args = (cfg.model.decoder_dim, cfg.model.decoder_depth, spec.mlp_ratio)
     if cfg.masking.method == "rmae":  # each view through encoder and decoder; the second also decodes its own tokens
-        L = visible + masked
         first = mim_flops_per_image(spec.dim, spec.depth, cfg.model.img_size, patch, visible, masked, *args)
         second = mim_flops_per_image(spec.dim, spec.depth, cfg.model.img_size, patch, masked, visible, *args)
         return first + second + 3.0 * 2.0 * masked * cfg.model.decoder_dim * patch * patch * 3

@@ -146,8 +146,7 @@ def run_cka(args) -> tuple[int, str]:
     import torch
 
     from mimscale import dist
-    from mimscale.data.full_pass import WholeImages
-    from mimscale.eval.cka import DEFAULT_RATIOS, cka_by_block, plot, summarize
+    from mimscale.eval.cka import DEFAULT_RATIOS, cka_by_block, pick_whole_images, plot, summarize
     from mimscale.eval.features import ListedImages, OptionError, log, open_checkpoint
 
     if dist.rank() != 0:  # a few hundred images: one process is enough
@@ -169,9 +168,7 @@ def run_cka(args) -> tuple[int, str]:
     else:
         source = ListedImages(listing)
     size = ckpt.model["img_size"]
-    pick = np.sort(np.random.default_rng(args.seed).choice(len(source), min(args.images, len(source)), replace=False))
-    whole = WholeImages(source, size)
-    images = torch.stack([s[0] for s in (whole[int(i)] for i in pick) if s is not None])  # [N, 3, S, S] uint8
+    images = pick_whole_images(source, size, args.images, args.seed)  # [N, 3, S, S] uint8
     encoder = ckpt.load()
     ratios = args.ratios or DEFAULT_RATIOS
     result = cka_by_block(encoder, images, ratios, args.seed, tokens=args.tokens, batch=args.batch, device=dist.device())

@@ -181,3 +181,23 @@ def health_check(encoder, images: torch.Tensor, ratios: Sequence[float] = (0.25,
         out[f"cka/r{r:.2f}/last"] = vals[-1]
         out[f"cka/r{r:.2f}/mean"] = float(np.mean(vals))
     return out
+
+
+def pick_whole_images(source, size: int, count: int, seed: int) -> torch.Tensor:
+    """``count`` whole images [N, 3, size, size] uint8 of an indexable source (len, read/array,
+    name, label: folder, synthetic, a listing), at seeded random indices, in index order. An
+    unreadable file is replaced by the next index of the permutation, so N = min(count, readable
+    images) and the CLI, the quality benchmark and the in-training check measure on equal N."""
+    from mimscale.data.full_pass import WholeImages
+
+    whole = WholeImages(source, size)
+    picked: dict[int, torch.Tensor] = {}
+    for i in np.random.default_rng(seed).permutation(len(source)):
+        s = whole[int(i)]
+        if s is not None:
+            picked[int(i)] = s[0]
+        if len(picked) == count:
+            break
+    if len(picked) < 2:
+        raise ValueError(f"CKA needs at least 2 readable images, found {len(picked)} of {len(source)}")
+    return torch.stack([picked[i] for i in sorted(picked)])

@@ -33,7 +33,8 @@ def write_partition(p: torch.Tensor, whole: torch.Tensor) -> None:
 
     part = p.ds_tensor.view(-1)
     n = part.numel()
-    start = (tdist.get_rank() if tdist.is_initialized() else 0) * n
+    group = getattr(p, "ds_process_group", None)  # the partition index is the rank in the parameter's own group
+    start = (tdist.get_rank(group=group) if tdist.is_initialized() else 0) * n
     chunk = whole.reshape(-1)[start:start + n]
     part[:chunk.numel()].copy_(chunk)
 
@@ -45,6 +46,10 @@ class EMAHooks(LoopHooks):
     def __init__(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], decay: float):
         self.decay = decay
         self.pairs = pairs
+        mixed = [i for i, (p, e) in enumerate(pairs) if persisted(p) != persisted(e) or p.shape != e.shape]
+        if mixed:  # e.g. a stage3_model_persistence_threshold reached between the online and the target copy
+            raise ValueError(f"EMA pairs {mixed[:5]} differ in shape or ZeRO-3 persistence; raise "
+                             "stage3_model_persistence_threshold or set stage3_param_persistence_threshold to 0")
         self.shadow: Optional[list[torch.Tensor]] = None
 
     @torch.no_grad()

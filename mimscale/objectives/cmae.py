@@ -13,7 +13,8 @@ view, the negatives are the target's other L - 1 tokens of the same image (we ch
 negatives: B x L x L logits stay small at any batch, and neighbours in the same image are the
 hard negatives that make the tokens spatially specific).
 The target (encoder, projector, mask token) is an EMA of the online ones, updated after every
-optimizer step by ``EMAHooks`` (masking/ema.py), on each rank's own ZeRO-3 slice.
+optimizer step by ``EMAHooks`` (masking/ema.py): on each rank's own ZeRO-3 slice, or whole for
+the small parameters ZeRO-3 keeps whole on every rank.
 """
 from __future__ import annotations
 

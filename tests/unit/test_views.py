@@ -63,6 +63,11 @@ def test_rmae_loss_is_distance_plus_autoencoding():
     second = MaskPlan(visible=plan.masked, masked=plan.visible, thrown=plan.thrown, num_patches=16)
     masked_out, visible_out = dec(enc(x, plan.masked), second, with_visible=True)
     torch.testing.assert_close(masked_out, dec(enc(x, plan.masked), second))  # the extra outputs change nothing
+    # the visible outputs follow the visible tokens: permuting them permutes the outputs alike
+    perm = torch.randperm(second.visible.shape[1])
+    shuffled = MaskPlan(visible=second.visible[:, perm], masked=second.masked, thrown=second.thrown, num_patches=16)
+    _, visible_perm = dec(enc(x, shuffled.visible), shuffled, with_visible=True)
+    torch.testing.assert_close(visible_perm, visible_out[:, perm], atol=1e-5, rtol=1e-4)
     dist = (pred_12 - visible_out).pow(2).mean()
     auto, _ = masked_pixel_loss(visible_out, x, plan.masked, 8, True)
     torch.testing.assert_close(terms["loss_dist"], dist.detach())
