@@ -42,7 +42,9 @@ def load_encoder_state(path: str | Path) -> dict[str, torch.Tensor]:
         from mimscale.checkpoint import resolve_resume
 
         tag = resolve_resume(str(p), p)
-        state = get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name)
+        # lazy: only the encoder's tensors are assembled (not the decoder, a masker's or C-MAE's target copies)
+        lazy = get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name, lazy_mode=True)
+        state = {k: v.contiguous() for k, v in lazy.items() if k.startswith("encoder.")}
     elif p.suffix == ".safetensors":
         from safetensors.torch import load_file
 
