@@ -208,7 +208,7 @@ def parse_args(argv=None):
     p.add_argument("--patch-size", type=int, default=None, help="patch size (default: an 8 x 8 grid up to 64 px, else 16)")
     p.add_argument("--base-lr", type=float, default=1.5e-3, help="lr = base_lr x batch / 256, the same for every method")
     p.add_argument("--pool", default="mean", choices=("cls", "mean"),
-                   help="probe/kNN features: mean of patch tokens (default: short MIM runs leave CLS barely trained) or CLS")
+                   help="probe/kNN features: mean of patch tokens (default: the same pooling for a random and a trained encoder) or CLS")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = p.parse_args(argv)
