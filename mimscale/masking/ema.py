@@ -46,7 +46,10 @@ class EMAHooks(LoopHooks):
     def __init__(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], decay: float):
         self.decay = decay
         self.pairs = pairs
-        mixed = [i for i, (p, e) in enumerate(pairs) if persisted(p) != persisted(e) or p.shape != e.shape]
+        def full_shape(t):  # a ZeRO-3 parameter's own .shape is its (empty) local placeholder
+            return tuple(getattr(t, "ds_shape", t.shape))
+
+        mixed = [i for i, (p, e) in enumerate(pairs) if persisted(p) != persisted(e) or full_shape(p) != full_shape(e)]
         if mixed:  # e.g. a stage3_model_persistence_threshold reached between the online and the target copy
             raise ValueError(f"EMA pairs {mixed[:5]} differ in shape or ZeRO-3 persistence; raise "
                              "stage3_model_persistence_threshold or set stage3_param_persistence_threshold to 0")
