@@ -82,3 +82,13 @@ def summary(out: Path) -> dict:
 
 def losses(s: dict) -> dict[int, float]:
     return {e["step"]: e["loss"] for e in s["loss_history"]}
+
+
+def run_script_json(script: str, stage: int, out: Path, timeout: int = 300) -> dict:
+    """``deepspeed --num_gpus 2 <script> <stage> <out>``: a 2-rank check script that writes its
+    result as JSON to ``out`` (rank 0); returns that JSON, or fails with the launch's output."""
+    launcher = str(Path(env()["PATH"].split(":")[0]) / "deepspeed")
+    r = run_group([launcher, "--num_gpus", "2", "--master_port", str(free_port()), script, str(stage), str(out)],
+                  timeout=timeout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return json.loads(out.read_text())

@@ -4,11 +4,10 @@ discriminator with its spectral-norm vectors, and EMA extractor all restored).""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
-from tests.integration.launch import env, free_port, losses, run, run_group, summary, write_ds_config
+from tests.integration.launch import losses, run, run_script_json, summary, write_ds_config
 
 STEPS = 8
 SETS = ["masking.method=automae", "masking.automae.extractor=ema", "masking.automae.ema_decay=0.9",
@@ -17,12 +16,7 @@ SETS = ["masking.method=automae", "masking.automae.extractor=ema", "masking.auto
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_one_backward_routes_each_term_to_its_own_parameters_under_zero(stage, tmp_path):
-    out = tmp_path / "grads.json"
-    launcher = str(Path(env()["PATH"].split(":")[0]) / "deepspeed")
-    r = run_group([launcher, "--num_gpus", "2", "--master_port", str(free_port()), "tests/integration/automae_grads.py",
-                   str(stage), str(out)], timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    d = json.loads(out.read_text())
+    d = run_script_json("tests/integration/automae_grads.py", stage, tmp_path / "grads.json")
     assert len(d["diff"]) > 100  # every trainable parameter: encoder, decoder, generator, discriminator
     for name, diff in d["diff"].items():
         assert diff <= 1e-5 * max(1.0, d["scale"][name]), (name, diff, d["scale"][name])

@@ -2,22 +2,15 @@
 gradients equal plain torch's, C-MAE's target takes no gradient and follows its EMA exactly."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import pytest
 
-from tests.integration.launch import env, free_port, run_group
+from tests.integration.launch import run_script_json
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_rmae_cmae_gradients_and_ema_under_zero(stage, tmp_path):
-    out = tmp_path / "views.json"
-    launcher = str(Path(env()["PATH"].split(":")[0]) / "deepspeed")
-    r = run_group([launcher, "--num_gpus", "2", "--master_port", str(free_port()), "tests/integration/views_zero.py",
-                   str(stage), str(out)], timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    d = json.loads(out.read_text())
+    d = run_script_json("tests/integration/views_zero.py", stage, tmp_path / "views.json")
     for method, res in d.items():
         assert len(res["diff"]) > 100, method  # every trainable parameter
         for name, diff in res["diff"].items():
