@@ -23,7 +23,7 @@ from mimscale.eval.probe import linear_probe
 @torch.no_grad()
 def block_features(encoder, split, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """-> ([depth, N, D] mean-pooled block outputs, labels [N])."""
-    from mimscale.data.full_pass import open_full_pass
+    from mimscale.data.streams import open_full_pass
 
     feats, labels = [], []
     for b in open_full_pass(split.cfg, split.source, encoder.img_size, batch, 0, 1, 0):

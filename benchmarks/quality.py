@@ -136,7 +136,7 @@ def evaluate(checkpoint: str, data: dict, mode: dict, cache: Path, args) -> dict
     the probe and the kNN."""
     import torch
 
-    from data_prep.imagenet import list_split
+    from mimscale.data.imagenet import list_split
     from mimscale.eval.cka import cka_by_block, pick_whole_images, plot
     from mimscale.eval.features import ListedImages, open_checkpoint, split_features
     from mimscale.eval.knn import knn_classify

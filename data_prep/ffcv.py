@@ -5,7 +5,7 @@
 
 The .beton has three fields, in this order: ``image`` = RGBImageField(write_mode='jpg',
 max_resolution=max_side, jpeg_quality=Q), ``label`` = IntField (class index), ``index`` =
-IntField (global sample index, see data_prep.imagenet). Samples are in global-index order, bad
+IntField (global sample index, see mimscale.data.imagenet). Samples are in global-index order, bad
 files left out. Images are prepared by data_prep.images (RGB, downsized so the longest side is
 max_side), so FFCV's own resize finds nothing left to do; FFCV JPEG-encodes them.
 
@@ -32,8 +32,8 @@ import numpy as np
 from tqdm import tqdm
 
 from data_prep.images import Unusable, decode, prepare_array, target_size
-from data_prep.imagenet import LayoutError, Listing, list_split
 from data_prep.manifest import default_workers, dump_json, sha256_file, write_atomic, writer_parser
+from mimscale.data.imagenet import LayoutError, Listing, list_split
 
 FORMAT = "mimscale-ffcv/1"
 MIN_PAGE = 8 << 20  # FFCV's default page size; a page must hold a sample's whole JPEG

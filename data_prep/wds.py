@@ -43,8 +43,8 @@ import numpy as np
 from tqdm import tqdm
 
 from data_prep.images import Unusable, prepare_jpeg
-from data_prep.imagenet import LayoutError, Listing, list_split
 from data_prep.manifest import default_workers, dump_json, read_json, sha256_file, write_atomic, writer_parser
+from mimscale.data.imagenet import LayoutError, Listing, list_split
 
 FORMAT = "mimscale-wds/1"
 

@@ -17,6 +17,7 @@ import os
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as pretrain.py: before torch is imported
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
@@ -25,10 +26,24 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 
+import safetensors.torch  # noqa: E402
 import torch  # noqa: E402
 
+from mimscale import dist, methods  # noqa: E402
+from mimscale.config import ConfigError, load_config  # noqa: E402
+from mimscale.data.loader import build_loader  # noqa: E402
+from mimscale.ds_config import load_ds_config  # noqa: E402
+from mimscale.engine import Trainer  # noqa: E402
+from mimscale.metrics import cpu_matmul_peak, model_flops_per_image, peak_flops  # noqa: E402
+from mimscale.models.registry import ENCODERS  # noqa: E402
+from mimscale.models.vit import ViTEncoder  # noqa: E402
+from mimscale.masking.automae import EXTRACTORS  # noqa: E402
+from mimscale.optim import build_optimizer  # noqa: E402
+from mimscale.bench_loader import add_parser, bench_loader  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
-PRESETS = {"mae": "mae_vit_base.yaml", "amt": "amt_vit_base.yaml", "automae": "automae_vit_base.yaml"}
+# The methods with a ViT-B preset, by the name bench takes (the registry's alias where it has one: mae)
+PRESETS = {m.alias or m.name: m for m in methods.METHODS.values() if m.preset}
 
 
 def _sync(device: torch.device) -> None:
@@ -36,31 +51,28 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _automae_overrides(args, tmp: Path) -> list[str]:
+def _extractor_section(method) -> str | None:
+    """The method's config section when it has an ``extractor`` key (what ``--extractor`` sets)."""
+    if method.section is None or "extractor" not in {f.name for f in dataclasses.fields(method.section[1])}:
+        return None
+    return method.section[0]
+
+
+def _extractor_overrides(args, section: str, tmp: Path) -> list[str]:
     """The extractor to time; ``frozen`` gets a freshly initialized encoder saved as a timm-format
     safetensors file (its cost is what is measured, not its weights)."""
-    sets = [f"masking.automae.extractor={args.extractor}", "masking.amt.first_refresh=0"]
+    sets = [f"masking.{section}.extractor={args.extractor}"]
     if args.extractor == "frozen":
-        from safetensors.torch import save_file
-
-        from mimscale.models.registry import ENCODERS
-        from mimscale.models.vit import ViTEncoder
-
         img = next((s.split("=", 1)[1] for s in args.set if s.startswith("model.img_size=")), "224")
         patch = next((s.split("=", 1)[1] for s in args.set if s.startswith("model.patch_size=")), None)
         enc = ViTEncoder(ENCODERS[args.model], img_size=int(img), patch_size=int(patch) if patch else None)
         path = tmp / "extractor.safetensors"
-        save_file({k: v.contiguous() for k, v in enc.state_dict().items()}, str(path))
-        sets.append(f"masking.automae.extractor_checkpoint={path}")
+        safetensors.torch.save_file({k: v.contiguous() for k, v in enc.state_dict().items()}, str(path))
+        sets.append(f"masking.{section}.extractor_checkpoint={path}")
     return sets
 
 
 def bench_step(args) -> dict:
-    from mimscale import dist
-    from mimscale.config import load_config
-    from mimscale.ds_config import load_ds_config
-    from mimscale.engine import Trainer
-
     dist.ensure_env()
     cuda = torch.cuda.is_available()
     tmp = Path(tempfile.mkdtemp(prefix="mimscale-bench-"))
@@ -70,9 +82,10 @@ def bench_step(args) -> dict:
     ds.update(train_micro_batch_size_per_gpu=args.batch, gradient_accumulation_steps=1)
     ds_path = tmp / "ds_config.json"
     ds_path.write_text(json.dumps(ds))
+    extractor = _extractor_section(PRESETS[args.method])
     overrides = [
         f"model.name={args.model}",
-        f"masking.method={'random' if args.method == 'mae' else args.method}",
+        f"masking.method={PRESETS[args.method].name}",
         "data.source=synthetic",
         f"data.synthetic_count={args.batch * 2}",
         "data.num_workers=0",
@@ -83,21 +96,19 @@ def bench_step(args) -> dict:
         "train.warmup_steps=10",
         f"train.compile={str(args.compile).lower()}",
         f"train.threads={args.threads}",
-        *(_automae_overrides(args, tmp) if args.method == "automae" else []),
+        *(_extractor_overrides(args, extractor, tmp) if extractor else []),
         *args.set,
     ]
-    cfg = load_config(REPO / "mimscale" / "configs" / PRESETS[args.method], overrides)
+    cfg = load_config(REPO / "mimscale" / "configs" / PRESETS[args.method].preset, overrides)
     if args.no_deepspeed:
         return bench_step_plain(args, cfg)
     eng = load_ds_config(ds_path, 1)
     dist.init_distributed()
     trainer = Trainer(cfg, SimpleNamespace(deepspeed_config=str(ds_path), local_rank=0, deepspeed=True), eng)
-    from mimscale.data.loader import build_loader
-
     refresh = None
-    if trainer.runtime is not None and hasattr(trainer.runtime, "refresh"):
-        # AMT: fill the attention store so the timed steps mask *and throw*; time it on the way
-        refresh = {"seconds": trainer.runtime.refresh(1, 0), "images": len(trainer.source)}
+    if trainer.method.uses_store(cfg):
+        # AMT's store: fill it so the timed steps mask *and throw*; time it on the way
+        refresh = {"seconds": trainer.hooks.refresh(1, 0), "images": len(trainer.source)}
     loader, _ = build_loader(cfg.data, cfg.model.img_size, args.batch, 0, 1, cfg.train.seed)
     images, meta = trainer.to_device(next(iter(loader)))
     for _ in range(args.warmup):
@@ -115,8 +126,7 @@ def bench_step(args) -> dict:
         _sync(trainer.device)
         t_mid = time.perf_counter()
         engine.step()
-        if trainer.runtime is not None:
-            trainer.runtime.after_optimizer_step()  # AutoMAE ema: the EMA update is part of the step
+        trainer.hooks.after_optimizer_step()  # EMA copies: the update is part of the step
         _sync(trainer.device)
         times.append(time.perf_counter() - t)
         fwd_bwd.append(t_mid - t)
@@ -127,8 +137,6 @@ def bench_step(args) -> dict:
     # two probes: a peak measured low (a noisy neighbour) would flatter the MFU.
     peak = trainer.peak
     if trainer.device.type == "cpu":
-        from mimscale.metrics import cpu_matmul_peak
-
         peak = max(peak, cpu_matmul_peak())
     result = {
         "bench": "step",
@@ -150,9 +158,9 @@ def bench_step(args) -> dict:
         "fwd_bwd_s": fwd_bwd_s,
         "optimizer_s": step_s - fwd_bwd_s,
         "mfu_fwd_bwd": trainer.flops_per_img * args.batch / fwd_bwd_s / peak if peak else None,
-        "plan": {"visible": trainer.visible, "masked": trainer.masked, "thrown": trainer.thrown},
+        "plan": dict(zip(("visible", "masked", "thrown"), trainer.plan_sizes)),
     }
-    if args.method == "automae":
+    if extractor:
         result["extractor"] = args.extractor
     if refresh is not None:
         # one refresh's cost in training steps' time, per image: x 100 = % of an epoch it costs
@@ -168,23 +176,17 @@ def bench_step(args) -> dict:
 def bench_step_plain(args, cfg) -> dict:
     """The same model, batch and fused AdamW in plain torch (no DeepSpeed engine, one process):
     the reference that shows what the engine's own work costs."""
-    from mimscale import dist
-    from mimscale.data.loader import build_loader
-    from mimscale.metrics import model_flops_per_image, peak_flops
-    from mimscale.models.mim import build_model
-    from mimscale.optim import build_optimizer
-
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     threads = dist.set_threads(args.threads)
     dist.seed_all(cfg.train.seed)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = build_model(cfg).to(device=device, dtype=dtype)
+    model = methods.build_model(cfg).to(device=device, dtype=dtype)
     opt = build_optimizer(model, 1e-4, cfg.train.weight_decay)
     loader, _ = build_loader(cfg.data, cfg.model.img_size, args.batch, 0, 1, cfg.train.seed)
     batch = next(iter(loader))
     images = batch["image"].to(device)
     meta = {k: batch[k].to(device) for k in ("box", "flip", "index")}
-    if args.method == "amt" or (args.method == "automae" and args.extractor == "stored"):  # stand-in attention maps (no store without the trainer): masking and throwing
+    if methods.get(cfg.masking.method).uses_store(cfg):  # stand-in attention maps (no store without the trainer): masking and throwing
         meta["attn"] = torch.rand(images.shape[0], model.encoder.num_patches, device=device).half()
 
     def fwd_bwd():
@@ -233,8 +235,8 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="what", required=True)
     s = sub.add_parser("step", help="time full training steps of one method")
     s.add_argument("--method", default="mae", choices=sorted(PRESETS))
-    s.add_argument("--extractor", default="online", choices=("online", "ema", "frozen", "stored"),
-                   help="automae: where the generator's attention maps come from")
+    s.add_argument("--extractor", default="online", choices=EXTRACTORS,
+                   help="methods with an extractor (automae): where the generator's attention maps come from")
     s.add_argument("--model", default="vit_base")
     s.add_argument("--batch", type=int, default=16)
     s.add_argument("--steps", type=int, default=3)
@@ -246,12 +248,8 @@ def main(argv=None) -> int:
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
     s.add_argument("--no-deepspeed", action="store_true", help="plain torch reference: same model and AdamW, no engine")
     s.add_argument("--json", action="store_true", help="print only the JSON result")
-    from mimscale.bench_loader import add_parser, bench_loader
-
     add_parser(sub)
     args = p.parse_args(argv)
-    from mimscale.config import ConfigError
-
     try:
         result = bench_step(args) if args.what == "step" else bench_loader(args)
     except ConfigError as e:

@@ -13,11 +13,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
+from torchvision import datasets, transforms
+
+from mimscale.config import DataConfig
+from mimscale.data.streams import build_source, open_stream
+
 
 def pil_reference(path: str, size: int, batch: int, workers: int):
-    import torch
-    from torchvision import datasets, transforms
-
     root = Path(path)
     root = root / "train" if (root / "train").is_dir() else root
     tf = transforms.Compose([
@@ -33,9 +36,6 @@ def pil_reference(path: str, size: int, batch: int, workers: int):
 
 
 def mimscale_loader(source: str, path: str, size: int, batch: int, workers: int, shuffle_buffer: int):
-    from mimscale.config import DataConfig
-    from mimscale.data.streams import build_source, open_stream
-
     cfg = DataConfig(source=source, path=path, num_workers=workers, shuffle_buffer=shuffle_buffer)
     src = build_source(cfg)
     return open_stream(cfg, src, size, batch, rank=0, world_size=1, seed=0)

@@ -1,4 +1,9 @@
-"""Checkpoints: the engine's own save/load plus per-rank RNG state and a completion marker.
+"""Checkpoints: the one owner of resolving, saving, loading, pruning and the completion marker.
+
+A ``Checkpointer`` saves the DeepSpeed engine plus every ``Stateful`` part registered with it
+(train counters, data position, a method's hooks, the tracking run id): a part's ``state_dict()``
+goes into DeepSpeed's client state under ``mimscale/<name>``, its ``rank_state_dict()`` into that
+rank's own file next to the rank's RNG streams.
 
 Layout: ``<output_dir>/checkpoints/step00001234/`` holds DeepSpeed's files, one
 ``rng_rank<r>.pt`` per rank, and ``COMPLETE`` written by rank 0 only after every rank finished
@@ -17,8 +22,10 @@ from typing import Optional
 
 import numpy as np
 import torch
+import yaml
 
 from mimscale import dist
+from mimscale.errors import ConfigError
 
 MARKER = "COMPLETE"
 TAG_RE = re.compile(r"^step(\d{8,})$")
@@ -67,8 +74,6 @@ def check_resume(resume: str, output_dir: str | Path, world_size: int) -> Option
     """Resolve ``resume`` before anything is built, as a ConfigError when it cannot work:
     a path without a complete checkpoint, a world size the ZeRO checkpoint was not written for,
     or ``never`` over an output_dir that holds another run's checkpoints (it would mix the two)."""
-    from mimscale.config import ConfigError
-
     if resume == "never":
         tags = complete_tags(checkpoint_root(output_dir))
         if tags:
@@ -81,7 +86,7 @@ def check_resume(resume: str, output_dir: str | Path, world_size: int) -> Option
     except FileNotFoundError as e:
         raise ConfigError(f"config key 'resume': {e}") from None
     if tag_dir is not None:
-        saved = json.loads((tag_dir / MARKER).read_text() or "{}").get("world_size", world_size)
+        saved = read_marker(tag_dir).get("world_size", world_size)
         if saved != world_size:
             raise ConfigError(
                 f"checkpoint {tag_dir} was written by {saved} ranks and this run has {world_size}: ZeRO checkpoints "
@@ -113,32 +118,120 @@ def set_rng_state(state: dict) -> None:
 
 
 CONFIG = "config.yaml"  # the run's resolved config, beside the weights (export and eval read the model from it)
+CLIENT_KEY = "mimscale"  # our parts' states in DeepSpeed's client state (which it mixes with its own keys)
 
 
-def save(engine, output_dir: str | Path, step: int, client_state: dict, keep: int, rank_state: Optional[dict] = None,
-         marker_extra: Optional[dict] = None, config: Optional[dict] = None) -> Path:
-    """Save on every rank (DeepSpeed requires it); returns the tag directory. ``rank_state``: this
-    rank's own extra state (e.g. its data streams' positions), kept next to its RNG state.
-    ``marker_extra``: small facts readable without loading the checkpoint (e.g. which AMT store
-    generation it trained with), written into the COMPLETE marker. ``config``: the run's resolved
-    config (``to_dict``), written as ``config.yaml`` in the tag so the weights carry their model."""
-    root = checkpoint_root(output_dir)
-    tag = tag_for(step)
-    if dist.is_rank0() and (root / tag).exists():
-        shutil.rmtree(root / tag)  # never write into a folder that may already say COMPLETE
-    dist.barrier()
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
-    torch.save({**rng_state(), "rank_state": rank_state or {}}, root / tag / f"rng_rank{dist.rank()}.pt")
-    dist.barrier()  # every rank's files are on disk before the marker says so
-    if dist.is_rank0():
-        if config is not None:
-            import yaml
+def read_marker(tag_dir: Path) -> dict:
+    """The facts in a tag's completion marker ({step, time, world_size, ...})."""
+    text = (tag_dir / MARKER).read_text()
+    try:
+        marker = json.loads(text) if text.strip() else {}
+    except json.JSONDecodeError:
+        marker = {}
+    if "step" not in marker:  # older markers: the tag's name says the step
+        m = TAG_RE.match(tag_dir.name)
+        marker["step"] = int(m.group(1)) if m else 0
+    return marker
 
-            (root / tag / CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
-        (root / tag / MARKER).write_text(json.dumps({"step": step, "time": time.time(), "world_size": dist.world_size(), **(marker_extra or {})}))
-        _prune(root, keep)
-    dist.barrier()
-    return root / tag
+
+class Stateful:
+    """A part of a run that a checkpoint carries. ``state_dict`` is the same on every rank and is
+    saved once; ``rank_state_dict`` is this rank's own (a data stream's cursor, a ZeRO partition's
+    fp32 shadow) and is saved per rank. The defaults hold nothing, so a part implements only the
+    scope it has. A rank file that is missing at load (another world size) gives ``{}``."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def rank_state_dict(self) -> dict:
+        return {}
+
+    def load_rank_state_dict(self, state: dict) -> None:
+        pass
+
+
+def _legacy_parts(client: dict, rank_state: dict) -> tuple[dict, dict]:
+    """Checkpoints written before the Checkpointer kept flat client keys: map them to parts."""
+    parts = {
+        "train": {"step": client["mim_step"], "samples_seen": client["mim_samples_seen"],
+                  "skipped": client.get("mim_skipped_images", 0), "converted": client.get("mim_converted_images", 0)},
+        "tracking": {"run_id": client.get("mim_mlflow_run_id")},
+        "method": {"generation": client["amt_generation"], "refreshes": client.get("amt_refreshes", [])}
+        if "amt_generation" in client else {},
+    }
+    return parts, {"data": rank_state.get("data") or {}, "method": rank_state.get("method") or {}}
+
+
+class Checkpointer:
+    """Saves and restores the engine and every registered part, under ``<output_dir>/checkpoints``.
+
+    ``save`` runs on every rank (DeepSpeed requires it); ``restore`` loads one tag on every rank."""
+
+    def __init__(self, engine, output_dir: str | Path, keep: int, config: Optional[dict] = None):
+        self.engine = engine
+        self.out = Path(output_dir)
+        self.root = checkpoint_root(output_dir)
+        self.keep = keep
+        self.config = config
+        self.parts: dict[str, Stateful] = {}
+
+    def register(self, name: str, part: Stateful) -> None:
+        if name in self.parts:
+            raise ValueError(f"checkpoint part {name!r} is registered twice")
+        self.parts[name] = part
+
+    def save(self, step: int, marker_extra: Optional[dict] = None) -> Path:
+        """Every rank writes its files; rank 0 writes the config and, after all ranks are done, the
+        marker (``marker_extra``: small facts readable without loading, e.g. AMT's store generation);
+        older tags beyond ``keep`` are pruned. Returns the tag directory."""
+        tag = tag_for(step)
+        if dist.is_rank0() and (self.root / tag).exists():
+            shutil.rmtree(self.root / tag)  # never write into a folder that may already say COMPLETE
+        dist.barrier()
+        client = {CLIENT_KEY: {name: part.state_dict() for name, part in self.parts.items()}}
+        self.engine.save_checkpoint(str(self.root), tag=tag, client_state=client, save_latest=False)
+        rank_state = {name: part.rank_state_dict() for name, part in self.parts.items()}
+        torch.save({**rng_state(), "rank_state": rank_state}, self.root / tag / f"rng_rank{dist.rank()}.pt")
+        dist.barrier()  # every rank's files are on disk before the marker says so
+        if dist.is_rank0():
+            if self.config is not None:
+                (self.root / tag / CONFIG).write_text(yaml.safe_dump(self.config, sort_keys=False))
+            marker = {"step": step, "time": time.time(), "world_size": dist.world_size(), **(marker_extra or {})}
+            (self.root / tag / MARKER).write_text(json.dumps(marker))
+            _prune(self.root, self.keep)
+        dist.barrier()
+        return self.root / tag
+
+    def restore(self, tag_dir: Path) -> None:
+        """Load weights, optimizer, scheduler and every registered part; restore this rank's RNG
+        streams. Rank 0 first renames complete tags newer than this one (a roll-back), so they are
+        never picked as latest nor overwritten half-way."""
+        if dist.is_rank0():
+            abandon_newer(self.out, read_marker(tag_dir)["step"])
+        _, client = self.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        if client is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {tag_dir}")
+        rng_file = tag_dir / f"rng_rank{dist.rank()}.pt"
+        rank_state: dict = {}
+        if rng_file.is_file():
+            state = torch.load(rng_file, weights_only=False)
+            set_rng_state(state)
+            rank_state = state.get("rank_state", {})
+        else:
+            dist.log0(f"[mimscale] {rng_file.name} missing (world size changed?): RNG streams are reseeded, not restored")
+        parts = client.get(CLIENT_KEY)
+        if parts is None:
+            parts, rank_state = _legacy_parts(client, rank_state)
+        missing = [name for name in self.parts if name not in parts]
+        if missing:
+            raise RuntimeError(f"checkpoint {tag_dir} holds no state for {', '.join(missing)} "
+                               f"(it has {', '.join(sorted(parts)) or 'none'})")
+        for name, part in self.parts.items():
+            part.load_state_dict(parts[name])
+            part.load_rank_state_dict(rank_state.get(name) or {})
 
 
 def _prune(root: Path, keep: int) -> None:
@@ -150,20 +243,3 @@ def _prune(root: Path, keep: int) -> None:
         m = TAG_RE.match(d.name)
         if m and int(m.group(1)) < newest and not (d / MARKER).exists():
             shutil.rmtree(d, ignore_errors=True)
-
-
-def load(engine, tag_dir: Path) -> tuple[dict, dict]:
-    """Load weights, optimizer, scheduler and client state; restore this rank's RNG streams.
-    Returns (client state, this rank's rank_state)."""
-    _, client = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-    if client is None:
-        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {tag_dir}")
-    rng_file = tag_dir / f"rng_rank{dist.rank()}.pt"
-    rank_state: dict = {}
-    if rng_file.is_file():
-        state = torch.load(rng_file, weights_only=False)
-        set_rng_state(state)
-        rank_state = state.get("rank_state", {})
-    else:
-        dist.log0(f"[mimscale] {rng_file.name} missing (world size changed?): RNG streams are reseeded, not restored")
-    return client, rank_state

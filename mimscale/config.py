@@ -10,18 +10,27 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
+import torch._dynamo
 import yaml
 
+from mimscale import methods
+from mimscale.data.streams import SOURCES
+from mimscale.errors import ConfigError
+from mimscale.methods import MethodName
+from mimscale.models.registry import ENCODERS
 
-class ConfigError(ValueError):
-    """A configuration problem, with a message that names the offending key."""
+__all__ = ["Config", "ConfigError", "load_config", "validate", "check_paths", "to_dict", "flatten", "get_key"]
+
+# Closed choices: the loader refuses any other value, naming the key and these.
+EncoderName = Literal[tuple(ENCODERS)]
+SourceName = Literal[SOURCES]
 
 
 @dataclass
 class ModelConfig:
-    name: str = "vit_base"  # encoder preset, see models/registry.py
+    name: EncoderName = "vit_base"  # encoder preset, see models/registry.py
     img_size: int = 224
     patch_size: Optional[int] = None  # None: the preset's patch size
     decoder_dim: int = 512
@@ -30,55 +39,19 @@ class ModelConfig:
     norm_pix_loss: bool = True
 
 
-@dataclass
-class AMTConfig:
-    mask_ratio: float = 0.45  # r: first rL of the attention-weighted order are masked
-    throw_ratio: float = 0.40  # t: the next tL are thrown (in no encoder, decoder or loss)
-    # When to refresh the attention store: epochs ("40") or a share of the run ("10%").
-    # Before the first refresh: random masking at masking.mask_ratio.
-    first_refresh: str = "40"
-    refresh_every: str = "40"
-    refresh_batch: int = 0  # images per attention forward; 0: 4 x the micro batch
-
-
-@dataclass
-class AutoMAEConfig:
-    extractor: str = "online"  # online | ema | frozen | stored (AMT's store, on masking.amt's schedule)
-    extractor_checkpoint: str = ""  # frozen: timm/mimscale state dict (.safetensors/.pt) or a mimscale checkpoint dir
-    ema_decay: float = 0.999  # ema: per optimizer step
-    lam: float = 0.2  # weight of the generator's adversarial loss
-    throw_ratio: float = 0.0  # > 0: the generator's order also picks thrown patches (as AMT)
-
-
-@dataclass
-class RMAEConfig:
-    lam: float = 1.0  # weight of the auto-encoding (constraint) term on the second view
-
-
-@dataclass
-class CMAEConfig:
-    temperature: float = 0.2  # InfoNCE softmax temperature (the paper's)
-    momentum: float = 0.996  # EMA of the target encoder, projector and mask token, per optimizer step
-    proj_hidden: int = 2048  # projector and predictor: 2-layer MLPs with GELU
-    proj_dim: int = 256
-    color_jitter: bool = True  # SimSiam's colour augmentation, drawn per view
-
-
-@dataclass
-class MaskingConfig:
-    method: str = "random"  # random | amt | automae | rmae | cmae
-    # random masking, AMT's before its first refresh, AutoMAE's; R-MAE / C-MAE: the share of the
-    # patches in the second view (the first view keeps the rest)
-    mask_ratio: float = 0.75
-    amt: AMTConfig = field(default_factory=AMTConfig)
-    automae: AutoMAEConfig = field(default_factory=AutoMAEConfig)
-    rmae: RMAEConfig = field(default_factory=RMAEConfig)
-    cmae: CMAEConfig = field(default_factory=CMAEConfig)
+# masking.<section> for each method that has one: the sections come from the method registry.
+MaskingConfig = dataclasses.make_dataclass("MaskingConfig", [
+    ("method", MethodName, field(default="random")),  # one of the registry's names (mimscale/methods.py)
+    # random masking, AMT's before its first refresh, AutoMAE's, block-wise; R-MAE / C-MAE: the
+    # share of the patches in the second view (the first view keeps the rest)
+    ("mask_ratio", float, field(default=0.75)),
+    *methods.section_fields(),
+])
 
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # synthetic | folder | wds | ffcv
+    source: SourceName = "synthetic"
     # folder: ImageNet-layout root (holding train/) or a class-folder directory;
     # wds: the shard directory holding <split>-manifest.json; ffcv: the .beton file
     path: str = ""
@@ -143,13 +116,6 @@ class Config:
     preset: str = ""  # file name of the YAML the config came from (set by the loader)
 
 
-# Values with a closed set of choices; checked in validate().
-CHOICES = {
-    "data.source": ("synthetic", "folder", "wds", "ffcv"),
-    "masking.automae.extractor": ("online", "ema", "frozen", "stored"),
-}
-
-
 def _hints(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -157,6 +123,11 @@ def _hints(cls) -> dict[str, Any]:
 def _coerce(key: str, value: Any, hint: Any) -> Any:
     """Convert a YAML/CLI value to the annotated type, or raise ConfigError naming ``key``."""
     origin = typing.get_origin(hint)
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if isinstance(value, (dict, list, bool)) or str(value) not in allowed:
+            raise ConfigError(f"config key '{key}' = {value!r} is not allowed; allowed values: {', '.join(allowed)}")
+        return str(value)
     if origin is typing.Union:  # Optional[X]
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
@@ -246,22 +217,6 @@ def get_key(cfg: Config, key: str) -> Any:
 
 def validate(cfg: Config) -> None:
     """Range and choice checks that need more than a type; each error names its key."""
-    for key, allowed in CHOICES.items():
-        v = get_key(cfg, key)
-        if v not in allowed:
-            raise ConfigError(f"config key '{key}' = {v!r} is not allowed; allowed values: {', '.join(allowed)}")
-    from mimscale.masking import METHODS  # local imports: config must not build models
-    from mimscale.models.registry import ENCODERS
-
-    if cfg.masking.method not in METHODS:
-        raise ConfigError(
-            f"config key 'masking.method' = {cfg.masking.method!r} is not allowed; allowed values: {', '.join(METHODS)}"
-        )
-
-    if cfg.model.name not in ENCODERS:
-        raise ConfigError(
-            f"config key 'model.name' = {cfg.model.name!r} is not allowed; allowed values: {', '.join(ENCODERS)}"
-        )
     for key in ("model.img_size", "model.decoder_dim", "model.decoder_heads"):
         if get_key(cfg, key) <= 0:
             raise ConfigError(f"config key '{key}' = {get_key(cfg, key)} must be > 0")
@@ -272,7 +227,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'model.img_size' = {cfg.model.img_size} must be a multiple of the patch size {patch}")
     if not 0.0 < cfg.masking.mask_ratio < 1.0:
         raise ConfigError(f"config key 'masking.mask_ratio' = {cfg.masking.mask_ratio} must be in (0, 1)")
-    _validate_amt(cfg)
+    methods.check_all(cfg)  # each method's own section
     if not 0.0 < cfg.data.scale_min <= cfg.data.scale_max <= 1.0:
         raise ConfigError("config keys 'data.scale_min'/'data.scale_max' must satisfy 0 < min <= max <= 1")
     if not 0.0 <= cfg.data.hflip <= 1.0:
@@ -285,8 +240,6 @@ def validate(cfg: Config) -> None:
     if cfg.model.decoder_dim % 4:
         raise ConfigError(f"config key 'model.decoder_dim' = {cfg.model.decoder_dim} must be divisible by 4 (2-D sin-cos position embedding)")
     if cfg.train.compile:
-        import torch._dynamo
-
         backends = torch._dynamo.list_backends(exclude_tags=())
         if cfg.train.compile_backend not in backends:
             raise ConfigError(f"config key 'train.compile_backend' = {cfg.train.compile_backend!r} is not allowed; "
@@ -320,44 +273,6 @@ def validate(cfg: Config) -> None:
     r = cfg.resume
     if r not in ("auto", "never") and not Path(r).exists():
         raise ConfigError(f"config key 'resume' = {r!r}: allowed values are auto, never, or an existing checkpoint path")
-
-
-def _when(key: str, text: str, allow_zero: bool) -> None:
-    """A refresh time: a number of epochs or a percentage of the run."""
-    s = str(text).strip()
-    try:
-        v = float(s[:-1]) if s.endswith("%") else float(s)
-    except ValueError:
-        raise ConfigError(f"config key '{key}' = {text!r}: expected epochs (e.g. 40 or 0.5) or a share of the run (e.g. 10%)") from None
-    if v < 0 or (v == 0 and not allow_zero) or (s.endswith("%") and v > 100):
-        raise ConfigError(f"config key '{key}' = {text!r} must be {'>= 0' if allow_zero else '> 0'} (percentages at most 100%)")
-
-
-def _validate_amt(cfg: Config) -> None:
-    a = cfg.masking.amt
-    for key, v in (("masking.amt.mask_ratio", a.mask_ratio), ("masking.amt.throw_ratio", a.throw_ratio)):
-        if not 0.0 <= v < 1.0:
-            raise ConfigError(f"config key '{key}' = {v} must be in [0, 1)")
-    if a.mask_ratio <= 0 or a.mask_ratio + a.throw_ratio >= 1.0:
-        raise ConfigError(f"config keys 'masking.amt.mask_ratio' + 'masking.amt.throw_ratio' = {a.mask_ratio} + {a.throw_ratio} "
-                          "must leave some patches masked and some visible (mask_ratio > 0, sum < 1)")
-    _when("masking.amt.first_refresh", a.first_refresh, allow_zero=True)
-    _when("masking.amt.refresh_every", a.refresh_every, allow_zero=False)
-    if a.refresh_batch < 0:
-        raise ConfigError(f"config key 'masking.amt.refresh_batch' = {a.refresh_batch} must be >= 0 (0: 4 x micro batch)")
-    u = cfg.masking.automae
-    if cfg.masking.method == "automae":
-        if u.extractor == "frozen" and not u.extractor_checkpoint:
-            raise ConfigError("config key 'masking.automae.extractor_checkpoint' must name a checkpoint when "
-                              "masking.automae.extractor is 'frozen'")
-        if not 0.0 <= u.throw_ratio < 1.0 or cfg.masking.mask_ratio + u.throw_ratio >= 1.0:
-            raise ConfigError(f"config keys 'masking.mask_ratio' + 'masking.automae.throw_ratio' = {cfg.masking.mask_ratio} + "
-                              f"{u.throw_ratio} must leave some patches visible (throw_ratio in [0, 1), sum < 1)")
-    if not 0.0 <= u.ema_decay < 1.0:
-        raise ConfigError(f"config key 'masking.automae.ema_decay' = {u.ema_decay} must be in [0, 1)")
-    if u.lam < 0:
-        raise ConfigError(f"config key 'masking.automae.lam' = {u.lam} must be >= 0")
-    _validate_views(cfg)
     if cfg.tracking.cka_every_epochs < 0:
         raise ConfigError(f"config key 'tracking.cka_every_epochs' = {cfg.tracking.cka_every_epochs} must be >= 0 (0: never)")
     if cfg.tracking.cka_images < 2:
@@ -394,17 +309,3 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = v
     return out
-
-
-def _validate_views(cfg: Config) -> None:
-    """R-MAE's and C-MAE's keys."""
-    if cfg.masking.rmae.lam < 0:
-        raise ConfigError(f"config key 'masking.rmae.lam' = {cfg.masking.rmae.lam} must be >= 0")
-    c = cfg.masking.cmae
-    if c.temperature <= 0:
-        raise ConfigError(f"config key 'masking.cmae.temperature' = {c.temperature} must be > 0")
-    if not 0.0 <= c.momentum < 1.0:
-        raise ConfigError(f"config key 'masking.cmae.momentum' = {c.momentum} must be in [0, 1)")
-    for key in ("masking.cmae.proj_hidden", "masking.cmae.proj_dim"):
-        if get_key(cfg, key) <= 0:
-            raise ConfigError(f"config key '{key}' = {get_key(cfg, key)} must be > 0")

@@ -8,16 +8,17 @@
     already are timm's; the one addition is ``pos_embed`` [1, 1 + L, D]: mimscale's is a fixed 2-D
     sin-cos buffer that checkpoints do not hold, timm's a learned parameter, so its values are written;
   - ``decoder.safetensors``: the MAE decoder's weights (keys of models/decoder.py) plus its fixed
-    ``pos_embed`` [1, 1 + L, Dd] for convenience; ``load_decoder(out)`` rebuilds the ``MAEDecoder``;
-  - ``config.json``: the timm model name and kwargs, mimscale's model section (``load_encoder(out)``
-    reads it), the source checkpoint and step, the decoder's dims.
+    ``pos_embed`` [1, 1 + L, Dd] for convenience; ``mimscale.weights.load_decoder(out)`` rebuilds
+    the ``MAEDecoder``;
+  - ``config.json``: the timm model name and kwargs, mimscale's model section
+    (``mimscale.weights.load_encoder(out)`` reads it), the source checkpoint and step, the decoder's dims.
+mimscale.weights reads the checkpoint and checks the weights against the model; this module writes.
 The export is written to a temporary folder beside ``--out`` and renamed at the end, so a failed
 export leaves nothing half-written.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -25,15 +26,15 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import safetensors.torch
 import torch
-import yaml
 
-from mimscale.checkpoint import CONFIG, MARKER, resolve_resume
-from mimscale.models.load import EXPORT_CONFIG, EXPORT_ENCODER, model_section
+from mimscale import weights
+from mimscale.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 from mimscale.models.registry import ENCODERS
 from mimscale.models.vit import sincos_pos_embed_2d
+from mimscale.weights import EXPORT_CONFIG, EXPORT_DECODER, EXPORT_ENCODER
 
-EXPORT_DECODER = "decoder.safetensors"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # The timm model each preset is. timm's factories take every size kwarg as an override, and the
@@ -59,8 +60,6 @@ def timm_section(model: dict) -> dict:
     timm's cfgs for these names carry other values (0.5 for the augreg weights), which
     ``timm.data.resolve_model_data_config`` would otherwise hand to a user's transforms; its
     ``num_classes=0`` makes timm load the file strictly (a cfg of 1000 classes loads non-strictly)."""
-    from mimscale.models.mim import IMAGENET_MEAN, IMAGENET_STD
-
     spec = ENCODERS[model["name"]]
     img, patch = int(model["img_size"]), int(model["patch_size"] or spec.patch_size)
     kwargs = dict(img_size=img, patch_size=patch, embed_dim=spec.dim, depth=spec.depth, num_heads=spec.heads,
@@ -77,41 +76,6 @@ def decoder_section(run_model: dict) -> dict:
             "depth": int(run_model.get("decoder_depth", 8)), "heads": int(run_model.get("decoder_heads", 16)),
             "mlp_ratio": 4.0, "patch_size": patch, "grid": int(run_model["img_size"]) // patch,
             "norm_pix_loss": bool(run_model.get("norm_pix_loss", True))}
-
-
-def build_decoder(section: dict):
-    from mimscale.models.decoder import MAEDecoder
-
-    s = section
-    return MAEDecoder(s["encoder_dim"], s["grid"], s["patch_size"], dim=s["decoder_dim"], depth=s["depth"],
-                      heads=s["heads"], mlp_ratio=s["mlp_ratio"])
-
-
-def load_decoder(path: str | Path):
-    """(MAEDecoder in fp32 with the exported weights, its config section) from an export directory."""
-    from safetensors.torch import load_file
-
-    out = Path(path)
-    section = json.loads((out / EXPORT_CONFIG).read_text()).get("decoder")
-    if section is None or not (out / EXPORT_DECODER).is_file():
-        raise FileNotFoundError(f"{out} holds no decoder (exported with --no-decoder, or its run had none)")
-    decoder = build_decoder(section)
-    state = {k: v.float() for k, v in load_file(str(out / EXPORT_DECODER)).items()}
-    state.pop("pos_embed")  # fixed sin-cos: the module rebuilds it from the grid
-    decoder.load_state_dict(state)
-    return decoder.float().eval(), section
-
-
-def _checked_state(state: dict, reference: torch.nn.Module, what: str) -> dict:
-    """``state`` restricted to ``reference``'s keys, which must all be there with the same shapes."""
-    want = reference.state_dict()
-    missing = [k for k in want if k not in state]
-    if missing:
-        raise ValueError(f"the {what} weights lack {len(missing)} of {len(want)} tensors, e.g. {missing[:3]}")
-    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in want.items() if state[k].shape != v.shape]
-    if wrong:
-        raise ValueError(f"the {what} weights do not fit the model in the config: {'; '.join(wrong[:3])}")
-    return {k: state[k] for k in want}
 
 
 def _check_out(out: Path, force: bool) -> None:
@@ -146,10 +110,6 @@ def write_export(out: str | Path, run_model: dict, encoder_state: dict, decoder_
     """Write an export from state dicts: ``encoder_state`` in ViTEncoder keys, ``decoder_state`` in
     MAEDecoder keys (None: no decoder). ``run_model``: the run's ``model`` config (name, img_size,
     patch_size; decoder_dim/depth/heads, norm_pix_loss for the decoder). Returns config.json's content."""
-    from safetensors.torch import save_file
-
-    from mimscale.models.load import build_encoder
-
     if run_model.get("name") not in ENCODERS:
         raise ValueError(f"model.name {run_model.get('name')!r} is not one of {', '.join(ENCODERS)}")
     if dtype not in DTYPES:
@@ -160,16 +120,16 @@ def write_export(out: str | Path, run_model: dict, encoder_state: dict, decoder_
              "patch_size": int(run_model.get("patch_size") or spec.patch_size)}
     # Modules on the meta device: the expected keys and shapes without allocating (vit_2b is 7.6 GB in fp32).
     with torch.device("meta"):
-        reference = build_encoder(model)
-    files = {EXPORT_ENCODER: _checked_state(encoder_state, reference, "encoder")}
+        reference = weights.build_encoder(model)
+    files = {EXPORT_ENCODER: weights.checked_state(encoder_state, reference, "encoder")}
     files[EXPORT_ENCODER]["pos_embed"] = sincos_pos_embed_2d(spec.dim, reference.grid)[None]  # [1, 1 + L, D]
     config = {**timm_section(model), "dtype": dtype,
               "mimscale": {"model": model, "source_checkpoint": source, "step": step}}
     if decoder_state is not None:
         section = decoder_section({**run_model, **model})
         with torch.device("meta"):
-            ref_dec = build_decoder(section)
-        files[EXPORT_DECODER] = _checked_state(decoder_state, ref_dec, "decoder")
+            ref_dec = weights.build_decoder(section)
+        files[EXPORT_DECODER] = weights.checked_state(decoder_state, ref_dec, "decoder")
         files[EXPORT_DECODER]["pos_embed"] = sincos_pos_embed_2d(section["decoder_dim"], section["grid"])[None]  # [1, 1 + L, Dd]
         config["decoder"] = section
     config["files"] = {}
@@ -179,7 +139,7 @@ def write_export(out: str | Path, run_model: dict, encoder_state: dict, decoder_
             # clone: consolidated tensors can be views of one flat shard, and safetensors refuses shared storage
             tensors = {k: v.detach().to("cpu", DTYPES[dtype] if v.is_floating_point() else v.dtype).contiguous().clone()
                        for k, v in state.items()}
-            save_file(tensors, str(tmp / name), metadata={"format": "pt"})
+            safetensors.torch.save_file(tensors, str(tmp / name), metadata={"format": "pt"})
             config["files"][name] = {"params": sum(v.numel() for k, v in tensors.items() if k != "pos_embed"),
                                      "bytes": (tmp / name).stat().st_size}
         (tmp / EXPORT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
@@ -190,57 +150,6 @@ def write_export(out: str | Path, run_model: dict, encoder_state: dict, decoder_
     return config
 
 
-def resolve_checkpoint(path: str | Path) -> tuple[Path, dict]:
-    """(tag directory, the run's ``model`` config) for a checkpoint path, or an error naming what is missing."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"--checkpoint {path}: no such file or directory")
-    if p.is_file() or (p / EXPORT_CONFIG).is_file():
-        raise ValueError(f"--checkpoint {path} is not a mimscale checkpoint directory (an export, or a file)")
-    try:
-        tag = resolve_resume(str(p.resolve()), p)
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            f"--checkpoint {path} holds no complete checkpoint: expected a checkpoints/stepNNNNNNNN directory with a "
-            f"{MARKER} marker (a save that was cut off has none), a checkpoints directory, or a run's output_dir") from None
-    cfg_file = next((c for c in (tag / CONFIG, tag.parent.parent / CONFIG) if c.is_file()), None)
-    if cfg_file is None:
-        raise FileNotFoundError(f"checkpoint {tag} has no {CONFIG} (nor has its run folder {tag.parent.parent}): "
-                                "the model it holds is unknown")
-    model, _ = model_section(tag)  # validated name / img_size / patch_size
-    run_model = (yaml.safe_load(cfg_file.read_text()) or {}).get("model", {})
-    return tag, {**run_model, **model}
-
-
-def _check_shards(tag: Path) -> None:
-    """Every rank's optimizer shard (which holds its fp32 master weights) and the model states file."""
-    world = int(json.loads((tag / MARKER).read_text() or "{}").get("world_size", 1))
-    missing = [f"*zero_pp_rank_{r}_mp_rank_*_optim_states.pt" for r in range(world)
-               if not any(tag.glob(f"*zero_pp_rank_{r}_mp_rank_*_optim_states.pt"))]
-    if not any(tag.glob("*model_states.pt")):
-        missing.append("*model_states.pt")
-    if missing:
-        raise FileNotFoundError(f"checkpoint {tag} (written by {world} ranks) is incomplete: missing {', '.join(missing)}")
-
-
-def consolidate(tag: Path) -> tuple[dict, Optional[dict]]:
-    """(encoder state, decoder state or None) in fp32 from a ZeRO checkpoint of any stage."""
-    _check_shards(tag)
-    # lazy: only the tensors asked for are assembled (the masker, an EMA or target encoder are not).
-    # DeepSpeed logs (at import too) and reports progress on stdout: sent to stderr, so stdout is
-    # the export's summary alone.
-    with contextlib.redirect_stdout(sys.stderr):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        lazy = get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name, lazy_mode=True)
-
-    def part(prefix: str) -> dict:
-        return {k[len(prefix):]: v.contiguous() for k, v in lazy.items() if k.startswith(prefix)}
-
-    encoder, decoder = part("encoder."), part("decoder.")
-    return encoder, decoder or None
-
-
 def export_checkpoint(checkpoint: str | Path, out: str | Path, decoder: Optional[bool] = None, dtype: str = "fp32",
                       force: bool = False) -> dict:
     """Consolidate ``checkpoint`` and write the export to ``out``. ``decoder``: None exports it when the
@@ -249,18 +158,17 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, decoder: Optional
     _check_out(out, force)  # before the (slow) consolidation
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    tag, run_model = resolve_checkpoint(checkpoint)
-    step = json.loads((tag / MARKER).read_text() or "{}").get("step")
-    try:
-        enc, dec = consolidate(tag)
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # DeepSpeed's own errors (a truncated shard, another format) named with the checkpoint
-        raise ValueError(f"checkpoint {tag} could not be consolidated: {type(e).__name__}: {e}") from e
+    src = weights.locate(checkpoint, "--checkpoint")
+    if src.kind != "checkpoint":
+        raise ValueError(f"--checkpoint {checkpoint} is not a mimscale checkpoint directory (an export, or a file)")
+    tag, model = src.path, weights.run_model(src)
+    # the decoder only when it is written: consolidation assembles what it is asked for
+    parts = weights.consolidate(tag, ("encoder", "decoder") if decoder is not False else ("encoder",))
+    enc, dec = parts["encoder"], parts.get("decoder") or None
     if decoder and dec is None:
         raise ValueError(f"checkpoint {tag} has no MAE decoder (masking.method without one): export with --no-decoder")
-    return write_export(out, run_model, enc, dec if decoder is not False else None, dtype=dtype,
-                        source=str(tag.resolve()), step=step, force=force)
+    return write_export(out, model, enc, dec, dtype=dtype, source=str(tag.resolve()), step=weights.marker(tag).get("step"),
+                        force=force)
 
 
 def timm_snippet(config: dict, out: Path) -> str:

@@ -13,6 +13,11 @@ from typing import Optional
 
 import torch
 
+from mimscale import dist
+from mimscale.data.sources import FolderSource, SyntheticSource
+from mimscale.data.streams import open_full_pass
+from mimscale.eval.cka import health_check, pick_whole_images
+
 RATIOS = (0.25, 0.5, 0.75)
 
 
@@ -20,10 +25,6 @@ def fixed_images(data_cfg, source, img_size: int, count: int, seed: int) -> torc
     """The same ``count`` whole images [N, 3, S, S] uint8 on every rank and every resume:
     seeded random indices of an indexable source (synthetic, folder), else the first batch of a
     single-rank whole-image pass (wds, ffcv)."""
-    from mimscale.data.full_pass import open_full_pass
-    from mimscale.data.sources import FolderSource, SyntheticSource
-    from mimscale.eval.cka import pick_whole_images
-
     if isinstance(source, (SyntheticSource, FolderSource)):
         return pick_whole_images(source, img_size, count, seed)
     images = next(iter(open_full_pass(data_cfg, source, img_size, count, 0, 1, seed)))["image"]
@@ -46,9 +47,6 @@ class CKAHealth:
     @torch.no_grad()
     def run(self, encoder) -> dict[str, float]:
         """Call on every rank at the same step; returns {"cka/r0.50/last": ..., ...}."""
-        from mimscale import dist
-        from mimscale.eval.cka import health_check
-
         try:
             if self.images is None:
                 c = self.cfg

@@ -1,86 +1,158 @@
-"""Throughput accounting: analytic FLOPs of the asymmetric encoder/decoder, peak FLOP/s, MFU."""
+"""The log window: what the loop measures between two log steps, and the run's throughput.
+
+Inside a step there is no host sync: loss terms accumulate in a device tensor, non-finite losses
+are flagged on the device, and data wait and file counts are host numbers. On a log step the
+ranks meet in ONE packed all-reduce (terms, non-finite count, micro batches, data wait, skipped
+and converted files), after which every rank holds the same metrics. FLOPs per image come from
+the method's entry in the registry (mimscale/methods.py) at the plan sizes actually used.
+"""
 from __future__ import annotations
 
+import math
 import time
+from dataclasses import dataclass
+from typing import Callable, Optional
 
+import deepspeed.comm as ds_comm
 import torch
 
+from mimscale import methods
+from mimscale.errors import TrainingDiverged
+from mimscale.flops import GPU_PEAK_BF16, block_flops, cpu_matmul_peak, mim_flops_per_image, peak_flops
 
-def block_flops(tokens: int, dim: int, mlp_ratio: float = 4.0) -> float:
-    """Forward FLOPs of one transformer block on ``tokens`` tokens (multiply-add = 2 FLOPs):
-    qkv 3ND^2 + proj ND^2 + MLP 2rND^2 MACs, plus QK^T and AV at N^2 D MACs each."""
-    n, d = tokens, dim
-    return 2.0 * n * d * d * (4 + 2 * mlp_ratio) + 4.0 * n * n * d
-
-
-def mim_flops_per_image(enc_dim: int, enc_depth: int, img_size: int, patch: int, visible: int, masked: int,
-                        dec_dim: int, dec_depth: int, mlp_ratio: float = 4.0, train: bool = True) -> float:
-    """FLOPs per image of one MIM step: patch embedding (over all L patches), encoder on
-    1 + V tokens, decoder on 1 + V + M tokens, pixel head on M tokens. Thrown patches cost
-    nothing past the patch embedding. ``train``: forward + backward = 3 x forward."""
-    L = (img_size // patch) ** 2
-    pix = patch * patch * 3
-    fwd = 2.0 * L * pix * enc_dim
-    fwd += enc_depth * block_flops(1 + visible, enc_dim, mlp_ratio)
-    fwd += 2.0 * (1 + visible) * enc_dim * dec_dim
-    fwd += dec_depth * block_flops(1 + visible + masked, dec_dim, mlp_ratio)
-    fwd += 2.0 * masked * dec_dim * pix
-    return 3.0 * fwd if train else fwd
+__all__ = ["LogWindow", "RunMeter", "TrainingDiverged", "model_flops_per_image", "block_flops", "mim_flops_per_image",
+           "peak_flops", "cpu_matmul_peak", "GPU_PEAK_BF16"]
 
 
 def model_flops_per_image(cfg, visible: int, masked: int) -> float:
     """Training FLOPs per image of ``cfg``'s method at plan sizes (visible, masked)."""
-    from mimscale.models.registry import ENCODERS
-
-    spec = ENCODERS[cfg.model.name]
-    patch = cfg.model.patch_size or spec.patch_size
-    args = (cfg.model.decoder_dim, cfg.model.decoder_depth, spec.mlp_ratio)
-    if cfg.masking.method == "rmae":  # each view through encoder and decoder; the second also decodes its own tokens
-        first = mim_flops_per_image(spec.dim, spec.depth, cfg.model.img_size, patch, visible, masked, *args)
-        second = mim_flops_per_image(spec.dim, spec.depth, cfg.model.img_size, patch, masked, visible, *args)
-        return first + second + 3.0 * 2.0 * masked * cfg.model.decoder_dim * patch * patch * 3
-    if cfg.masking.method == "cmae":  # two online views (forward + backward) and two target views (forward) on all L
-        L = visible + masked
-        c = cfg.masking.cmae
-        enc = 2.0 * L * patch * patch * 3 * spec.dim + spec.depth * block_flops(1 + L, spec.dim, spec.mlp_ratio)
-        heads = 2.0 * L * (spec.dim * c.proj_hidden + c.proj_hidden * c.proj_dim)  # projector
-        online = enc + heads + 2.0 * L * 2 * c.proj_hidden * c.proj_dim  # + predictor
-        return 2 * (3.0 * online + enc + heads)
-    return mim_flops_per_image(spec.dim, spec.depth, cfg.model.img_size, patch, visible, masked, *args)
+    return methods.model_flops(cfg, visible, masked)
 
 
-# Dense bf16 tensor-core peaks, FLOP/s per GPU (vendor data sheets; SXM parts unless named).
-GPU_PEAK_BF16 = (
-    ("H200", 989e12),
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),
-    ("A100", 312e12),
-)
+@dataclass
+class Window:
+    """One closed log window, as the run's throughput remembers it."""
+
+    steps: int
+    seconds: float
+    img_per_s: float
+    flops_per_img: float
 
 
-def cpu_matmul_peak(threads: int | None = None, n: int = 2048, reps: int = 3) -> float:
-    """fp32 FLOP/s of a square matmul on this process's threads: the best of ``reps`` after a
-    warm-up. The CPU "peak" MFU is measured against."""
-    if threads:
-        torch.set_num_threads(threads)
-    g = torch.Generator().manual_seed(0)  # its own stream: the training RNG state stays untouched
-    a = torch.randn(n, n, generator=g)
-    b = torch.randn(n, n, generator=g)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t)
-    return 2.0 * n**3 / best
+class LogWindow:
+    """Accumulates the micro steps of one log window on the device; ``close`` reduces it."""
+
+    def __init__(self, device: torch.device, first_step: int):
+        self.device = device
+        # The optimizer step being taken, kept on the device so recording a bad step needs no
+        # host-to-device copy (a synchronous cudaMemcpy would stall the queue every micro step).
+        self.step_dev = torch.full((), float(first_step + 1), device=device)
+        self.term_names: Optional[list[str]] = None
+        self.bad = torch.zeros((), device=device)  # non-finite losses seen
+        self.first_bad = torch.full((), float("inf"), device=device)
+        self.reset()
+
+    def reset(self) -> None:
+        self.t0 = time.perf_counter()
+        self.wait = 0.0
+        self.steps = 0
+        self.micro = 0
+        self.acc: Optional[torch.Tensor] = None  # [1 + n_terms] summed over micro steps
+        self.files = [0, 0]  # skipped, converted files (host ints from CPU tensors)
+
+    def exclude(self, seconds: float) -> None:
+        """Time spent outside training (a refresh, a health check) is not billed to the steps."""
+        self.t0 += seconds
+
+    def add_batch(self, batch: dict, wait: float) -> None:
+        self.wait += wait
+        self.files[0] += int(batch["skipped"])  # CPU tensors: no device sync
+        self.files[1] += int(batch["converted"])
+
+    def add_micro(self, loss: torch.Tensor, terms: dict) -> None:
+        if self.term_names is None:
+            self.term_names = sorted(terms)
+        vals = torch.stack([loss.detach().float()] + [terms[k].float() for k in self.term_names])
+        self.acc = vals if self.acc is None else self.acc + vals
+        nonfinite = ~torch.isfinite(vals[0])
+        self.bad = self.bad + nonfinite.float()
+        self.first_bad = torch.where(nonfinite, torch.minimum(self.first_bad, self.step_dev), self.first_bad)
+        self.micro += 1
+
+    def end_step(self) -> None:
+        self.steps += 1
+        self.step_dev += 1
+
+    def close(self, step: int, world: int, grad_norm: Callable[[], Optional[float]], last_checkpoint: Optional[str]) -> dict:
+        """The one packed all-reduce (every rank), then the window's metrics, the same on every
+        rank: loss, terms, img/s inputs (seconds, steps), data wait, file counts, grad norm. Raises
+        TrainingDiverged on a non-finite loss or gradient norm. The caller ``reset()``s the window
+        once it is done with the log step (after a checkpoint, whose time is not billed either)."""
+        n_terms = len(self.term_names or [])
+        extras = torch.tensor([self.micro, self.wait, self.files[0], self.files[1]], dtype=torch.float32, device=self.device)
+        packed = torch.cat([self.acc.float(), self.bad.reshape(1), extras])
+        ds_comm.all_reduce(packed)
+        v = packed.tolist()  # the one host sync of this window
+        elapsed = time.perf_counter() - self.t0  # after the sync: all queued work is counted
+        sums, n_bad = v[: 1 + n_terms], v[1 + n_terms]
+        micro_all, wait_all, skipped_all, converted_all = v[2 + n_terms:]
+        grad_norm = grad_norm()  # read after the sync above (a device scalar on GPUs)
+        if n_bad > 0 or (grad_norm is not None and not math.isfinite(grad_norm)):
+            if n_bad > 0:
+                ds_comm.all_reduce(self.first_bad, op=ds_comm.ReduceOp.MIN)
+                what = f"non-finite loss at step {int(self.first_bad.item())}"
+            else:
+                what = f"non-finite gradient norm at step {step}"
+            raise TrainingDiverged(f"{what} (detected at log step {step}); stopping without saving. "
+                                   f"Last good checkpoint: {last_checkpoint or 'none yet'}")
+        out = {
+            "loss": sums[0] / micro_all,
+            "terms": {k: s / micro_all for k, s in zip(self.term_names or [], sums[1:])},
+            "seconds": elapsed,
+            "steps": self.steps,
+            "data_wait_pct": 100.0 * wait_all / world / max(elapsed, 1e-9),
+            "skipped": int(skipped_all),
+            "converted": int(converted_all),
+            "grad_norm": grad_norm,
+        }
+        return out
 
 
-def peak_flops(device: torch.device) -> tuple[float | None, str]:
-    """(peak FLOP/s for one rank or None when unknown, where the number came from)."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, value in GPU_PEAK_BF16:
-            if key in name and "NVL" not in name:
-                return value, f"table:{key} bf16 dense"
-        return None, f"unknown GPU {name!r}: no MFU (add it to metrics.GPU_PEAK_BF16)"
-    return cpu_matmul_peak(), f"cpu fp32 matmul probe, {torch.get_num_threads()} threads"
+class RunMeter:
+    """Throughput of this invocation from its closed windows, leaving out the first (warm-up,
+    compilation) when there is more than one."""
+
+    def __init__(self, global_batch: int, world: int, peak: Optional[float]):
+        self.global_batch = global_batch
+        self.world = world
+        self.peak = peak
+        self.windows: list[Window] = []
+
+    def add(self, steps: int, seconds: float, flops_per_img: float) -> Window:
+        w = Window(steps, seconds, self.global_batch * steps / seconds if seconds else 0.0, flops_per_img)
+        self.windows.append(w)
+        return w
+
+    def mfu(self, img_per_s: float, flops_per_img: float) -> Optional[float]:
+        return flops_per_img * img_per_s / self.world / self.peak if self.peak else None
+
+    def _timed(self) -> list[Window]:
+        return self.windows[1:] if len(self.windows) > 1 else self.windows
+
+    def mean_step_seconds(self) -> Optional[float]:
+        """Seconds per optimizer step over the windows logged so far (None before the first)."""
+        w = self._timed()
+        steps = sum(x.steps for x in w)
+        return sum(x.seconds for x in w) / steps if steps else None
+
+    def img_per_s(self) -> float:
+        w = self._timed()
+        secs = sum(x.seconds for x in w)
+        return sum(x.steps for x in w) * self.global_batch / secs if secs else 0.0
+
+    def run_mfu(self) -> Optional[float]:
+        """Model FLOP/s over the windows, each at the plan sizes it ran with, against the peak."""
+        w = self._timed()
+        secs = sum(x.seconds for x in w)
+        flop_s = sum(x.steps * self.global_batch * x.flops_per_img for x in w) / secs if secs else 0.0
+        return flop_s / self.world / self.peak if self.peak and flop_s else None

@@ -32,10 +32,18 @@ import warnings  # noqa: E402
 # warns that it is deprecated: one line per step per rank, with nothing for a user to act on.
 warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.* is deprecated", category=FutureWarning)
 
+import deepspeed  # noqa: E402
+
+from mimscale import dist  # noqa: E402
+from mimscale.checkpoint import check_resume  # noqa: E402
+from mimscale.config import check_paths, load_config  # noqa: E402
+from mimscale.ds_config import load_ds_config  # noqa: E402
+from mimscale.engine import Trainer  # noqa: E402
+from mimscale.errors import ConfigError, TrainingDiverged  # noqa: E402
+from mimscale.preempt import StopRequest  # noqa: E402
+
 
 def parse_args(argv=None):
-    import deepspeed
-
     p = argparse.ArgumentParser(description="mimscale MAE-style pretraining under DeepSpeed")
     p.add_argument("--config", required=True, help="YAML preset (mimscale/configs/*.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -50,13 +58,6 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    from mimscale import dist
-    from mimscale.config import ConfigError, check_paths, load_config
-    from mimscale.ds_config import load_ds_config
-
-    from mimscale.checkpoint import check_resume
-    from mimscale.preempt import StopRequest
-
     stop = StopRequest()
     stop.install()  # a preemption signal during start-up is honoured at the first step
     args = parse_args(argv)
@@ -65,15 +66,13 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides)
         eng = load_ds_config(args.deepspeed_config, dist.world_size())
         check_paths(cfg)
-        check_resume(cfg.resume, cfg.output_dir, dist.world_size())
+        resume_from = check_resume(cfg.resume, cfg.output_dir, dist.world_size())  # resolved once, here
     except ConfigError as e:
         print(f"mimscale: configuration error: {e}", file=sys.stderr)
         return 2
 
-    from mimscale.engine import Trainer, TrainingDiverged
-
     dist.init_distributed()
-    trainer = Trainer(cfg, args, eng, args.deepspeed_config, stop_request=stop)
+    trainer = Trainer(cfg, args, eng, args.deepspeed_config, stop_request=stop, resume_from=resume_from)
     try:
         summary = trainer.fit()
     except TrainingDiverged as e:

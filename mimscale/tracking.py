@@ -19,6 +19,8 @@ from typing import Any, Optional
 
 import yaml
 
+from mimscale.export import export_checkpoint
+
 # System metrics: a sample every 15 s, logged as the mean of 4 samples: one point a minute per
 # metric (MLflow's default, every 10 s, adds ~9k points a day per metric to a weeks-long run's
 # store). MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL / _SAMPLES_BEFORE_LOGGING in the environment win.
@@ -142,8 +144,6 @@ class Tracker:
         if not self.active:
             return None
         try:
-            from mimscale.export import export_checkpoint
-
             export_checkpoint(checkpoint, export_dir, decoder=False, force=True)
         except Exception as e:
             print(f"[mimscale] WARNING: could not export the encoder of {checkpoint} ({type(e).__name__}: {e}); "

@@ -1,5 +1,8 @@
 """FFCV (.beton) source under the loader contract of mimscale/data/loader.py.
 
+Importing this module imports ffcv and numba (seconds of start-up; the optional ``[ffcv]`` extra):
+mimscale.data.streams imports it only when ``data.source`` is ffcv.
+
     batches = build_ffcv_loader("train.beton", 224, 64, rank, world, seed, start_micro_batch)
     for batch in batches: ...   # dicts: image [B,3,S,S] uint8, box, flip, index, label, skipped, converted
 
@@ -38,7 +41,7 @@ from ffcv.reader import Reader
 from ffcv.traversal_order.base import TraversalOrder
 
 from mimscale.data.ffcv_decode import SeededRandomResizedCrop
-from mimscale.data.loader import ShardedBatchSampler
+from mimscale.data.sampler import ShardedBatchSampler
 
 
 class PlannedOrder(TraversalOrder):

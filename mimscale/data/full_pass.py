@@ -10,11 +10,13 @@ Batches: ``image`` [B, 3, S, S] uint8 (the whole image resized to S x S; aspect 
 ``index`` [B] int64 global sample indices, ``label`` [B] int64 class indices (the source's own;
 feature extraction for linear probes and kNN needs them); the last batch of a share may be short. Unreadable
 files are left out (wds, ffcv have none by construction) and counted in ``skipped``.
+
+This module reads the indexable sources; ``mimscale.data.streams.open_full_pass`` is the entry
+point for every source (wds: ShardStream's eval mode, ffcv: FFCVBatches' eval mode).
 """
 from __future__ import annotations
 
 import sys
-from typing import Iterable
 
 import numpy as np
 import torch
@@ -22,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mimscale.data.crop import UnreadableImage, crop_array, crop_bytes
 from mimscale.data.sources import SyntheticSource
+from mimscale.data.workers import worker_init
 
 
 def share(num_samples: int, rank: int, world_size: int) -> range:
@@ -66,23 +69,11 @@ def _collate(samples: list) -> dict:
     }
 
 
-def open_full_pass(data_cfg, source, img_size: int, batch_size: int, rank: int, world_size: int, seed: int = 0) -> Iterable[dict]:
-    """This rank's share of one whole-image pass (see the module docstring)."""
-    from mimscale.data.loader import worker_init
-
-    workers = data_cfg.num_workers
-    if data_cfg.source == "wds":
-        from mimscale.data.wds_loader import ShardStream
-
-        stream = ShardStream(source, img_size, batch_size, rank, world_size, seed, scale=None, hflip=0.0, mode="eval")
-        return DataLoader(stream, batch_size=None, num_workers=workers, worker_init_fn=worker_init if workers else None,
-                          generator=torch.Generator().manual_seed(seed))
-    if data_cfg.source == "ffcv":
-        from mimscale.data.ffcv_loader import build_ffcv_loader
-
-        return build_ffcv_loader(str(source.path), img_size, batch_size, rank, world_size, seed, scale=None,
-                                 num_workers=max(1, workers), mode="eval")
+def whole_image_loader(source, img_size: int, batch_size: int, rank: int, world_size: int, seed: int = 0,
+                       num_workers: int = 0) -> DataLoader:
+    """This rank's share of one whole-image pass over an indexable (synthetic or folder) source;
+    ``mimscale.data.streams.open_full_pass`` picks the reader of every source."""
     mine = list(share(len(source), rank, world_size))
     batches = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
-    return DataLoader(WholeImages(source, img_size), batch_sampler=batches, num_workers=workers, collate_fn=_collate,
-                      worker_init_fn=worker_init if workers else None, generator=torch.Generator().manual_seed(seed))
+    return DataLoader(WholeImages(source, img_size), batch_sampler=batches, num_workers=num_workers, collate_fn=_collate,
+                      worker_init_fn=worker_init if num_workers else None, generator=torch.Generator().manual_seed(seed))

@@ -1,7 +1,7 @@
 """The loader contract every data source follows.
 
 Each batch is a dict of CPU tensors (pinned on GPU machines):
-  image   [B, 3, S, S] uint8   RandomResizedCrop(S) + flip; normalized later, on the device
+  image   [B, 3, S, S] uint8   RandomResizedCrop(S) + flip; normalized later, on the device (normalize.py)
   box     [B, 4] float32       crop (x0, y0, x1, y1) as fractions of the original image's W, H
   flip    [B] bool             whether the crop was mirrored after cropping
   index   [B] int64            global sample index (stable across ranks, workers and runs)
@@ -11,24 +11,28 @@ Each batch is a dict of CPU tensors (pinned on GPU machines):
   converted [] int64           files that needed a PIL conversion (CMYK, PNG-in-.JPEG, ...)
 
 Ranks and workers split the data without overlap: each epoch is a seeded permutation, cut into
-equal per-rank shares (the tail that does not divide evenly is dropped for the epoch), and the
-DataLoader hands whole batches to workers. Crops are seeded by (seed, epoch, index), so a batch's
-content does not depend on which worker made it, and a resumed run (which restarts the stream at
-its micro-batch position) sees exactly the batches an uninterrupted run would have.
+equal per-rank shares (the tail that does not divide evenly is dropped for the epoch; see
+sampler.py), and the DataLoader hands whole batches to workers. Crops are seeded by (seed, epoch,
+index), so a batch's content does not depend on which worker made it, and a resumed run (which
+restarts the stream at its micro-batch position) sees exactly the batches an uninterrupted run
+would have.
+
+This module builds the DataLoader of the indexable sources (folder, synthetic); the other sources'
+loaders (wds_loader.py, ffcv_loader.py) follow the same contract, and streams.py picks one.
 """
 from __future__ import annotations
 
-import signal
 import sys
-from typing import Iterator, Optional
+from typing import Optional
 
-import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from mimscale.data.crop import UnreadableImage, crop_array, crop_bytes
-from mimscale.data.sources import FolderSource, SyntheticSource
+from mimscale.data.sampler import ShardedBatchSampler
+from mimscale.data.sources import SyntheticSource, indexed_source
+from mimscale.data.workers import worker_init
 
 
 class CropDataset(Dataset):
@@ -91,68 +95,12 @@ def collate(samples: list[dict]) -> dict:
     }
 
 
-class ShardedBatchSampler(Sampler):
-    """Endless stream of this rank's batches of (epoch, index) keys, starting at micro-batch
-    ``start``. Epoch e is a permutation seeded by (seed, e), truncated to a multiple of the world size;
-    rank r takes every world-th element from position r."""
-
-    def __init__(self, num_samples: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0, start: int = 0, shuffle: bool = True):
-        self.n = num_samples
-        self.batch_size = batch_size
-        self.rank = rank
-        self.world = world_size
-        self.seed = seed
-        self.start = start
-        self.shuffle = shuffle
-        self.per_rank = num_samples // world_size
-        self.batches_per_epoch = self.per_rank // batch_size
-        if self.batches_per_epoch < 1:
-            raise ValueError(
-                f"{num_samples} samples cannot fill one batch of {batch_size} on each of {world_size} ranks"
-            )
-
-    def epoch_indices(self, epoch: int) -> torch.Tensor:
-        if self.shuffle:
-            # (seed, epoch) hashed together: seed 1 must not replay seed 0's order one epoch late
-            g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0]))
-            perm = torch.randperm(self.n, generator=g)
-        else:
-            perm = torch.arange(self.n)
-        return perm[: self.per_rank * self.world][self.rank :: self.world]
-
-    def position(self, micro_batch: int) -> tuple[int, int]:
-        """(epoch, batch within epoch) of the stream's micro-batch number ``micro_batch``."""
-        return divmod(micro_batch, self.batches_per_epoch)
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        epoch, b = self.position(self.start)
-        while True:
-            idx = self.epoch_indices(epoch).tolist()
-            for j in range(b, self.batches_per_epoch):
-                chunk = idx[j * self.batch_size : (j + 1) * self.batch_size]
-                yield [(epoch, i) for i in chunk]
-            epoch, b = epoch + 1, 0
-
-    def __len__(self) -> int:  # one epoch; the stream itself is endless
-        return self.batches_per_epoch
-
-
-def worker_init(_worker_id: int) -> None:
-    # Preemption (Slurm/K8s) signals the whole process group; the trainer saves a checkpoint on
-    # SIGTERM and needs its workers alive until it has done so.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    torch.set_num_threads(1)
-    cv2.setNumThreads(1)  # one resize per call: a thread pool per worker only oversubscribes the cores
-
-
 def build_loader(data_cfg, img_size: int, micro_batch: int, rank: int, world_size: int, seed: int, start_micro_batch: int = 0,
                  pin_memory: bool = False, source=None):
-    """(DataLoader, sampler) for this rank, positioned at micro-batch ``start_micro_batch``.
-    ``source``: an already built source (saves a second scan of a large folder)."""
+    """(DataLoader, sampler) for this rank, positioned at micro-batch ``start_micro_batch``, over a
+    folder or synthetic source. ``source``: an already built one (saves a second scan of a large folder)."""
     if source is None:
-        from mimscale.data.streams import build_source
-
-        source = build_source(data_cfg, seed)
+        source = indexed_source(data_cfg, seed)
     dataset = CropDataset(source, img_size, (data_cfg.scale_min, data_cfg.scale_max), data_cfg.hflip, seed, data_cfg.max_bad_in_a_row)
     sampler = ShardedBatchSampler(len(dataset), micro_batch, rank, world_size, seed, start_micro_batch)
     workers = data_cfg.num_workers

@@ -1,44 +1,47 @@
-"""Where samples come from: an ImageNet-layout folder, or generated images.
+"""Where samples come from: an ImageNet-layout folder, generated images, or an FFCV file.
 
-A source is indexable by a global sample index (0..N-1, stable across runs and world sizes) and
-returns either encoded bytes (``read``) or, for synthetic data, an RGB array (``array``).
+Folder and synthetic sources are indexable by a global sample index (0..N-1, stable across runs
+and world sizes) and return either encoded bytes (``read``) or, for synthetic data, an RGB array
+(``array``). ``FfcvFile`` only counts its samples: FFCV's own loader reads them. (The WebDataset
+source, ``ShardIndex``, lives with its reader in wds_loader.py.)
 """
 from __future__ import annotations
 
-import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-IMAGE_EXTS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
+from mimscale.data.imagenet import LayoutError, Listing, list_folder
 
 
 class FolderSource:
-    """``<root>/<split>/<class>/*.JPEG`` (or ``<root>/<class>/*.JPEG``); classes in sorted order,
-    files sorted within a class, so global indices are the same on every rank and every run."""
+    """``<root>/<split>/<class>/*.JPEG`` (or ``<root>/<class>/*.JPEG``), listed by
+    ``mimscale.data.imagenet`` (classes in synsets.txt order, else sorted; files sorted within a
+    class), so global indices are the same on every rank, every run and in every converted format."""
 
     def __init__(self, root: str | Path, split: str = "train"):
-        root = Path(root)
-        base = root / split if (root / split).is_dir() else root
-        if not base.is_dir():
-            raise FileNotFoundError(f"data.path {root} is not a folder")
-        self.root = base
-        self.classes = sorted(e.name for e in os.scandir(base) if e.is_dir())
-        if not self.classes:
-            raise FileNotFoundError(f"data.path {base} holds no class folders (expected <class>/<image> files)")
-        files: list[str] = []
-        labels: list[int] = []
-        for ci, c in enumerate(self.classes):
-            names = sorted(e.name for e in os.scandir(base / c) if e.is_file() and e.name.lower().endswith(IMAGE_EXTS))
-            files.extend(f"{c}/{n}" for n in names)
-            labels.extend([ci] * len(names))
-        if not files:
-            raise FileNotFoundError(f"data.path {base} holds no images with extensions {IMAGE_EXTS}")
+        try:
+            listing = list_folder(root, split)
+        except LayoutError as e:
+            raise LayoutError(f"data.path: {e}") from None  # names the setting to fix
+        self._adopt(listing)
+
+    @classmethod
+    def from_listing(cls, listing: Listing) -> "FolderSource":
+        """A source over a listing already made (e.g. by ``list_split``)."""
+        self = cls.__new__(cls)
+        self._adopt(listing)
+        return self
+
+    def _adopt(self, listing: Listing) -> None:
+        self.root = listing.split_dir
+        self.classes = list(listing.classes)
         # One fixed-width bytes array, not a list of str: forked DataLoader workers touching
         # 1.28M Python objects' refcounts would copy the list's pages into every worker.
-        self._files = np.array([f.encode() for f in files], dtype=np.bytes_)
-        self.labels = np.asarray(labels, dtype=np.int64)
+        self._files = np.array([f.encode() for f in listing.files], dtype=np.bytes_)
+        self.labels = np.asarray(listing.labels, dtype=np.int64)
 
     @property
     def files(self) -> list[str]:
@@ -84,3 +87,38 @@ class SyntheticSource:
         rng = np.random.default_rng([self.seed, index])
         small = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
         return np.asarray(Image.fromarray(small).resize((self.size, self.size), Image.BICUBIC))
+
+
+@dataclass
+class FfcvFile:
+    """A .beton written by ``python -m data_prep.ffcv`` (fields image, label, index)."""
+
+    path: Path
+    num_samples: int
+
+    @classmethod
+    def open(cls, path: str | Path) -> "FfcvFile":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"data.path {path} is not an FFCV file (write one with: python -m data_prep.ffcv --src <ImageNet root> --out {path})")
+        from ffcv.reader import Reader  # imported here: numba start-up only when FFCV is used
+
+        reader = Reader(str(path))
+        missing = {"image", "label", "index"} - set(reader.field_names)
+        if missing:
+            raise ValueError(f"{path}: fields {reader.field_names}, missing {sorted(missing)} (expected image, label, index)")
+        return cls(path, int(reader.num_samples))
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def indexed_source(data_cfg, seed: int = 0):
+    """The indexable source of ``data.source`` synthetic or folder (the ones CropDataset and the
+    whole-image pass read by index); len() = samples per epoch."""
+    if data_cfg.source == "synthetic":
+        return SyntheticSource(data_cfg.synthetic_count, data_cfg.synthetic_size, seed=1234 + seed)
+    if data_cfg.source == "folder":
+        return FolderSource(data_cfg.path, data_cfg.split)
+    raise ValueError(f"data.source {data_cfg.source!r} is not an indexable source (synthetic, folder): "
+                     "use mimscale.data.streams.build_source")

@@ -1,45 +1,39 @@
-"""One entry point from ``data.source`` to what the trainer iterates.
+"""The one dispatcher from ``data.source`` to what callers iterate: the source, the training
+stream, and the whole-image pass. Nothing else in mimscale.data names the source kinds.
 
 Every source yields batches under the loader contract (see ``mimscale.data.loader``). Sources
 whose position is more than "micro batches consumed" (the WebDataset streams) also put a
 ``cursor`` [stream, records consumed] in each batch; ``StreamPosition`` collects them so a
 checkpoint can record where each stream of this rank stopped.
+
+Imports inside mimscale.data point down only (no cycle, none hidden in a function):
+
+    streams -> loader     -> sampler, workers, sources -> imagenet, crop
+            -> full_pass  -> workers, sources, crop
+            -> wds_loader -> workers, crop
+            -> ffcv_loader -> sampler, ffcv_decode     (imported in ``_ffcv_loader``, see there)
+    normalize (device side) and imagenet (the listing) import no other mimscale module.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterable, Optional
 
+from mimscale import dist
+from mimscale.checkpoint import Stateful
+from mimscale.data.full_pass import whole_image_loader
+from mimscale.data.loader import build_loader
+from mimscale.data.sources import FfcvFile, indexed_source
+from mimscale.data.wds_loader import ShardIndex, build_wds_loader, whole_image_stream
 
-@dataclass
-class FfcvFile:
-    """A .beton written by ``python -m data_prep.ffcv`` (fields image, label, index)."""
-
-    path: Path
-    num_samples: int
-
-    @classmethod
-    def open(cls, path: str | Path) -> "FfcvFile":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"data.path {path} is not an FFCV file (write one with: python -m data_prep.ffcv --src <ImageNet root> --out {path})")
-        from ffcv.reader import Reader  # imported here: numba start-up only when FFCV is used
-
-        reader = Reader(str(path))
-        missing = {"image", "label", "index"} - set(reader.field_names)
-        if missing:
-            raise ValueError(f"{path}: fields {reader.field_names}, missing {sorted(missing)} (expected image, label, index)")
-        return cls(path, int(reader.num_samples))
-
-    def __len__(self) -> int:
-        return self.num_samples
+SOURCES = ("synthetic", "folder", "wds", "ffcv")
 
 
 @dataclass
-class StreamPosition:
+class StreamPosition(Stateful):
     """Per-rank data position beyond the micro-batch count: the record cursor of each
-    WebDataset stream (DataLoader worker), and how many workers produced them."""
+    WebDataset stream (DataLoader worker), and how many workers produced them. A checkpoint
+    part of this rank only (``rank_state_dict``)."""
 
     workers: int
     cursors: dict[int, int] = field(default_factory=dict)
@@ -51,6 +45,15 @@ class StreamPosition:
 
     def state(self) -> dict:
         return {"workers": self.workers, "cursors": dict(self.cursors)}
+
+    def rank_state_dict(self) -> dict:
+        return self.state()
+
+    def load_rank_state_dict(self, state: dict) -> None:
+        restored, warning = self.restore(state, self.workers)
+        self.cursors = restored.cursors
+        if warning:
+            dist.log0(f"[mimscale] {warning}")
 
     @classmethod
     def restore(cls, state: Optional[dict], workers: int) -> tuple["StreamPosition", Optional[str]]:
@@ -64,21 +67,23 @@ class StreamPosition:
         return cls(workers, {int(k): int(v) for k, v in state["cursors"].items()}), None
 
 
+def _ffcv_loader():
+    """The FFCV reader module, imported on first use: importing it starts numba (seconds) and
+    needs the optional ``[ffcv]`` extra, which a run on any other source must not pay for."""
+    from mimscale.data import ffcv_loader
+
+    return ffcv_loader
+
+
 def build_source(data_cfg, seed: int = 0):
     """The indexable/countable source behind ``data.source`` (len() = samples per epoch)."""
-    from mimscale.data.sources import FolderSource, SyntheticSource
-
-    if data_cfg.source == "synthetic":
-        return SyntheticSource(data_cfg.synthetic_count, data_cfg.synthetic_size, seed=1234 + seed)
-    if data_cfg.source == "folder":
-        return FolderSource(data_cfg.path, data_cfg.split)
+    if data_cfg.source in ("synthetic", "folder"):
+        return indexed_source(data_cfg, seed)
     if data_cfg.source == "wds":
-        from mimscale.data.wds_loader import ShardIndex
-
         return ShardIndex.load(data_cfg.path, data_cfg.split)
     if data_cfg.source == "ffcv":
         return FfcvFile.open(data_cfg.path)
-    raise ValueError(f"data.source {data_cfg.source!r}: allowed values: synthetic, folder, wds, ffcv")
+    raise ValueError(f"data.source {data_cfg.source!r}: allowed values: {', '.join(SOURCES)}")
 
 
 def open_stream(data_cfg, source, img_size: int, micro_batch: int, rank: int, world_size: int, seed: int,
@@ -86,8 +91,6 @@ def open_stream(data_cfg, source, img_size: int, micro_batch: int, rank: int, wo
     """This rank's endless training stream of micro batches, starting after ``start_micro_batch``
     consumed batches (and, for WebDataset, at ``position``'s record cursors)."""
     if data_cfg.source == "wds":
-        from mimscale.data.wds_loader import build_wds_loader
-
         if position is not None and not position.cursors and start_micro_batch:
             # A checkpoint without cursors (another source, or another worker count): new streams,
             # keyed away from the ones a fresh run reads so no data is replayed in order.
@@ -95,12 +98,21 @@ def open_stream(data_cfg, source, img_size: int, micro_batch: int, rank: int, wo
         return build_wds_loader(source, data_cfg, img_size, micro_batch, rank, world_size, seed, start_micro_batch,
                                 position.cursors if position else None, pin_memory)
     if data_cfg.source == "ffcv":
-        from mimscale.data.ffcv_loader import build_ffcv_loader
-
-        return build_ffcv_loader(str(source.path), img_size, micro_batch, rank, world_size, seed, start_micro_batch,
-                                 scale=(data_cfg.scale_min, data_cfg.scale_max), hflip=data_cfg.hflip,
-                                 num_workers=max(1, data_cfg.num_workers), mode="train")
-    from mimscale.data.loader import build_loader
-
+        ffcv = _ffcv_loader()
+        return ffcv.build_ffcv_loader(str(source.path), img_size, micro_batch, rank, world_size, seed, start_micro_batch,
+                                      scale=(data_cfg.scale_min, data_cfg.scale_max), hflip=data_cfg.hflip,
+                                      num_workers=max(1, data_cfg.num_workers), mode="train")
     loader, _ = build_loader(data_cfg, img_size, micro_batch, rank, world_size, seed, start_micro_batch, pin_memory, source)
     return loader
+
+
+def open_full_pass(data_cfg, source, img_size: int, batch_size: int, rank: int, world_size: int, seed: int = 0) -> Iterable[dict]:
+    """This rank's share of one whole-image pass (batches and shares: see ``mimscale.data.full_pass``)."""
+    workers = data_cfg.num_workers
+    if data_cfg.source == "wds":
+        return whole_image_stream(source, img_size, batch_size, rank, world_size, seed, workers)
+    if data_cfg.source == "ffcv":
+        ffcv = _ffcv_loader()
+        return ffcv.build_ffcv_loader(str(source.path), img_size, batch_size, rank, world_size, seed, scale=None,
+                                      num_workers=max(1, workers), mode="eval")
+    return whole_image_loader(source, img_size, batch_size, rank, world_size, seed, workers)

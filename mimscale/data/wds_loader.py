@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from mimscale.data.crop import UnreadableImage, crop_bytes
+from mimscale.data.workers import worker_init
 
 MANIFEST_FORMAT = "mimscale-wds/1"
 
@@ -223,8 +224,6 @@ def build_wds_loader(index: ShardIndex, data_cfg, img_size: int, micro_batch: in
                      mode: str = "train") -> DataLoader:
     """The DataLoader of this rank. ``cursors`` (stream -> records consumed) and
     ``start_micro_batch`` (batches this rank has consumed) position a resumed training stream."""
-    from mimscale.data.loader import worker_init  # one SIGTERM/threads policy for all loaders
-
     workers = data_cfg.num_workers
     dataset = ShardStream(index, img_size, micro_batch, rank, world_size, seed, (data_cfg.scale_min, data_cfg.scale_max),
                           data_cfg.hflip if mode == "train" else 0.0, data_cfg.shuffle_buffer, mode, cursors,
@@ -233,4 +232,13 @@ def build_wds_loader(index: ShardIndex, data_cfg, img_size: int, micro_batch: in
     # which masking uses and a resumed run restores.
     return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                       worker_init_fn=worker_init if workers else None, prefetch_factor=4 if workers else None,
+                      generator=torch.Generator().manual_seed(seed))
+
+
+def whole_image_stream(index: ShardIndex, img_size: int, batch_size: int, rank: int, world_size: int, seed: int = 0,
+                       num_workers: int = 0) -> DataLoader:
+    """This rank's share of one whole-image pass (see mimscale/data/full_pass.py): eval mode, each
+    shard read once by one (rank, worker) slot, whole images resized to img_size, no flip."""
+    stream = ShardStream(index, img_size, batch_size, rank, world_size, seed, scale=None, hflip=0.0, mode="eval")
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, worker_init_fn=worker_init if num_workers else None,
                       generator=torch.Generator().manual_seed(seed))

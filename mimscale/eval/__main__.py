@@ -151,7 +151,7 @@ def run_cka(args) -> tuple[int, str]:
 
     if dist.rank() != 0:  # a few hundred images: one process is enough
         return 0, ""
-    from data_prep.imagenet import LayoutError, list_split
+    from mimscale.data.imagenet import LayoutError, list_split
 
     try:
         ckpt = open_checkpoint(args.checkpoint, args.seed)

@@ -3,12 +3,12 @@
     feats = split_features("runs/x", "/data/cifar10", pool="cls")   # every rank calls it
     feats.train_f [N_train, D] float32, feats.train_y [N_train] int64, feats.val_f, feats.val_y
 
-- **Encoder.** ``--checkpoint`` is anything ``mimscale.models.load.load_encoder`` reads (a
+- **Encoder.** ``--checkpoint`` is anything ``mimscale.weights.load_encoder`` reads (a
   checkpoint directory of any ZeRO stage, an export directory or file), or
   ``random:<model>[:img_size[:patch_size]]``: an untrained encoder seeded by ``seed`` (the
   random-init baseline). The encoder is only built when some features are not cached.
 - **Data.** ``folder``: an ImageFolder root with ``train/`` and ``val/`` (or ``test/``), listed by
-  ``data_prep.imagenet.list_split`` so the val labels follow train's class order (or
+  ``mimscale.data.imagenet.list_split`` so the val labels follow train's class order (or
   ``synsets.txt``) and a flat ImageNet ``val/`` with its CSV works too. ``wds``: a shard folder
   with ``train-manifest.json`` and ``val-`` (or ``test-``) ``manifest.json``. ``ffcv``: two .beton
   files. Every split is read by ``mimscale.data.full_pass``: whole images resized to the model's
@@ -37,8 +37,9 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from mimscale.models.mim import IMAGENET_MEAN, IMAGENET_STD
+from mimscale.data.normalize import normalize_uint8
 from mimscale.models.registry import ENCODERS
+from mimscale.weights import build_encoder, load_encoder, locate, model_section
 
 POOLS = ("cls", "mean")
 SOURCES = ("folder", "wds", "ffcv")
@@ -72,11 +73,7 @@ class Checkpoint:
     def load(self):
         """The encoder in fp32 and eval mode."""
         if self.seed is None:
-            from mimscale.models.load import load_encoder
-
             return load_encoder(self.spec)[0]
-        from mimscale.models.load import build_encoder
-
         with torch.random.fork_rng(devices=[]):  # the same weights on every rank, no global side effect
             torch.manual_seed(self.seed)
             encoder = build_encoder(self.model)
@@ -100,24 +97,20 @@ def open_checkpoint(spec: str, seed: int = 0) -> Checkpoint:
         model = {"name": parts[0], "img_size": img, "patch_size": patch}
         cache = Path(tempfile.gettempdir()) / f"mimscale-eval-cache-{os.getuid()}"
         return Checkpoint(spec, model, f"random:{parts[0]}:{img}:{patch}:seed{seed}", cache, seed)
-    from mimscale.checkpoint import MARKER
-    from mimscale.models.load import model_section
-
     try:
-        model, weights = model_section(spec)
+        src = locate(spec)
+        model = model_section(src)
     except (FileNotFoundError, ValueError) as e:
         raise OptionError("--checkpoint", str(e)) from None
-    # A checkpoint tag is final once its COMPLETE marker exists (written last); a file is its own stamp.
-    stamp = weights / MARKER if weights.is_dir() else weights
-    st = stamp.stat()
-    identity = f"{weights.resolve()}|{st.st_mtime_ns}|{st.st_size}|{json.dumps(model, sort_keys=True)}"
+    st = src.stamp.stat()  # a tag is final once its marker exists (written last); a file is its own stamp
+    identity = f"{src.path.resolve()}|{st.st_mtime_ns}|{st.st_size}|{json.dumps(model, sort_keys=True)}"
     p = Path(spec)
     return Checkpoint(spec, model, identity, (p if p.is_dir() else p.parent) / "eval_cache")
 
 
 # ---------------------------------------------------------------------------------------- data
 class ListedImages:
-    """A ``data_prep.imagenet`` listing as a full-pass source (len, read, name, label). File names
+    """A ``mimscale.data.imagenet`` listing as a full-pass source (len, read, name, label). File names
     live in one bytes array, not a list of str, so forked DataLoader workers share its pages."""
 
     def __init__(self, listing):
@@ -162,7 +155,7 @@ def open_split(data, split: str, source: str = "folder", num_workers: int = 2) -
         raise OptionError("--source", f"{source!r}: allowed values: {', '.join(SOURCES)}")
     path = Path(data)
     if source == "folder":
-        from data_prep.imagenet import LayoutError, list_split
+        from mimscale.data.imagenet import LayoutError, list_split
 
         try:
             listing = list_split(path, split)
@@ -180,7 +173,7 @@ def open_split(data, split: str, source: str = "folder", num_workers: int = 2) -
             raise OptionError("--data", str(e)) from None
         ident = f"wds|{manifest.resolve()}|{manifest.stat().st_mtime_ns}|{len(index)}"
         return SplitData(_data_cfg(source, path, split, num_workers), index, split, ident, index.classes or None)
-    from mimscale.data.streams import FfcvFile
+    from mimscale.data.sources import FfcvFile
 
     option = "--train-data" if split == "train" else "--val-data"
     try:
@@ -224,10 +217,8 @@ def eval_splits(data=None, source: str = "folder", train_data=None, val_data=Non
 
 # ---------------------------------------------------------------------------------- extraction
 def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [B, 3, H, W] -> float32, (x - mean*255) / (std*255): exactly MIMModel.normalize."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255
-    return (images.float() - mean) / std
+    """uint8 [B, 3, H, W] -> float32 [B, 3, H, W], normalized exactly as in training (MIMModel.normalize)."""
+    return normalize_uint8(images)
 
 
 def pool_tokens(tokens: torch.Tensor, pool: str) -> torch.Tensor:
@@ -244,7 +235,7 @@ def extract_share(encoder, split: SplitData, img_size: int, batch: int = 128, ra
                   device=None, pools=POOLS) -> dict:
     """This rank's share of one full pass -> {"index" [n] int64, "label" [n] int64, "skipped": int,
     <pool>: [n, D] float32 for each pool} (CPU tensors, in the order the pass produced them)."""
-    from mimscale.data.full_pass import open_full_pass
+    from mimscale.data.streams import open_full_pass
 
     device = torch.device(device or "cpu")
     encoder = encoder.to(device)

@@ -79,41 +79,6 @@ class Masker(nn.Module, metaclass=abc.ABCMeta):
         before the first batch; the trainer follows the actual plans after that)."""
 
 
-class LoopHooks:
-    """A method's side of the training loop; the Trainer calls these on every rank in the same
-    order. The defaults do nothing: methods override what they need (AMT's attention refreshes,
-    AutoMAE's EMA extractor)."""
-
-    def restore(self, client: dict, rank_state: dict) -> None:
-        """After a checkpoint was loaded: the client state and this rank's own state."""
-
-    def before_step(self, step: int) -> float:
-        """Before optimizer step ``step`` + 1; returns seconds spent (not billed to training)."""
-        return 0.0
-
-    def after_optimizer_step(self) -> None:
-        """After the engine applied an optimizer step."""
-
-    def host_inputs(self, batch: dict) -> dict:
-        """Extra CPU tensors for the batch's meta, moved to the device with it."""
-        return {}
-
-    def client_state(self) -> dict:
-        return {}
-
-    def rank_state(self) -> dict:
-        return {}
-
-    def marker_extra(self) -> dict:
-        return {}
-
-    def after_save(self) -> None:
-        """After a checkpoint was saved."""
-
-    def summary(self) -> dict:
-        return {}
-
-
 def plan_sizes(num_patches: int, mask_ratio: float, throw_ratio: float = 0.0) -> tuple[int, int, int]:
     """(visible, masked, thrown) counts; masked = round(r L), thrown = round(t L), visible the rest."""
     masked = int(round(num_patches * mask_ratio))

@@ -24,11 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mimscale.data.normalize import Normalizer
 from mimscale.masking.base import MaskPlan
 from mimscale.objectives.color import color_jitter
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
@@ -61,8 +59,8 @@ class CMAEObjective(nn.Module):
         self.target_encoder = copy.deepcopy(encoder).requires_grad_(False)
         self.target_projector = copy.deepcopy(self.projector).requires_grad_(False)
         self.target_mask_token = nn.Parameter(self.mask_token.detach().clone(), requires_grad=False)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        # mean/std in [0, 1] units (scale 1): the jitter works on [0, 1] colours
+        self.unit_pixels = Normalizer(scale=1)
 
     def ema_pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(online, target) parameter pairs for EMAHooks, in a fixed order."""
@@ -74,7 +72,7 @@ class CMAEObjective(nn.Module):
         """A colour-jittered copy of normalized images x [B, 3, H, W] (normalized again)."""
         if not self.jitter:
             return x
-        return (color_jitter(x * self.std + self.mean) - self.mean) / self.std
+        return self.unit_pixels.normalize(color_jitter(self.unit_pixels.denormalize(x)))
 
     def forward(self, x: torch.Tensor, plan: MaskPlan) -> tuple[torch.Tensor, dict]:
         """x [B, 3, H, W] normalized fp32; plan: view 1 keeps plan.visible, view 2 plan.masked."""

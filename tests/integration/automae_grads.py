@@ -18,7 +18,7 @@ from deepspeed.utils import safe_get_full_grad
 import mimscale.masking.automae as automae
 from mimscale import dist
 from mimscale.config import load_config
-from mimscale.models.mim import build_model
+from mimscale.methods import build_model
 
 SETS = ["model.name=vit_tiny", "model.img_size=32", "model.patch_size=8", "model.decoder_dim=64", "model.decoder_depth=1",
         "model.decoder_heads=4", "masking.method=automae", "masking.automae.throw_ratio=0.125"]

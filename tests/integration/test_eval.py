@@ -64,7 +64,7 @@ ZERO3_HEALTH_CHECK = """
 import json, torch, deepspeed
 from mimscale import dist
 from mimscale.eval.cka import health_check
-from mimscale.models.load import build_encoder
+from mimscale.weights import build_encoder
 dist.init_distributed()
 model = {"name": "vit_tiny", "img_size": 32, "patch_size": 8}
 torch.manual_seed(0)

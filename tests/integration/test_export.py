@@ -87,7 +87,7 @@ def test_mlflow_run_has_name_configs_summary_system_metrics_and_encoder(trained)
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system, sorted(run.data.metrics)
 
     # the encoder artifact is the final checkpoint's encoder
-    from mimscale.models.load import load_encoder
+    from mimscale.weights import load_encoder
 
     art = client.download_artifacts(run.info.run_id, "encoder", str(trained["root"] / "art"))
     cfg = json.loads(open(os.path.join(art, "config.json")).read())
@@ -100,7 +100,7 @@ def test_mlflow_run_has_name_configs_summary_system_metrics_and_encoder(trained)
 def test_timm_reproduces_the_checkpoints_encoder(trained, exported):
     import timm
 
-    from mimscale.models.load import load_encoder
+    from mimscale.weights import load_encoder
 
     exp, stdout = exported
     cfg = json.loads((exp / "config.json").read_text())
@@ -129,7 +129,7 @@ def test_timm_reproduces_the_checkpoints_encoder(trained, exported):
 def test_decoder_round_trip(trained, exported):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from mimscale.export import load_decoder
+    from mimscale.weights import load_decoder
 
     exp, _ = exported
     tag = trained["tag"]

@@ -19,8 +19,8 @@ from deepspeed.utils import safe_get_full_grad
 
 from mimscale import dist
 from mimscale.config import load_config
-from mimscale.masking.ema import EMAHooks
-from mimscale.models.mim import build_model
+from mimscale.hooks.ema import EMAHooks
+from mimscale.methods import build_model
 
 BASE = ["model.name=vit_tiny", "model.img_size=32", "model.patch_size=8", "model.decoder_dim=64", "model.decoder_depth=1",
         "model.decoder_heads=4", "masking.cmae.proj_hidden=64", "masking.cmae.proj_dim=32"]

@@ -9,15 +9,16 @@ from PIL import Image
 
 from mimscale.config import ConfigError, DataConfig, load_config
 from mimscale.data.crop import crop_array, crop_bytes
-from mimscale.data.full_pass import open_full_pass, share
+from mimscale.data.full_pass import share
 from mimscale.data.sources import SyntheticSource
-from mimscale.masking import build_masker
+from mimscale.data.streams import open_full_pass
 from mimscale.masking.amt import AMTMasking
-from mimscale.masking.amt_runtime import parse_when, refresh_steps
+from mimscale.hooks.amt_refresh import parse_when, refresh_steps
 from mimscale.masking.amt_store import AttentionStore, prune
 from mimscale.masking.base import MaskPlan
 from mimscale.masking.viz import MASKED_RGB, THROWN_RGB, plan_grid
-from mimscale.models.mim import build_model
+from mimscale import methods
+from mimscale.methods import build_model
 from mimscale.models.registry import ENCODERS
 from mimscale.models.vit import ViTEncoder
 
@@ -155,7 +156,7 @@ def test_synthetic_full_pass_two_ranks_sees_each_whole_image_once():
 def test_wds_full_pass_two_ranks_sees_each_sample_once(tmp_path):
     from data_prep.wds import write_shards
     from mimscale.data.streams import build_source
-    from tests.unit.test_data import _gradient
+    from tests.unit.test_data_crop import _gradient
 
     for i in range(19):
         d = tmp_path / "src" / "train" / f"n0{i % 2}"
@@ -240,9 +241,9 @@ def test_aligned_weights_follow_the_box_and_flip():
     assert torch.allclose(w[1], w[0].flip(-1))
 
 
-def test_build_masker_by_name():
+def test_registry_builds_amt_masker():
     cfg = load_config(None, TINY)
-    m = build_masker(cfg, ViTEncoder(ENCODERS["vit_tiny"], img_size=32, patch_size=8))
+    m = methods.get("amt").masker(cfg, ViTEncoder(ENCODERS["vit_tiny"], img_size=32, patch_size=8))
     assert isinstance(m, AMTMasking) and m.initial_sizes() == (4, 12, 0)
 
 

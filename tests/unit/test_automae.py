@@ -8,7 +8,7 @@ import torch
 from mimscale.config import ConfigError, load_config
 from mimscale.masking.automae import AutoMAEMasking
 from mimscale.masking.automae_parts import Discriminator, lsgan_terms, pseudo_masks, sigma_max, straight_through_topk
-from mimscale.models.mim import build_model
+from mimscale.methods import build_model
 from mimscale.optim import param_groups
 
 TINY = ["model.name=vit_tiny", "model.img_size=32", "model.patch_size=8", "model.decoder_dim=64",
@@ -178,7 +178,7 @@ def test_frozen_extractor_loads_a_timm_checkpoint_and_matches_timm(tmp_path):
     import timm
     from safetensors.torch import save_file
 
-    from mimscale.masking.extractor_weights import load_encoder_state
+    from mimscale.weights import load_encoder_state
 
     torch.manual_seed(0)
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=10).eval()

@@ -1,7 +1,7 @@
-"""data_prep: ImageNet listing, image preparation, WebDataset shards, FFCV file, verify."""
+"""data_prep: image preparation, WebDataset shards, FFCV file, verify (the listing they use:
+test_data_imagenet.py)."""
 from __future__ import annotations
 
-import csv
 import io
 import json
 import os
@@ -19,11 +19,11 @@ from PIL import Image
 from data_prep import verify as verify_mod
 from data_prep.ffcv import write_beton
 from data_prep.images import Unusable, prepare_array, prepare_jpeg, target_size
-from data_prep.imagenet import IMAGE_EXTS, LayoutError, list_split
 from data_prep.manifest import sha256_file
 from data_prep.wds import OptionsMismatch, sample_order, write_shards
-from mimscale.data import sources
+from mimscale.data.imagenet import list_split
 from mimscale.data.sources import FolderSource
+from tests.unit.test_data_imagenet import flat_val, write_kaggle_csv
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO.parent / "shared" / "data" / "imagenet-sample"
@@ -161,94 +161,22 @@ def beton_run(sample_root, tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------------------------
-# listing
+# listing (mimscale.data.imagenet; its own tests are in test_data_imagenet.py)
 
 
-@needs_sample
-def test_listing_matches_folder_source():
-    assert IMAGE_EXTS == sources.IMAGE_EXTS  # same files, hence same indices as the trainer
-    listing = list_split(SAMPLE, "train")
-    fs = FolderSource(SAMPLE, "train")
-    assert len(listing) == len(fs) == 1000
-    assert listing.files == fs.files
-    np.testing.assert_array_equal(listing.labels, fs.labels)
-    synsets = [line.split("\t")[0] for line in (SAMPLE / "synsets.txt").read_text().splitlines()]
-    assert listing.classes == synsets
-
-
-def _tiny_jpeg(seed: int) -> bytes:
-    return _encode(_picture(16, 12, seed))
-
-
-def test_listing_classes_from_synsets_order_and_unknown_wnid(tmp_path):
-    for wnid in ["n2", "n1", "n3"]:
-        (tmp_path / "train" / wnid).mkdir(parents=True)
-        (tmp_path / "train" / wnid / "b.JPEG").write_bytes(_tiny_jpeg(1))
-        (tmp_path / "train" / wnid / "a.jpg").write_bytes(_tiny_jpeg(2))
-    (tmp_path / "train" / "n1" / "notes.txt").write_text("not an image")
-    listing = list_split(tmp_path, "train")
-    assert listing.classes == ["n1", "n2", "n3"]  # sorted without synsets.txt
-    assert listing.files == ["n1/a.jpg", "n1/b.JPEG", "n2/a.jpg", "n2/b.JPEG", "n3/a.jpg", "n3/b.JPEG"]
-    assert listing.files == FolderSource(tmp_path, "train").files
-    (tmp_path / "synsets.txt").write_text("n3\tthree\nn1\tone\nn2\ttwo\n")
-    listing = list_split(tmp_path, "train")
-    assert listing.classes == ["n3", "n1", "n2"]  # line order wins
-    assert listing.labels.tolist() == [1, 1, 2, 2, 0, 0]
-    (tmp_path / "train" / "n9").mkdir()
-    (tmp_path / "train" / "n9" / "x.JPEG").write_bytes(_tiny_jpeg(3))
-    with pytest.raises(LayoutError, match="n9"):
-        list_split(tmp_path, "train")
-
-
-def _flat_val(root: Path) -> dict[str, str]:
-    """train/ with 3 classes, flat val/ with 5 files; returns val file -> wnid."""
-    for wnid in ["n01", "n02", "n03"]:
-        (root / "train" / wnid).mkdir(parents=True)
-        (root / "train" / wnid / "t.JPEG").write_bytes(_tiny_jpeg(0))
-    (root / "val").mkdir()
-    truth = {"ILSVRC2012_val_00000003.JPEG": "n02", "ILSVRC2012_val_00000001.JPEG": "n03",
-             "ILSVRC2012_val_00000002.JPEG": "n01", "ILSVRC2012_val_00000005.JPEG": "n01",
-             "ILSVRC2012_val_00000004.JPEG": "n03"}
-    for i, name in enumerate(truth):
-        (root / "val" / name).write_bytes(_tiny_jpeg(i))
-    return truth
-
-
-def test_flat_val_with_kaggle_csv(tmp_path):
-    truth = _flat_val(tmp_path)
-    with pytest.raises(LayoutError, match="LOC_val_solution.csv"):
-        list_split(tmp_path, "val")
-    with open(tmp_path / "LOC_val_solution.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["ImageId", "PredictionString"])
-        for name, wnid in reversed(truth.items()):
-            w.writerow([name[:-5], f"{wnid} 10 20 30 40 {wnid} 1 2 3 4"])
-        w.writerow(["ILSVRC2012_val_00009999", "n01 1 2 3 4"])  # a row whose file is not here
+def test_flat_val_shards_follow_the_listing(tmp_path):
+    """Val shards come in sorted index order, with the listing's labels."""
+    truth = flat_val(tmp_path)
+    write_kaggle_csv(tmp_path, truth)
+    for i, name in enumerate(truth):  # decodable images: the writer skips anything else
+        (tmp_path / "val" / name).write_bytes(_encode(_picture(16, 12, i)))
     listing = list_split(tmp_path, "val")
-    assert listing.files == sorted(truth)
-    assert [listing.wnid(i) for i in range(len(listing))] == [truth[f] for f in sorted(truth)]
-    assert listing.labels.tolist() == [["n01", "n02", "n03"].index(truth[f]) for f in sorted(truth)]
-    # Val shards come in sorted index order, with the same labels.
     out = tmp_path / "shards"
     write_shards(tmp_path, "val", out, shard_size=2, workers=1, progress=False)
     rows = _samples(out, "val")
     assert [r["json"]["index"] for r in rows] == list(range(5))
     assert [r["json"]["wnid"] for r in rows] == [truth[f] for f in sorted(truth)]
     assert [r["cls"] for r in rows] == listing.labels.tolist()
-
-
-def test_flat_val_with_simple_csv_and_unknown_wnid(tmp_path):
-    truth = _flat_val(tmp_path)
-    rows = [["file", "wnid"]] + [[name, wnid] for name, wnid in truth.items()]
-    with open(tmp_path / "val" / "labels.csv", "w", newline="") as f:
-        csv.writer(f).writerows(rows)
-    listing = list_split(tmp_path, "val")
-    assert [listing.wnid(i) for i in range(5)] == [truth[f] for f in sorted(truth)]
-    rows[1][1] = "n77"
-    with open(tmp_path / "val" / "labels.csv", "w", newline="") as f:
-        csv.writer(f).writerows(rows)
-    with pytest.raises(LayoutError, match="n77"):
-        list_split(tmp_path, "val")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from mimscale.eval.features import (Checkpoint, OptionError, cached_split, eval_
                                     open_checkpoint, open_split, split_features)
 from mimscale.eval.knn import knn_classify
 from mimscale.eval.probe import linear_probe
-from mimscale.models.load import build_encoder
+from mimscale.weights import build_encoder
 
 REPO = Path(__file__).resolve().parents[2]
 RANDOM = "random:vit_tiny:32:8"  # 16 patches: a fraction of a second per batch on a CPU core

@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 
 from mimscale import export
 from mimscale.models.decoder import MAEDecoder
-from mimscale.models.load import load_encoder
 from mimscale.models.registry import ENCODERS
 from mimscale.models.vit import ViTEncoder
+from mimscale.weights import load_decoder, load_encoder
 
 # vit_small's widths at a size and patch no preset has, so nothing can come from timm's defaults
 RUN_MODEL = dict(name="vit_small", img_size=96, patch_size=12, decoder_dim=128, decoder_depth=2, decoder_heads=4,
@@ -74,7 +74,7 @@ def test_decoder_round_trip(trained, tmp_path):
     saved = load_file(str(out / "decoder.safetensors"))
     assert torch.equal(saved.pop("pos_embed"), dec.pos_embed)
     assert set(saved) == set(dec.state_dict())
-    back, section = export.load_decoder(out)
+    back, section = load_decoder(out)
     assert section == cfg["decoder"]
     assert all(torch.equal(back.state_dict()[k], v) for k, v in dec.state_dict().items())
     assert torch.equal(back.pos_embed, dec.pos_embed)

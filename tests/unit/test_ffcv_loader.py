@@ -12,7 +12,7 @@ from ffcv.fields import IntField, RGBImageField  # noqa: E402
 from ffcv.writer import DatasetWriter  # noqa: E402
 
 from mimscale.data.ffcv_loader import build_ffcv_loader  # noqa: E402
-from mimscale.data.loader import ShardedBatchSampler  # noqa: E402
+from mimscale.data.sampler import ShardedBatchSampler  # noqa: E402
 
 S = 32
 SIZES = [(320, 240), (240, 320), (97, 61), (40, 30), (640, 480), (500, 333)]  # (W, H) of position i % 6

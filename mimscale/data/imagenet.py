@@ -1,6 +1,9 @@
-"""Listing an ImageNet-layout folder: which files, in which global order, with which labels.
+"""The one listing of an ImageNet-layout folder: which files, in which global order, with which labels.
 
-Layouts read (``<root>`` is the ImageNet root, ``<split>`` is ``train`` or ``val``):
+Every reader of image folders goes through it (the trainer's folder source, data_prep's WebDataset
+and FFCV writers, evaluation), so a global sample index means the same file everywhere.
+
+Layouts read (``<root>`` is the folder given, ``<split>`` is ``train``, ``val``, ...):
 
 - foldered: ``<root>/<split>/<wnid>/<file>`` (``train`` always; ``val`` when it has subfolders).
 - flat val: ``<root>/val/<file>`` plus a ground-truth CSV, looked for as
@@ -8,16 +11,17 @@ Layouts read (``<root>`` is the ImageNet root, ``<split>`` is ``train`` or ``val
   Two CSV forms are recognised by their header: Kaggle's ``ImageId,PredictionString`` (ImageId
   without extension; the first token of PredictionString is the wnid) and a 2-column
   ``file,wnid`` CSV (file with or without its extension).
+- class folders (``list_folder`` only, when ``<root>/<split>`` is not a folder): ``<root>/<class>/<file>``.
 
-Image files are those whose lower-cased name ends in one of ``IMAGE_EXTS``, the same set
-``mimscale.data.sources.FolderSource`` reads, so that the indices agree.
+Image files are those whose lower-cased name ends in one of ``IMAGE_EXTS``.
 
 Classes: the lines of ``<root>/synsets.txt`` (``wnid<TAB>name`` or ``wnid name``) in order, which
-for ImageNet is the sorted wnid order; without it, the sorted wnids of ``train/`` (or of the val
-folders/CSV when there is no ``train/``). A wnid outside that list is an error naming it.
+for ImageNet is the sorted wnid order; without it, the sorted wnids of ``train/`` (or of the
+split's own folders, or of the val CSV, when there is no ``train/``). A class folder without
+images keeps its class index. A wnid outside the class list is an error naming it.
 
 Global sample index: position in the listing sorted by (class folder, file name) for foldered
-layouts, by file name for flat val. For foldered layouts this equals FolderSource's index.
+layouts, by file name for flat val. synsets.txt changes labels, never the order.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-IMAGE_EXTS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")  # = mimscale.data.sources.IMAGE_EXTS
+IMAGE_EXTS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 KAGGLE_CSV = "LOC_val_solution.csv"
 _FILE_COLS = ("file", "filename", "file_name", "path", "image", "imageid", "image_id", "name")
 _WNID_COLS = ("wnid", "synset", "class", "label")
@@ -41,11 +45,11 @@ class LayoutError(ValueError):
 
 @dataclass
 class Listing:
-    split_dir: Path
+    split_dir: Path  # the folder the files are relative to
     split: str
     classes: list[str]  # wnids in class-index order
     files: list[str]  # paths relative to split_dir, in global-index order
-    labels: np.ndarray  # int64 class index per file
+    labels: np.ndarray  # [N] int64 class index per file
 
     def __len__(self) -> int:
         return len(self.files)
@@ -70,11 +74,13 @@ def _images(folder: Path) -> list[str]:
 
 
 def _subdirs(folder: Path) -> list[str]:
+    # sorted: os.scandir's order is the filesystem's (hash order on ext4), not stable across copies
     return sorted(e.name for e in os.scandir(folder) if e.is_dir())
 
 
 def read_synsets(root: Path) -> list[str] | None:
-    path = root / "synsets.txt"
+    """The wnids of ``<root>/synsets.txt`` in line order, or None when there is no such file."""
+    path = Path(root) / "synsets.txt"
     if not path.is_file():
         return None
     wnids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
@@ -129,12 +135,9 @@ def _read_val_csv(path: Path, kind: str) -> dict[str, str]:
     return out
 
 
-def list_split(root: str | Path, split: str) -> Listing:
-    """The files of ``<root>/<split>`` in global-index order with their labels."""
-    root = Path(root)
-    split_dir = root / split
-    if not split_dir.is_dir():
-        raise LayoutError(f"{split_dir} is not a folder (expected <root>/{split}/<wnid>/<image> files)")
+def _list(root: Path, split_dir: Path, split: str) -> Listing:
+    """The files under ``split_dir`` (class folders, else flat with a CSV); synsets.txt, train/
+    and the CSV are looked for from ``root``."""
     synsets = read_synsets(root)
     folders = _subdirs(split_dir)
     if folders:
@@ -142,7 +145,7 @@ def list_split(root: str | Path, split: str) -> Listing:
         if synsets is not None:
             classes = synsets
         elif split != "train" and (root / "train").is_dir():
-            classes = _subdirs(root / "train")
+            classes = _subdirs(root / "train")  # val labels follow train's class order
         else:
             classes = folders
         label = _labeler(classes)
@@ -159,8 +162,8 @@ def list_split(root: str | Path, split: str) -> Listing:
         if found is None:
             raise LayoutError(
                 f"{split_dir} holds no class folders, and no ground-truth CSV was found: looked for "
-                f"{split_dir / KAGGLE_CSV}, {root / KAGGLE_CSV} and any *.csv with a header "
-                f"'ImageId,PredictionString' or 'file,wnid' in {split_dir} and {root}"
+                f"{root / 'val' / KAGGLE_CSV}, {root / KAGGLE_CSV} and any *.csv with a header "
+                f"'ImageId,PredictionString' or 'file,wnid' in {root / 'val'} and {root}"
             )
         truth = _read_val_csv(*found)
         wnids = []
@@ -180,3 +183,23 @@ def list_split(root: str | Path, split: str) -> Listing:
     if not files:
         raise LayoutError(f"{split_dir} holds no images with extensions {IMAGE_EXTS}")
     return Listing(split_dir, split, list(classes), files, np.asarray(labels, dtype=np.int64))
+
+
+def list_split(root: str | Path, split: str) -> Listing:
+    """The files of ``<root>/<split>`` in global-index order with their labels (data_prep, eval)."""
+    root = Path(root)
+    split_dir = root / split
+    if not split_dir.is_dir():
+        raise LayoutError(f"{split_dir} is not a folder (expected <root>/{split}/<wnid>/<image> files)")
+    return _list(root, split_dir, split)
+
+
+def list_folder(root: str | Path, split: str = "train") -> Listing:
+    """The trainer's ``data.path``: ``<root>/<split>`` when that folder exists (as ``list_split``),
+    else ``<root>`` itself holding the class folders (synsets.txt looked for in ``<root>``)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise LayoutError(f"{root} is not a folder (expected <root>/{split}/<wnid>/<image> or <root>/<class>/<image> files)")
+    if (root / split).is_dir():
+        return _list(root, root / split, split)
+    return _list(root, root, split)

@@ -2,10 +2,10 @@
 per-batch map lookup, and what a checkpoint and the summary record.
 
 The Trainer calls (all ranks, same order):
-  restore(client)      after loading a checkpoint
+  load_state_dict(s)   after loading a checkpoint (generation and refresh records)
   before_step(step)    refreshes when ``step`` is a scheduled refresh step; returns seconds spent
   host_inputs(batch)   {"attn": [B, L] float16} on the host, moved to the device with the batch
-  client_state(), marker_extra(), after_save(), summary()
+  state_dict(), marker_extra(), after_save(), summary()
 
 Refresh (each rank): one whole-image pass over its share of the dataset (data/full_pass.py),
 the no-grad CLS-attention forward of the current encoder (ViTEncoder cls_attention mode, so
@@ -15,7 +15,6 @@ in lockstep: a rank whose share is done runs dummy forwards until the last rank 
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from typing import Optional
@@ -24,9 +23,9 @@ import deepspeed.comm as ds_comm
 import torch
 
 from mimscale import checkpoint, dist
-from mimscale.data.full_pass import open_full_pass
+from mimscale.data.streams import open_full_pass
 from mimscale.masking.amt_store import AttentionStore, prune
-from mimscale.masking.base import LoopHooks
+from mimscale.hooks.base import LoopContext, LoopHooks
 
 
 def parse_when(text: str, total_epochs: float) -> float:
@@ -53,13 +52,13 @@ def refresh_steps(first: str, every: str, total_steps: int, steps_per_epoch: int
         k += 1
 
 
-class AMTRuntime(LoopHooks):
-    def __init__(self, trainer):
-        self.t = trainer
-        self.cfg = trainer.cfg.masking.amt
-        self.num_samples = len(trainer.source)
-        self.num_patches = trainer.num_patches
-        self.schedule = refresh_steps(self.cfg.first_refresh, self.cfg.refresh_every, trainer.total_steps, trainer.steps_per_epoch)
+class AMTRefresh(LoopHooks):
+    def __init__(self, ctx: LoopContext):
+        self.t = ctx
+        self.cfg = ctx.cfg.masking.amt
+        self.num_samples = len(ctx.source)
+        self.num_patches = ctx.num_patches
+        self.schedule = refresh_steps(self.cfg.first_refresh, self.cfg.refresh_every, ctx.total_steps, ctx.steps_per_epoch)
         self.generation = 0  # refreshes done = index into the schedule
         self.store: Optional[AttentionStore] = None
         self.records: list[dict] = []
@@ -67,15 +66,17 @@ class AMTRuntime(LoopHooks):
         dist.log0(f"[mimscale] AMT: attention refreshes before steps {self.schedule or 'none (the run is too short)'}")
 
     # ------------------------------------------------------------------ checkpoint state
-    def client_state(self) -> dict:
-        return {"amt_generation": self.generation, "amt_refreshes": self.records}
+    def state_dict(self) -> dict:
+        return {"generation": self.generation, "refreshes": self.records}
 
     def marker_extra(self) -> dict:
         return {"amt_generation": self.generation}
 
-    def restore(self, client: dict, rank_state: dict) -> None:
-        self.generation = int(client.get("amt_generation", 0))
-        self.records = list(client.get("amt_refreshes", []))
+    def load_state_dict(self, state: dict) -> None:
+        if not state:  # a checkpoint of a run without AMT's store (e.g. another method): nothing refreshed yet
+            return
+        self.generation = int(state["generation"])
+        self.records = list(state["refreshes"])
         if not self.generation:
             return
         if AttentionStore.complete(self.t.out, self.generation) is None:
@@ -90,7 +91,7 @@ class AMTRuntime(LoopHooks):
             return
         keep = {self.generation}
         for _, d in checkpoint.complete_tags(checkpoint.checkpoint_root(self.t.out)):
-            keep.add(int(json.loads((d / checkpoint.MARKER).read_text()).get("amt_generation", 0)))
+            keep.add(int(checkpoint.read_marker(d).get("amt_generation", 0)))
         prune(self.t.out, keep)
 
     # ------------------------------------------------------------------ per step
@@ -119,8 +120,8 @@ class AMTRuntime(LoopHooks):
         model = t.engine.module
         encoder = model.encoder
         dtype = encoder.patch_embed.proj.weight.dtype
-        lockstep = t.eng.zero_stage == 3
-        batch_size = cfg.refresh_batch or 4 * t.eng.micro_batch
+        lockstep = t.zero_stage == 3
+        batch_size = cfg.refresh_batch or 4 * t.micro_batch
         loader = open_full_pass(t.cfg.data, t.source, t.cfg.model.img_size, batch_size, t.rank, t.world, t.cfg.train.seed)
         it, done = iter(loader), False
         written = skipped = 0
@@ -180,6 +181,5 @@ class AMTRuntime(LoopHooks):
         metrics = {"amt_refresh_s": seconds, "amt_generation": float(generation)}
         if record["pct_of_epoch"] is not None and math.isfinite(record["pct_of_epoch"]):
             metrics["amt_refresh_pct_of_epoch"] = record["pct_of_epoch"]
-        if dist.is_rank0():
-            t.tracker.log_metrics(metrics, step)
+        t.log_metrics(metrics, step)
         return seconds

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from mimscale.masking.base import LoopHooks
+from mimscale.hooks.base import LoopHooks
 
 
 def persisted(p: torch.Tensor) -> bool:
@@ -65,11 +65,11 @@ class EMAHooks(LoopHooks):
             if persisted(e):  # the whole copy was updated: keep the partition (saved) in step
                 write_partition(e, e.data)
 
-    def rank_state(self) -> dict:
-        return {"ema_shadow": self.shadow}
+    def rank_state_dict(self) -> dict:
+        return {"ema_shadow": self.shadow}  # this rank's slices: saved per rank
 
-    def restore(self, client: dict, rank_state: dict) -> None:
-        shadow = rank_state.get("ema_shadow")
+    def load_rank_state_dict(self, state: dict) -> None:
+        shadow = state.get("ema_shadow")
         # None (a checkpoint from before the first step, or another world size): restart the
         # fp32 average from the EMA weights the checkpoint restored
         self.shadow = None if shadow is None else [s.to(ema_view(e).device) for s, (_, e) in zip(shadow, self.pairs)]

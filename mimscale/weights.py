@@ -1,0 +1,233 @@
+"""The one reader of trained weights: a run's checkpoint, an export, or a plain state-dict file.
+
+``locate(path)`` tells which of three kinds ``path`` is:
+  - ``checkpoint``: a tag directory (``checkpoints/stepN`` with its COMPLETE marker), a
+    ``checkpoints`` directory or a run's output_dir (its newest complete tag). Any ZeRO stage,
+    consolidated on the CPU by DeepSpeed's zero_to_fp32, lazily: only the submodules asked for are
+    assembled (not a masker's, an EMA's or C-MAE's target copies). The model comes from the tag's
+    ``config.yaml`` (older tags: the run's);
+  - ``export`` (``python -m mimscale.export``): its directory, its ``config.json``, or a weights
+    file with a ``config.json`` beside it. The model comes from ``config.json``'s ``mimscale.model``;
+  - ``file``: any other state-dict file, ``.safetensors`` or a torch pickle (``.pt``/``.pth``/
+    ``.bin``), e.g. timm's, optionally nested under "model"/"state_dict"/"module". It names no model.
+Encoder state dicts come back in ViTEncoder's keys and shapes, fp32: ``patch_embed.proj.weight``
+[D, 3, P, P], ``cls_token`` [1, 1, D], ``blocks.<i>.*``, ``norm.weight`` [D]; decoder ones in
+MAEDecoder's. ``checked_state`` is the one check that a state dict fits a module (every key there,
+every shape equal). Nothing here needs a process group.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import safetensors.torch
+import torch
+import yaml
+
+from mimscale.checkpoint import CONFIG, MARKER, resolve_resume
+from mimscale.models.decoder import MAEDecoder
+from mimscale.models.registry import ENCODERS
+from mimscale.models.vit import ViTEncoder
+
+EXPORT_CONFIG = "config.json"
+EXPORT_ENCODER = "encoder.safetensors"
+EXPORT_DECODER = "decoder.safetensors"
+EXTRACTOR_KEY = "masking.automae.extractor_checkpoint"  # how load_encoder_state's one caller names its path
+
+WRAPPERS = ("model", "state_dict", "module")  # dict keys training scripts nest their weights under
+PREFIXES = ("module.", "model.")  # key prefixes of DDP / DeepSpeed / EMA wrappers
+HEAD = ("head.", "fc_norm.", "head_drop.")  # a timm classifier's head: not part of an encoder
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Where weights are. ``path``: the tag directory (checkpoint) or the weights file (export,
+    file). ``config``: the file naming the model (config.yaml, config.json); None when there is none."""
+
+    kind: str  # "checkpoint", "export" or "file"
+    path: Path
+    config: Optional[Path]
+
+    @property
+    def stamp(self) -> Path:
+        """A file that changes whenever the weights can have: a tag's marker (written last), else the file."""
+        return self.path / MARKER if self.kind == "checkpoint" else self.path
+
+
+def locate(path: str | Path, label: str = "checkpoint") -> Weights:
+    """What ``path`` is (see the module docstring). ``label``: what errors call the path."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{label} {str(path)!r} does not exist (no such file or directory; expected a "
+                                "mimscale checkpoint, an export or a state-dict file)")
+    if p.is_file():
+        if p.name == EXPORT_CONFIG:
+            return Weights("export", p.parent / EXPORT_ENCODER, p)
+        beside = p.parent / EXPORT_CONFIG
+        return Weights("export", p, beside) if beside.is_file() else Weights("file", p, None)
+    if (p / EXPORT_CONFIG).is_file():
+        return Weights("export", p / EXPORT_ENCODER, p / EXPORT_CONFIG)
+    try:
+        tag = resolve_resume(str(p.resolve()), p)  # resolved: a folder named "auto" or "never" is a path
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{label} {path} holds no complete checkpoint: expected a checkpoints/stepNNNNNNNN directory with a "
+            f"{MARKER} marker (a save that was cut off has none), a checkpoints directory, or a run's output_dir") from None
+    config = next((c for c in (tag / CONFIG, tag.parent.parent / CONFIG) if c.is_file()), None)
+    return Weights("checkpoint", tag, config)
+
+
+def _model_config(src: Weights) -> dict:
+    """The raw ``model`` mapping of ``src``'s config file (a run's config.yaml, an export's config.json)."""
+    if src.config is None:
+        if src.kind == "file":
+            raise FileNotFoundError(f"{src.path} has no {EXPORT_CONFIG} beside it: pass the export directory")
+        raise FileNotFoundError(f"checkpoint {src.path} has no {CONFIG} (nor has its run folder "
+                                f"{src.path.parent.parent}): the model it holds is unknown")
+    if src.kind == "checkpoint":
+        return (yaml.safe_load(src.config.read_text()) or {}).get("model", {})
+    return json.loads(src.config.read_text()).get("mimscale", {}).get("model", {})
+
+
+def model_section(src: Weights) -> dict:
+    """{name, img_size, patch_size} of ``src``'s model, the name checked (patch_size None: the preset's)."""
+    model = _model_config(src)
+    name = model.get("name")
+    if name not in ENCODERS:
+        raise ValueError(f"{src.config}: model.name {name!r} is not one of {', '.join(ENCODERS)}")
+    return {"name": name, "img_size": int(model.get("img_size", 224)), "patch_size": model.get("patch_size")}
+
+
+def run_model(src: Weights) -> dict:
+    """The whole ``model`` config (a run's decoder_* and norm_pix_loss too), the checked section on top."""
+    return {**_model_config(src), **model_section(src)}
+
+
+def marker(tag: Path) -> dict:
+    """The facts a tag's COMPLETE marker records (step, world_size, ...)."""
+    return json.loads((tag / MARKER).read_text() or "{}")
+
+
+def _check_shards(tag: Path) -> None:
+    """Every rank's optimizer shard (which holds its fp32 master weights) and the model states file."""
+    world = int(marker(tag).get("world_size", 1))
+    missing = [f"*zero_pp_rank_{r}_mp_rank_*_optim_states.pt" for r in range(world)
+               if not any(tag.glob(f"*zero_pp_rank_{r}_mp_rank_*_optim_states.pt"))]
+    if not any(tag.glob("*model_states.pt")):
+        missing.append("*model_states.pt")
+    if missing:
+        raise FileNotFoundError(f"checkpoint {tag} (written by {world} ranks) is incomplete: missing {', '.join(missing)}")
+
+
+def consolidate(tag: Path, parts: tuple[str, ...] = ("encoder",)) -> dict[str, dict[str, torch.Tensor]]:
+    """{part: its fp32 tensors, keys without the ``part.`` prefix} of a ZeRO checkpoint of any stage,
+    for top-level submodules of the trained MIMModel ("encoder", "decoder"); {} for one it lacks."""
+    _check_shards(tag)
+    try:
+        # DeepSpeed binds its logger to the stdout of its import and prints progress: both go to
+        # stderr, so a CLI's stdout stays its result. Imported here, not at the top: importing it
+        # costs seconds, and readers of exports and files never need it.
+        with contextlib.redirect_stdout(sys.stderr):
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            lazy = get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name, lazy_mode=True)
+            # contiguous(): assembles one tensor; views of one flat shard otherwise
+            return {part: {k[len(part) + 1:]: v.contiguous() for k, v in lazy.items() if k.startswith(part + ".")}
+                    for part in parts}
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # DeepSpeed's own errors (a truncated shard, another format), named with the checkpoint
+        raise ValueError(f"checkpoint {tag} could not be consolidated: {type(e).__name__}: {e}") from e
+
+
+def read_file(path: Path) -> dict:
+    """A state-dict file as saved: safetensors, else a torch pickle (tensors and containers only)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist (an export without its weights?)")
+    if path.suffix == ".safetensors":
+        return safetensors.torch.load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def strip(state: dict) -> dict:
+    """Bare module keys: unnested from WRAPPERS, wrapper PREFIXES dropped, and of a whole MIM model
+    (``encoder.*`` keys next to ``decoder.*``, ``masker.*``) the encoder's alone."""
+    for _ in range(3):
+        for w in WRAPPERS:
+            if isinstance(state.get(w), dict):
+                state = state[w]
+    bare = {}
+    for k, v in state.items():
+        while k.startswith(PREFIXES):
+            k = k.split(".", 1)[1]
+        bare[k] = v
+    if any(k.startswith("encoder.") for k in bare):
+        bare = {k[len("encoder."):]: v for k, v in bare.items() if k.startswith("encoder.")}
+    return bare
+
+
+def encoder_state(src: Weights) -> dict[str, torch.Tensor]:
+    """The encoder's tensors of ``src`` in fp32, unchecked. A ``pos_embed`` (timm's learned one, an
+    export's copy of the sin-cos) is dropped: ViTEncoder's is a fixed buffer that it rebuilds."""
+    state = consolidate(src.path)["encoder"] if src.kind == "checkpoint" else strip(dict(read_file(src.path)))
+    state.pop("pos_embed", None)
+    return {k: v.float() for k, v in state.items() if torch.is_tensor(v) and not k.startswith(HEAD)}
+
+
+def load_encoder_state(path: str | Path, label: str = EXTRACTOR_KEY) -> dict[str, torch.Tensor]:
+    """The encoder's tensors from any path ``locate`` takes (AutoMAE's frozen extractor reads them)."""
+    return encoder_state(locate(path, label))
+
+
+def checked_state(state: dict, reference: torch.nn.Module, what: str, source: Optional[Path] = None) -> dict:
+    """``state`` restricted to ``reference``'s keys, which must all be there with the same shapes
+    (``reference`` may live on the meta device). ``what`` ("encoder") and ``source`` name it in errors."""
+    want = reference.state_dict()
+    where = f"the {what} weights" + (f" in {source}" if source else "")
+    missing = [k for k in want if k not in state]
+    if missing:
+        raise ValueError(f"{where} lack {len(missing)} of {len(want)} tensors, e.g. {missing[:3]}")
+    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in want.items() if state[k].shape != v.shape]
+    if wrong:
+        raise ValueError(f"{where} do not fit the model in the config: {'; '.join(wrong[:3])}")
+    return {k: state[k] for k in want}
+
+
+def build_encoder(model: dict) -> ViTEncoder:
+    """An untrained ViTEncoder for a model section {name, img_size, patch_size}."""
+    return ViTEncoder(ENCODERS[model["name"]], img_size=model["img_size"], patch_size=model["patch_size"])
+
+
+def build_decoder(section: dict) -> MAEDecoder:
+    """An untrained MAEDecoder for an export's ``decoder`` section (export.decoder_section)."""
+    s = section
+    return MAEDecoder(s["encoder_dim"], s["grid"], s["patch_size"], dim=s["decoder_dim"], depth=s["depth"],
+                      heads=s["heads"], mlp_ratio=s["mlp_ratio"])
+
+
+def load_encoder(path: str | Path, label: str = "checkpoint") -> tuple[ViTEncoder, dict]:
+    """(ViTEncoder in fp32 and eval mode with the weights at ``path``, its model section)."""
+    src = locate(path, label)
+    model = model_section(src)
+    encoder = build_encoder(model)
+    encoder.load_state_dict(checked_state(encoder_state(src), encoder, "encoder", src.path))
+    return encoder.float().eval(), model
+
+
+def load_decoder(path: str | Path) -> tuple[MAEDecoder, dict]:
+    """(MAEDecoder in fp32 and eval mode with an export's decoder weights, its config section)."""
+    src = locate(path, "export")
+    if src.kind != "export":
+        raise FileNotFoundError(f"{path} is not an export (no {EXPORT_CONFIG} in it)")
+    out = src.config.parent
+    section = json.loads(src.config.read_text()).get("decoder")
+    if section is None or not (out / EXPORT_DECODER).is_file():
+        raise FileNotFoundError(f"{out} holds no decoder (exported with --no-decoder, or its run had none)")
+    decoder = build_decoder(section)
+    state = {k: v.float() for k, v in read_file(out / EXPORT_DECODER).items()}  # its pos_embed: not a weight, dropped
+    decoder.load_state_dict(checked_state(state, decoder, "decoder", out / EXPORT_DECODER))
+    return decoder.float().eval(), section

@@ -1,0 +1,134 @@
+"""mimscale.data's import graph: no cycles (function-level imports count), imports point down.
+
+The graph is read from the source (ast), not from sys.modules: an import inside a function is an
+edge too, and importing ``a.b.c`` executes ``a/__init__`` and ``a/b/__init__`` first.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+PKG = REPO / "mimscale"
+# Function-level imports allowed in mimscale.data: optional heavy third-party packages, and the one
+# module that is nothing but the binding of one (importing ffcv_loader imports ffcv and numba).
+LAZY_OK = {"ffcv", "numba", "mlflow", "matplotlib", "mimscale.data.ffcv_loader"}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for p in PKG.rglob("*.py")}
+
+
+def _imports(path: Path, modules: dict[str, Path]) -> list[tuple[str, bool]]:
+    """(imported name, at function level) for every import statement in the file, with
+    ``from pkg import sub`` resolved to the submodule when ``pkg.sub`` is a module."""
+    tree = ast.parse(path.read_text())
+    out = []
+
+    def visit(node, in_function: bool):
+        for child in ast.iter_child_nodes(node):
+            inner = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            if isinstance(child, ast.Import):
+                out.extend((a.name, in_function) for a in child.names)
+            elif isinstance(child, ast.ImportFrom) and child.module and child.level == 0:
+                subs = [f"{child.module}.{a.name}" for a in child.names if f"{child.module}.{a.name}" in modules]
+                if len(subs) < len(child.names):  # some names come from the module itself
+                    out.append((child.module, in_function))
+                out.extend((m, in_function) for m in subs)  # (the graph adds their packages)
+            visit(child, inner)
+
+    visit(tree, False)
+    return out
+
+
+def _graph() -> dict[str, set[str]]:
+    """module -> mimscale modules its import statements execute (packages' __init__ included)."""
+    modules = _modules()
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for name, path in modules.items():
+        for imported, _ in _imports(path, modules):
+            parts = imported.split(".")
+            for k in range(1, len(parts) + 1):  # a.b.c runs a, a.b, a.b.c
+                target = ".".join(parts[:k])
+                if target in modules and target != name:
+                    graph[name].add(target)
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def strong(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                strong(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            strong(v)
+    return out
+
+
+def test_no_data_module_in_an_import_cycle():
+    graph = _graph()
+    assert "mimscale.data.streams" in graph and "mimscale.data.imagenet" in graph
+    bad = [c for c in _cycles(graph) if any(m.startswith("mimscale.data") for m in c)]
+    assert not bad, f"import cycles through mimscale.data: {bad}"
+
+
+def test_cycle_finder_sees_function_level_imports(tmp_path):
+    assert _cycles({"a": {"b"}, "b": {"a"}, "c": {"a"}}) == [["a", "b"]]
+    probe = tmp_path / "probe.py"
+    probe.write_text("import os\ndef f():\n    from mimscale.data import streams\n")
+    found = _imports(probe, _modules())
+    assert ("mimscale.data.streams", True) in found and ("os", False) in found
+
+
+def test_data_function_level_imports_are_only_heavy_optional_deps():
+    modules = _modules()
+    found = []
+    for name, path in modules.items():
+        if not name.startswith("mimscale.data"):
+            continue
+        for imported, lazy in _imports(path, modules):
+            if lazy and not any(imported == ok or imported.startswith(ok + ".") for ok in LAZY_OK):
+                found.append(f"{name}: {imported}")
+    assert not found, f"function-level imports in mimscale.data other than heavy optional deps: {found}"
+
+
+def test_data_reaches_no_layer_above_it():
+    """data is at the bottom: nothing it imports, directly or not, is a model, masker, objective,
+    loop hook, the engine or an entry point (small shared modules such as dist are fine)."""
+    graph = _graph()
+    above = ("mimscale.models", "mimscale.masking", "mimscale.objectives", "mimscale.hooks", "mimscale.engine",
+             "mimscale.eval", "mimscale.export", "mimscale.pretrain", "mimscale.methods", "mimscale.bench")
+    reached, todo = set(), [m for m in graph if m.startswith("mimscale.data")]
+    while todo:
+        for t in graph[todo.pop()] - reached:
+            reached.add(t)
+            todo.append(t)
+    up = sorted(m for m in reached if m.startswith(above))
+    assert not up, f"mimscale.data reaches modules above it: {up}"
