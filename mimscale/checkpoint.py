@@ -159,6 +159,7 @@ def _legacy_parts(client: dict, rank_state: dict) -> tuple[dict, dict]:
         "train": {"step": client["mim_step"], "samples_seen": client["mim_samples_seen"],
                   "skipped": client.get("mim_skipped_images", 0), "converted": client.get("mim_converted_images", 0)},
         "tracking": {"run_id": client.get("mim_mlflow_run_id")},
+        "data": {},  # per rank only
         "method": {"generation": client["amt_generation"], "refreshes": client.get("amt_refreshes", [])}
         if "amt_generation" in client else {},
     }

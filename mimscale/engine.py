@@ -73,7 +73,7 @@ class Trainer:
         self.cfg = cfg
         self.stop_request = stop_request or StopRequest()
         self.eng = eng
-        self.method = methods.get(cfg.masking.method)
+        self.method = methods.of(cfg)
         self.rank, self.world = dist.rank(), dist.world_size()
         self.device = dist.device()
         self.out = Path(cfg.output_dir)
@@ -332,7 +332,7 @@ class Trainer:
             "zero_stage": self.eng.zero_stage,
             "mlflow_tracking_uri": self.tracker.uri,
             "mlflow_run_id": self.tracking.run_id,
-            "masking": self.cfg.masking.method,
+            "masking": self.method.name,
             # fractions of the patches in the last batch's plan
             "mask_fractions": plan.fractions() if plan is not None else None,
             # the last log window's loss terms (loss_rec; AutoMAE: loss_g, loss_d, d_real, d_fake)

@@ -166,7 +166,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, decoder: Optional
     parts = weights.consolidate(tag, ("encoder", "decoder") if decoder is not False else ("encoder",))
     enc, dec = parts["encoder"], parts.get("decoder") or None
     if decoder and dec is None:
-        raise ValueError(f"checkpoint {tag} has no MAE decoder (masking.method without one): export with --no-decoder")
+        raise ValueError(f"checkpoint {tag} has no MAE decoder (its method builds none): export with --no-decoder")
     return write_export(out, model, enc, dec, dtype=dtype, source=str(tag.resolve()), step=weights.marker(tag).get("step"),
                         force=force)
 

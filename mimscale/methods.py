@@ -249,6 +249,16 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 MethodName = Literal[tuple(METHODS)]
 
 
+def of(cfg) -> Method:
+    """The entry of the run's method (``masking.method``): the one place that key is read."""
+    return get(cfg.masking.method)
+
+
+def select(name: str) -> str:
+    """The ``--set`` override that selects method ``name`` (or its alias)."""
+    return f"masking.method={get(name).name}"
+
+
 def get(name: str) -> Method:
     """The entry for ``masking.method`` = ``name`` (or its alias)."""
     for m in METHODS.values():
@@ -271,19 +281,19 @@ def check_all(cfg) -> None:
 
 def model_flops(cfg, visible: int, masked: int) -> float:
     """Training FLOPs per image of ``cfg``'s method at plan sizes (visible, masked)."""
-    m = get(cfg.masking.method)
+    m = of(cfg)
     return (m.flops or reconstruction_flops)(cfg, visible, masked)
 
 
 def build_hooks(cfg, ctx: LoopContext) -> LoopHooks:
     """The method's loop hooks; ``LoopHooks()`` (which does nothing) when it has none."""
-    m = get(cfg.masking.method)
+    m = of(cfg)
     return (m.hooks(cfg, ctx) if m.hooks is not None else None) or LoopHooks()
 
 
 def build_model(cfg) -> MIMModel:
     """Encoder, decoder (if the method needs one), masker and objective from a Config."""
-    method = get(cfg.masking.method)
+    method = of(cfg)
     spec = ENCODERS[cfg.model.name]
     encoder = ViTEncoder(spec, img_size=cfg.model.img_size, patch_size=cfg.model.patch_size)
     m = cfg.model

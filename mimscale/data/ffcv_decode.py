@@ -28,14 +28,13 @@ import math
 from dataclasses import replace
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, types
-from numba.extending import intrinsic
-
 from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder
 from ffcv.libffcv import imdecode, resize_crop
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
 PARAMS = 9

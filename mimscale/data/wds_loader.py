@@ -57,7 +57,8 @@ class ShardIndex:
         path = Path(path)
         manifest = path if path.is_file() else path / f"{split}-manifest.json"
         if not manifest.is_file():
-            raise FileNotFoundError(f"data.path {path}: no {manifest.name} (write shards with: python -m data_prep.wds --src <ImageNet root> --split {split} --out {path})")
+            raise FileNotFoundError(f"data.path {path}: no {manifest.name} (write shards with: "
+                                    f"python -m data_prep.wds --src <ImageNet root> --split {split} --out {path})")
         m = json.loads(manifest.read_text())
         if m.get("format") != MANIFEST_FORMAT:
             raise ValueError(f"{manifest}: format {m.get('format')!r}, expected {MANIFEST_FORMAT!r}")

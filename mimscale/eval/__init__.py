@@ -4,11 +4,7 @@ features.py  which encoder, which data; whole-image feature extraction, cache, m
 probe.py     linear probe (BatchNorm1d without affine + Linear) on frozen features
 knn.py       weighted kNN (k = 20, T = 0.07), chunked
 cka.py       linear CKA of full vs occluded images per block; the trainer's ``health_check``
-"""
-from mimscale.eval.cka import cka_by_block, health_check, linear_cka, summarize
-from mimscale.eval.features import extract_features, open_checkpoint, split_features
-from mimscale.eval.knn import knn_classify
-from mimscale.eval.probe import linear_probe
 
-__all__ = ["cka_by_block", "extract_features", "health_check", "knn_classify", "linear_cka", "linear_probe",
-           "open_checkpoint", "split_features", "summarize"]
+Import what you use from its module (``from mimscale.eval.probe import linear_probe``): this
+package imports none of them, so they can import each other without a cycle.
+"""

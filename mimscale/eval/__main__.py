@@ -23,6 +23,16 @@ import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import json  # noqa: E402
 
+import numpy as np  # noqa: E402
+
+from mimscale import dist  # noqa: E402
+from mimscale.data.imagenet import LayoutError, list_split  # noqa: E402
+from mimscale.data.sources import FolderSource  # noqa: E402
+from mimscale.eval.cka import DEFAULT_RATIOS, check_ratios, cka_by_block, pick_whole_images, plot, summarize  # noqa: E402
+from mimscale.eval.features import ListedImages, OptionError, eval_splits, log, open_checkpoint, split_features  # noqa: E402
+from mimscale.eval.knn import knn_classify  # noqa: E402
+from mimscale.eval.probe import linear_probe  # noqa: E402
+
 
 def _positive(kind, allow_zero: bool = False):
     """argparse type: a number > 0 (>= 0 with allow_zero); argparse names the option in its error."""
@@ -39,8 +49,6 @@ def _positive(kind, allow_zero: bool = False):
 
 
 def _ratios(text: str) -> tuple[float, ...]:
-    from mimscale.eval.cka import check_ratios
-
     try:
         return check_ratios(float(t) for t in text.split(",") if t.strip())
     except ValueError as e:
@@ -97,9 +105,6 @@ def _fail(e: Exception) -> tuple[int, str]:
 
 def run_features_task(args) -> tuple[int, str]:
     """probe / knn -> (exit status, what to print on stdout)."""
-    from mimscale import dist
-    from mimscale.eval.features import OptionError, eval_splits, log, open_checkpoint, split_features
-
     try:  # every argument problem surfaces on every rank before any process group exists
         ckpt = open_checkpoint(args.checkpoint, args.seed)
         splits = eval_splits(args.data, args.source, args.train_data, args.val_data, args.workers)
@@ -121,13 +126,9 @@ def run_features_task(args) -> tuple[int, str]:
         log(f"evaluating on {splits[1].split}/ (no val/ split)")
     fit_device = dist.device()
     if args.task == "probe":
-        from mimscale.eval.probe import linear_probe
-
         res = linear_probe(feats.train_f, feats.train_y, feats.val_f, feats.val_y, feats.classes, epochs=args.epochs,
                            batch=args.probe_batch, lr=args.lr, weight_decay=args.wd, seed=args.seed, device=fit_device)
     else:
-        from mimscale.eval.knn import knn_classify
-
         res = knn_classify(feats.train_f, feats.train_y, feats.val_f, feats.val_y, feats.classes, k=args.k,
                            T=args.temperature, device=fit_device)
     res.update(pool=feats.pool, checkpoint=feats.checkpoint, model=feats.model, val_split=feats.val_split,
@@ -142,16 +143,8 @@ def run_features_task(args) -> tuple[int, str]:
 
 def run_cka(args) -> tuple[int, str]:
     """cka -> (exit status, what to print on stdout)."""
-    import numpy as np
-    import torch
-
-    from mimscale import dist
-    from mimscale.eval.cka import DEFAULT_RATIOS, cka_by_block, pick_whole_images, plot, summarize
-    from mimscale.eval.features import ListedImages, OptionError, log, open_checkpoint
-
     if dist.rank() != 0:  # a few hundred images: one process is enough
         return 0, ""
-    from mimscale.data.imagenet import LayoutError, list_split
 
     try:
         ckpt = open_checkpoint(args.checkpoint, args.seed)
@@ -162,8 +155,6 @@ def run_cka(args) -> tuple[int, str]:
     except OptionError as e:
         return _fail(e)
     if listing is None:
-        from mimscale.data.sources import FolderSource
-
         source = FolderSource(args.data, "")
     else:
         source = ListedImages(listing)
@@ -189,8 +180,6 @@ def main(argv=None) -> int:
     # stdout carries only the result (one JSON object with --json): anything else printed meanwhile
     # goes to stderr. DeepSpeed's logger writes to the stdout of the moment it is imported (here).
     with contextlib.redirect_stdout(sys.stderr):
-        from mimscale import dist
-
         dist.set_threads(args.threads)
         code, text = run_cka(args) if args.task == "cka" else run_features_task(args)
     if text:

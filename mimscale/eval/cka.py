@@ -28,6 +28,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 import torch
 
+from mimscale.data.full_pass import WholeImages
 from mimscale.eval.features import normalize
 from mimscale.models.vit import gather_tokens
 
@@ -115,7 +116,7 @@ def cka_by_block(encoder, images: torch.Tensor, ratios: Sequence[float] = DEFAUL
         x = normalize(images[a:a + batch].to(device)).to(weight.dtype)
         vis = {r: m[a:a + batch].to(device) for r, m in masks.items()}
 
-        def full_reduce(out):  # [b, 1 + L, D] -> per ratio [b, D]: the full view at the kept positions
+        def full_reduce(out, vis=vis):  # [b, 1 + L, D] -> per ratio [b, D]: the full view at the kept positions
             if tokens == "cls":
                 return {r: out[:, 0].float() for r in ratios}
             return {r: gather_tokens(out[:, 1:], vis[r]).float().mean(dim=1) for r in ratios}
@@ -188,8 +189,6 @@ def pick_whole_images(source, size: int, count: int, seed: int) -> torch.Tensor:
     name, label: folder, synthetic, a listing), at seeded random indices, in index order. An
     unreadable file is replaced by the next index of the permutation, so N = min(count, readable
     images) and the CLI, the quality benchmark and the in-training check measure on equal N."""
-    from mimscale.data.full_pass import WholeImages
-
     whole = WholeImages(source, size)
     picked: dict[int, torch.Tensor] = {}
     for i in np.random.default_rng(seed).permutation(len(source)):

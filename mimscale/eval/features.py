@@ -37,7 +37,13 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from mimscale import dist
+from mimscale.config import DataConfig
+from mimscale.data.imagenet import LayoutError, list_split
 from mimscale.data.normalize import normalize_uint8
+from mimscale.data.sources import FfcvFile
+from mimscale.data.streams import open_full_pass
+from mimscale.data.wds_loader import ShardIndex
 from mimscale.models.registry import ENCODERS
 from mimscale.weights import build_encoder, load_encoder, locate, model_section
 
@@ -144,8 +150,6 @@ class SplitData:
 
 
 def _data_cfg(source: str, path, split: str, num_workers: int):
-    from mimscale.config import DataConfig
-
     return DataConfig(source=source, path=str(path), split=split, num_workers=num_workers)
 
 
@@ -155,8 +159,6 @@ def open_split(data, split: str, source: str = "folder", num_workers: int = 2) -
         raise OptionError("--source", f"{source!r}: allowed values: {', '.join(SOURCES)}")
     path = Path(data)
     if source == "folder":
-        from mimscale.data.imagenet import LayoutError, list_split
-
         try:
             listing = list_split(path, split)
         except (LayoutError, OSError) as e:
@@ -164,8 +166,6 @@ def open_split(data, split: str, source: str = "folder", num_workers: int = 2) -
         ident = f"folder|{listing.split_dir.resolve()}|{len(listing)}|{listing.fingerprint()}"
         return SplitData(_data_cfg(source, path, split, num_workers), ListedImages(listing), split, ident, listing.classes)
     if source == "wds":
-        from mimscale.data.wds_loader import ShardIndex
-
         manifest = path / f"{split}-manifest.json"
         try:
             index = ShardIndex.load(path, split)
@@ -173,7 +173,6 @@ def open_split(data, split: str, source: str = "folder", num_workers: int = 2) -
             raise OptionError("--data", str(e)) from None
         ident = f"wds|{manifest.resolve()}|{manifest.stat().st_mtime_ns}|{len(index)}"
         return SplitData(_data_cfg(source, path, split, num_workers), index, split, ident, index.classes or None)
-    from mimscale.data.sources import FfcvFile
 
     option = "--train-data" if split == "train" else "--val-data"
     try:
@@ -235,8 +234,6 @@ def extract_share(encoder, split: SplitData, img_size: int, batch: int = 128, ra
                   device=None, pools=POOLS) -> dict:
     """This rank's share of one full pass -> {"index" [n] int64, "label" [n] int64, "skipped": int,
     <pool>: [n, D] float32 for each pool} (CPU tensors, in the order the pass produced them)."""
-    from mimscale.data.streams import open_full_pass
-
     device = torch.device(device or "cpu")
     encoder = encoder.to(device)
     dtype = encoder.patch_embed.proj.weight.dtype
@@ -310,8 +307,6 @@ def cached_split(ckpt: Checkpoint, split: SplitData, pool: str, cache_dir, get_e
     """{"feats" [N, D] float32, "labels" [N] int64, "index" [N], "skipped"} on rank 0, None on the
     others. Every rank must call it (the ranks meet at barriers when there is something to extract).
     ``get_encoder()`` is called (once per split at most) only when the entry is not cached."""
-    from mimscale import dist
-
     cache_dir = Path(cache_dir)
     path, ident = cache_file(cache_dir, ckpt, split, pool)
     dist.barrier()  # no rank checks the cache while another is still writing this invocation's entries
@@ -381,8 +376,6 @@ def split_features(checkpoint, data=None, *, pool: str = "cls", source: str = "f
     ``eval_splits`` result (else built from data/source/train_data/val_data). Call it on every rank
     of a launched job (process group initialized when there is more than one); returns the
     features on rank 0 and None on the others."""
-    from mimscale import dist
-
     if pool not in POOLS:
         raise OptionError("--pool", f"{pool!r}: allowed values: {', '.join(POOLS)}")
     if batch < 1:

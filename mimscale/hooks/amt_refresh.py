@@ -24,8 +24,8 @@ import torch
 
 from mimscale import checkpoint, dist
 from mimscale.data.streams import open_full_pass
-from mimscale.masking.amt_store import AttentionStore, prune
 from mimscale.hooks.base import LoopContext, LoopHooks
+from mimscale.masking.amt_store import AttentionStore, prune
 
 
 def parse_when(text: str, total_epochs: float) -> float:

@@ -24,8 +24,7 @@ import torch
 from torch import nn
 
 from mimscale.masking.amt_ops import align_maps
-from mimscale.masking.automae_parts import (Discriminator, MaskGenerator, gumbel_mask, lsgan_terms, pseudo_masks,
-                                            straight_through_topk)
+from mimscale.masking.automae_parts import Discriminator, MaskGenerator, gumbel_mask, lsgan_terms, pseudo_masks, straight_through_topk
 from mimscale.masking.base import Masker, MaskPlan, plan_sizes
 
 EXTRACTORS = ("online", "ema", "frozen", "stored")

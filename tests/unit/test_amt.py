@@ -7,17 +7,17 @@ import pytest
 import torch
 from PIL import Image
 
+from mimscale import methods
 from mimscale.config import ConfigError, DataConfig, load_config
 from mimscale.data.crop import crop_array, crop_bytes
 from mimscale.data.full_pass import share
 from mimscale.data.sources import SyntheticSource
 from mimscale.data.streams import open_full_pass
-from mimscale.masking.amt import AMTMasking
 from mimscale.hooks.amt_refresh import parse_when, refresh_steps
+from mimscale.masking.amt import AMTMasking
 from mimscale.masking.amt_store import AttentionStore, prune
 from mimscale.masking.base import MaskPlan
 from mimscale.masking.viz import MASKED_RGB, THROWN_RGB, plan_grid
-from mimscale import methods
 from mimscale.methods import build_model
 from mimscale.models.registry import ENCODERS
 from mimscale.models.vit import ViTEncoder

@@ -16,7 +16,6 @@ from mimscale.data.sampler import ShardedBatchSampler
 from mimscale.data.sources import FolderSource, SyntheticSource
 from tests.unit.test_data_crop import _encode, _real_gray, _real_jpegs
 
-
 # ----------------------------------------------------------------------------------------------
 # CropDataset: determinism and bad files
 

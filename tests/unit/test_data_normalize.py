@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from mimscale.data.normalize import (IMAGENET_MEAN, IMAGENET_STD, Normalizer, denormalize, imagenet_stats, normalize,
-                                     normalize_uint8)
+from mimscale.data.normalize import IMAGENET_MEAN, IMAGENET_STD, Normalizer, denormalize, imagenet_stats, normalize, normalize_uint8
 from mimscale.eval.features import normalize as eval_normalize
 from mimscale.objectives.color import color_jitter
 

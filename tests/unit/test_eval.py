@@ -17,8 +17,17 @@ from PIL import Image
 
 from mimscale.eval.__main__ import main
 from mimscale.eval.cka import cka_by_block, drop_masks, health_check, linear_cka, plot, summarize, walk_blocks
-from mimscale.eval.features import (Checkpoint, OptionError, cached_split, eval_splits, extract_features, normalize,
-                                    open_checkpoint, open_split, split_features)
+from mimscale.eval.features import (
+    Checkpoint,
+    OptionError,
+    cached_split,
+    eval_splits,
+    extract_features,
+    normalize,
+    open_checkpoint,
+    open_split,
+    split_features,
+)
 from mimscale.eval.knn import knn_classify
 from mimscale.eval.probe import linear_probe
 from mimscale.weights import build_encoder

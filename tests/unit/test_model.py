@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from mimscale.masking.base import MaskPlan
+from mimscale.masking.random import RandomMasking
 from mimscale.models.decoder import MAEDecoder
 from mimscale.models.mim import MIMModel
-from mimscale.masking.random import RandomMasking
 from mimscale.models.registry import ENCODERS, EncoderSpec
 from mimscale.models.vit import ViTEncoder, sincos_pos_embed_2d
 

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from mimscale.config import ConfigError, load_config
+from mimscale.hooks.ema import EMAHooks
 from mimscale.losses import masked_pixel_loss
 from mimscale.masking.base import MaskPlan
-from mimscale.hooks.ema import EMAHooks
-from mimscale.metrics import model_flops_per_image
 from mimscale.methods import build_model
+from mimscale.metrics import model_flops_per_image
 from mimscale.objectives.cmae import token_nce
 from mimscale.objectives.color import color_jitter
 from mimscale.objectives.rmae import RMAEObjective

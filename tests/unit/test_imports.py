@@ -1,4 +1,5 @@
-"""mimscale.data's import graph: no cycles (function-level imports count), imports point down.
+"""The import graph of mimscale and data_prep: no cycle anywhere (function-level imports count),
+function-level imports only for optional heavy dependencies, and data at the bottom.
 
 The graph is read from the source (ast), not from sys.modules: an import inside a function is an
 edge too, and importing ``a.b.c`` executes ``a/__init__`` and ``a/b/__init__`` first.
@@ -9,9 +10,9 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-PKG = REPO / "mimscale"
-# Function-level imports allowed in mimscale.data: optional heavy third-party packages, and the one
-# module that is nothing but the binding of one (importing ffcv_loader imports ffcv and numba).
+PACKAGES = ("mimscale", "data_prep")
+# Function-level imports allowed: optional heavy third-party packages, and the one module that is
+# nothing but the binding of one (importing ffcv_loader imports ffcv and numba).
 LAZY_OK = {"ffcv", "numba", "mlflow", "matplotlib", "mimscale.data.ffcv_loader"}
 
 
@@ -21,7 +22,7 @@ def _module_name(path: Path) -> str:
 
 
 def _modules() -> dict[str, Path]:
-    return {_module_name(p): p for p in PKG.rglob("*.py")}
+    return {_module_name(p): p for pkg in PACKAGES for p in (REPO / pkg).rglob("*.py")}
 
 
 def _imports(path: Path, modules: dict[str, Path]) -> list[tuple[str, bool]]:
@@ -47,7 +48,7 @@ def _imports(path: Path, modules: dict[str, Path]) -> list[tuple[str, bool]]:
 
 
 def _graph() -> dict[str, set[str]]:
-    """module -> mimscale modules its import statements execute (packages' __init__ included)."""
+    """module -> our modules its import statements execute (packages' __init__ included)."""
     modules = _modules()
     graph: dict[str, set[str]] = {m: set() for m in modules}
     for name, path in modules.items():
@@ -107,16 +108,28 @@ def test_cycle_finder_sees_function_level_imports(tmp_path):
     assert ("mimscale.data.streams", True) in found and ("os", False) in found
 
 
-def test_data_function_level_imports_are_only_heavy_optional_deps():
+def test_no_import_cycle_anywhere():
+    graph = _graph()
+    assert "mimscale.methods" in graph and "data_prep.wds" in graph
+    assert not _cycles(graph), f"import cycles: {_cycles(graph)}"
+
+
+def test_function_level_imports_are_only_heavy_optional_deps():
+    """Our own modules are imported at the top (a hidden cycle or a slow first call otherwise)."""
     modules = _modules()
     found = []
     for name, path in modules.items():
-        if not name.startswith("mimscale.data"):
-            continue
         for imported, lazy in _imports(path, modules):
-            if lazy and not any(imported == ok or imported.startswith(ok + ".") for ok in LAZY_OK):
+            ours = imported.split(".")[0] in PACKAGES
+            if lazy and ours and not any(imported == ok or imported.startswith(ok + ".") for ok in LAZY_OK):
                 found.append(f"{name}: {imported}")
-    assert not found, f"function-level imports in mimscale.data other than heavy optional deps: {found}"
+    assert not found, f"function-level imports of our modules (only heavy optional deps may be lazy): {found}"
+
+
+def test_only_the_registry_reads_the_method_key():
+    """``masking.method`` is named in one module: every other one asks mimscale.methods."""
+    named = sorted(name for name, path in _modules().items() if "masking.method" in path.read_text())
+    assert named == ["mimscale.methods"], named
 
 
 def test_data_reaches_no_layer_above_it():

@@ -1,14 +1,10 @@
-"""MLflow tracking never stops training; checkpoint selection never picks a half-written one."""
+"""MLflow tracking never stops training (mimscale/tracking.py)."""
 import json
 import os
 import socket
 import subprocess
 import sys
 import textwrap
-
-import pytest
-
-from mimscale.checkpoint import MARKER, complete_tags, resolve_resume, tag_for
 
 
 def _closed_port() -> int:
@@ -54,47 +50,6 @@ def test_server_down_warns_once_and_continues(tmp_path):
     assert "ACTIVE False None" in r.stdout
     assert r.stderr.count("WARNING: MLflow") == 1
     assert "training continues without tracking" in r.stderr
-
-
-def test_resume_picks_newest_complete_checkpoint(tmp_path):
-    root = tmp_path / "checkpoints"
-    for step, complete in ((10, True), (20, True), (30, False)):
-        d = root / tag_for(step)
-        d.mkdir(parents=True)
-        if complete:
-            (d / MARKER).write_text("{}")
-    assert [s for s, _ in complete_tags(root)] == [10, 20]
-    assert resolve_resume("auto", tmp_path) == root / tag_for(20)  # step 30 is half-written
-    assert resolve_resume("never", tmp_path) is None
-    assert resolve_resume(str(root / tag_for(10)), tmp_path) == root / tag_for(10)
-    assert resolve_resume(str(tmp_path), "/elsewhere") == root / tag_for(20)
-    assert resolve_resume("auto", tmp_path / "empty") is None
-    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
-        resolve_resume(str(root / tag_for(30)), tmp_path)
-
-
-def test_check_resume_guards(tmp_path):
-    import json as _json
-
-    from mimscale.checkpoint import abandon_newer, check_resume
-    from mimscale.config import ConfigError
-
-    root = tmp_path / "checkpoints"
-    for step in (10, 20):
-        d = root / tag_for(step)
-        d.mkdir(parents=True)
-        (d / MARKER).write_text(_json.dumps({"step": step, "world_size": 2}))
-    with pytest.raises(ConfigError, match="resume=auto to continue it"):
-        check_resume("never", tmp_path, 2)  # would mix two runs' checkpoints
-    assert check_resume("never", tmp_path / "fresh", 2) is None
-    assert check_resume("auto", tmp_path, 2) == root / tag_for(20)
-    with pytest.raises(ConfigError, match="written by 2 ranks and this run has 4"):
-        check_resume("auto", tmp_path, 4)
-    with pytest.raises(ConfigError, match="config key 'resume'"):
-        check_resume(str(tmp_path / "checkpoints" / "nothing-here"), tmp_path, 2)
-    abandon_newer(tmp_path, 10)  # a roll-back to step 10: step 20 is set aside, not deleted
-    assert [s for s, _ in complete_tags(root)] == [10]
-    assert any(p.name.startswith("step00000020.abandoned-") for p in root.iterdir())
 
 
 def _tracker_script(tmp_path, body: str, env_extra: dict) -> tuple[subprocess.CompletedProcess, dict]:

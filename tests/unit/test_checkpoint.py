@@ -1,0 +1,172 @@
+"""mimscale/checkpoint.py: which tag a run resumes from, and the Checkpointer saving and restoring
+every registered part (with a stand-in engine: DeepSpeed's own save/load is exercised by the
+2-rank resume tests and the golden runs)."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mimscale.checkpoint import (
+    CLIENT_KEY,
+    CONFIG,
+    MARKER,
+    Checkpointer,
+    Stateful,
+    abandon_newer,
+    check_resume,
+    complete_tags,
+    read_marker,
+    resolve_resume,
+    tag_for,
+)
+from mimscale.errors import ConfigError
+
+
+class FakeEngine:
+    """DeepSpeed's save_checkpoint/load_checkpoint contract: the client state comes back mixed with
+    the engine's own keys."""
+
+    def save_checkpoint(self, root, tag, client_state, save_latest):
+        (Path(root) / tag).mkdir(parents=True, exist_ok=True)
+        torch.save(client_state, Path(root) / tag / "client.pt")
+
+    def load_checkpoint(self, root, tag):
+        return None, {**torch.load(Path(root) / tag / "client.pt"), "ds_config": {}, "global_samples": 0}
+
+
+class Counter(Stateful):
+    def __init__(self):
+        self.n, self.mine = 0, 0
+
+    def state_dict(self):
+        return {"n": self.n}
+
+    def load_state_dict(self, state):
+        self.n = state["n"]
+
+    def rank_state_dict(self):
+        return {"mine": self.mine}
+
+    def load_rank_state_dict(self, state):
+        self.mine = state.get("mine", -1)
+
+
+def test_resume_picks_newest_complete_checkpoint(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step, complete in ((10, True), (20, True), (30, False)):
+        d = root / tag_for(step)
+        d.mkdir(parents=True)
+        if complete:
+            (d / MARKER).write_text("{}")
+    assert [s for s, _ in complete_tags(root)] == [10, 20]
+    assert resolve_resume("auto", tmp_path) == root / tag_for(20)  # step 30 is half-written
+    assert resolve_resume("never", tmp_path) is None
+    assert resolve_resume(str(root / tag_for(10)), tmp_path) == root / tag_for(10)
+    assert resolve_resume(str(tmp_path), "/elsewhere") == root / tag_for(20)
+    assert resolve_resume("auto", tmp_path / "empty") is None
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        resolve_resume(str(root / tag_for(30)), tmp_path)
+
+
+def test_check_resume_guards(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (10, 20):
+        d = root / tag_for(step)
+        d.mkdir(parents=True)
+        (d / MARKER).write_text(json.dumps({"step": step, "world_size": 2}))
+    with pytest.raises(ConfigError, match="resume=auto to continue it"):
+        check_resume("never", tmp_path, 2)  # would mix two runs' checkpoints
+    assert check_resume("never", tmp_path / "fresh", 2) is None
+    assert check_resume("auto", tmp_path, 2) == root / tag_for(20)
+    with pytest.raises(ConfigError, match="written by 2 ranks and this run has 4"):
+        check_resume("auto", tmp_path, 4)
+    with pytest.raises(ConfigError, match="config key 'resume'"):
+        check_resume(str(tmp_path / "checkpoints" / "nothing-here"), tmp_path, 2)
+    abandon_newer(tmp_path, 10)  # a roll-back to step 10: step 20 is set aside, not deleted
+    assert [s for s, _ in complete_tags(root)] == [10]
+    assert any(p.name.startswith("step00000020.abandoned-") for p in root.iterdir())
+
+
+
+def test_checkpointer_saves_and_restores_every_part(tmp_path):
+    a, b, nothing = Counter(), Counter(), Stateful()
+    ckpt = Checkpointer(FakeEngine(), tmp_path, keep=2, config={"model": {"name": "vit_tiny"}})
+    for name, part in (("a", a), ("b", b), ("nothing", nothing)):
+        ckpt.register(name, part)
+    with pytest.raises(ValueError, match="registered twice"):
+        ckpt.register("a", Counter())
+    for step in (1, 2, 3):
+        a.n, a.mine, b.n = step, 10 * step, -step
+        tag = ckpt.save(step, marker_extra={"amt_generation": step})
+    assert [s for s, _ in complete_tags(tmp_path / "checkpoints")] == [2, 3]  # keep=2 pruned step 1
+    assert read_marker(tag)["amt_generation"] == 3 and read_marker(tag)["step"] == 3
+    assert (tag / CONFIG).read_text().startswith("model:")
+    assert torch.load(tag / "client.pt")[CLIENT_KEY]["a"] == {"n": 3}
+
+    fresh_a, fresh_b = Counter(), Counter()
+    back = Checkpointer(FakeEngine(), tmp_path, keep=2)
+    back.register("a", fresh_a)
+    back.register("b", fresh_b)
+    torch.manual_seed(123)  # the rank's RNG stream is restored to what it was at the save
+    back.restore(tmp_path / "checkpoints" / tag_for(2))
+    assert (fresh_a.n, fresh_a.mine, fresh_b.n) == (2, 20, -2)
+    assert [s for s, _ in complete_tags(tmp_path / "checkpoints")] == [2]  # a roll-back sets step 3 aside
+    assert any(p.name.startswith("step00000003.abandoned-") for p in (tmp_path / "checkpoints").iterdir())
+
+
+def test_restore_names_a_part_the_checkpoint_lacks(tmp_path):
+    ckpt = Checkpointer(FakeEngine(), tmp_path, keep=1)
+    ckpt.register("a", Counter())
+    tag = ckpt.save(5)
+    back = Checkpointer(FakeEngine(), tmp_path, keep=1)
+    back.register("a", Counter())
+    back.register("method", Counter())
+    with pytest.raises(RuntimeError, match="no state for method"):
+        back.restore(tag)
+
+
+def test_missing_rank_file_gives_parts_an_empty_rank_state(tmp_path):
+    part = Counter()
+    ckpt = Checkpointer(FakeEngine(), tmp_path, keep=1)
+    ckpt.register("a", part)
+    tag = ckpt.save(4)
+    (tag / "rng_rank0.pt").unlink()  # as on a rank that did not exist when the tag was written
+    part.mine = 99
+    ckpt.restore(tag)
+    assert part.mine == -1
+
+
+def test_checkpoints_of_the_flat_client_layout_still_load(tmp_path):
+    """Tags written before the Checkpointer (flat mim_* / amt_* client keys) resume as before."""
+    tag = tmp_path / "checkpoints" / tag_for(7)
+    tag.mkdir(parents=True)
+    torch.save({"mim_step": 7, "mim_samples_seen": 112, "mim_skipped_images": 1, "mim_converted_images": 2,
+                "mim_mlflow_run_id": "abc", "amt_generation": 1, "amt_refreshes": [{"generation": 1}]}, tag / "client.pt")
+    torch.save({"python": __import__("random").getstate(), "numpy": __import__("numpy").random.get_state(),
+                "torch": torch.get_rng_state(), "rank_state": {"data": {"workers": 1, "cursors": {}}}}, tag / "rng_rank0.pt")
+    (tag / MARKER).write_text(json.dumps({"step": 7}))
+
+    class Keep(Stateful):
+        def load_state_dict(self, state):
+            self.got = state
+
+        def load_rank_state_dict(self, state):
+            self.rank_got = state
+
+    parts = {name: Keep() for name in ("train", "data", "method", "tracking")}
+    ckpt = Checkpointer(FakeEngine(), tmp_path, keep=1)
+    for name, part in parts.items():
+        ckpt.register(name, part)
+    ckpt.restore(tag)
+    assert parts["train"].got == {"step": 7, "samples_seen": 112, "skipped": 1, "converted": 2}
+    assert parts["tracking"].got == {"run_id": "abc"}
+    assert parts["method"].got == {"generation": 1, "refreshes": [{"generation": 1}]}
+    assert parts["data"].rank_got == {"workers": 1, "cursors": {}}
+
+
+def test_read_marker_of_an_empty_marker_falls_back_to_the_tag_name(tmp_path):
+    tag = tmp_path / tag_for(12)
+    tag.mkdir()
+    (tag / MARKER).write_text("")
+    assert read_marker(tag)["step"] == 12

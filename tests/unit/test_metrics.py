@@ -1,0 +1,89 @@
+"""mimscale/metrics.py: the log window (device accumulators, the packed reduce, non-finite flags)
+and the run's throughput. The all-reduce of a world of one is the identity, so it is stubbed."""
+import math
+
+import pytest
+import torch
+
+from mimscale import metrics
+from mimscale.config import load_config
+from mimscale.errors import TrainingDiverged
+from mimscale.metrics import LogWindow, RunMeter, model_flops_per_image
+
+
+@pytest.fixture(autouse=True)
+def world_of_one(monkeypatch):
+    calls = []
+    monkeypatch.setattr(metrics.ds_comm, "all_reduce", lambda t, op=None: calls.append(t.numel()))
+    return calls
+
+
+def _batch(skipped=0, converted=0):
+    return {"skipped": torch.tensor(skipped), "converted": torch.tensor(converted)}
+
+
+def test_window_averages_terms_over_micro_steps_in_one_reduce(world_of_one):
+    win = LogWindow(torch.device("cpu"), first_step=0)
+    for step, (loss, rec) in enumerate(((2.0, 1.0), (4.0, 3.0))):
+        win.add_batch(_batch(skipped=1, converted=step), wait=0.5)
+        win.add_micro(torch.tensor(loss), {"loss_rec": torch.tensor(rec)})
+        win.end_step()
+    out = win.close(step=2, world=1, grad_norm=lambda: 0.7, last_checkpoint=None)
+    assert world_of_one == [1 + 1 + 1 + 4]  # ONE packed tensor: loss, 1 term, bad count, 4 extras
+    assert out["loss"] == 3.0 and out["terms"] == {"loss_rec": 2.0}
+    assert (out["steps"], out["skipped"], out["converted"], out["grad_norm"]) == (2, 2, 1, 0.7)
+    assert 0 < out["data_wait_pct"] <= 100 * 1.0 / out["seconds"]
+
+
+def test_window_reset_starts_a_new_window_and_exclude_is_not_billed():
+    win = LogWindow(torch.device("cpu"), first_step=0)
+    win.add_batch(_batch(), wait=0.0)
+    win.add_micro(torch.tensor(1.0), {})
+    win.end_step()
+    win.reset()
+    assert (win.steps, win.micro, win.acc, win.files) == (0, 0, None, [0, 0])
+    t0 = win.t0
+    win.exclude(5.0)
+    assert win.t0 == t0 + 5.0
+
+
+@pytest.mark.parametrize("bad_at", [1, 2])
+def test_nonfinite_loss_names_its_step(bad_at):
+    win = LogWindow(torch.device("cpu"), first_step=10)
+    for step in (1, 2):
+        win.add_batch(_batch(), 0.0)
+        win.add_micro(torch.tensor(float("nan") if step == bad_at else 1.0), {})
+        win.end_step()
+    with pytest.raises(TrainingDiverged, match=f"non-finite loss at step {10 + bad_at}.*Last good checkpoint: ckpt/x"):
+        win.close(step=12, world=1, grad_norm=lambda: 1.0, last_checkpoint="ckpt/x")
+
+
+def test_nonfinite_grad_norm_stops_too():
+    win = LogWindow(torch.device("cpu"), first_step=0)
+    win.add_batch(_batch(), 0.0)
+    win.add_micro(torch.tensor(1.0), {})
+    win.end_step()
+    with pytest.raises(TrainingDiverged, match="non-finite gradient norm at step 1"):
+        win.close(step=1, world=1, grad_norm=lambda: float("inf"), last_checkpoint=None)
+
+
+def test_run_meter_leaves_the_first_window_out():
+    m = RunMeter(global_batch=8, world=2, peak=100.0)
+    assert m.mean_step_seconds() is None and m.img_per_s() == 0.0 and m.run_mfu() is None
+    m.add(steps=2, seconds=10.0, flops_per_img=1.0)  # warm-up: slow
+    assert m.mean_step_seconds() == 5.0  # one window: it counts
+    m.add(steps=4, seconds=2.0, flops_per_img=1.0)
+    m.add(steps=4, seconds=2.0, flops_per_img=3.0)
+    assert m.mean_step_seconds() == 0.5 and m.img_per_s() == 16.0
+    assert math.isclose(m.run_mfu(), (4 * 8 * 1.0 + 4 * 8 * 3.0) / 4.0 / 2 / 100.0)  # FLOP/s over the windows / world / peak
+    assert m.mfu(img_per_s=10.0, flops_per_img=20.0) == 1.0
+    assert RunMeter(8, 1, None).mfu(1.0, 1.0) is None  # unknown peak: no MFU
+
+
+def test_flops_follow_the_method():
+    base = ["model.name=vit_base"]
+    mae = model_flops_per_image(load_config(None, base), 49, 147)
+    assert 57e9 < mae < 61e9
+    rmae = model_flops_per_image(load_config(None, base + ["masking.method=rmae"]), 49, 147)
+    cmae = model_flops_per_image(load_config(None, base + ["masking.method=cmae"]), 49, 147)
+    assert rmae > 2 * mae * 0.9 and cmae > rmae  # two views; C-MAE encodes all L patches four times
