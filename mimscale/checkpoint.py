@@ -6,13 +6,18 @@ goes into DeepSpeed's client state under ``mimscale/<name>``, its ``rank_state_d
 rank's own file next to the rank's RNG streams.
 
 Layout: ``<output_dir>/checkpoints/step00001234/`` holds DeepSpeed's files, one
-``rng_rank<r>.pt`` per rank, and ``COMPLETE`` written by rank 0 only after every rank finished
-writing. Only tags with ``COMPLETE`` are ever picked for resume, so a checkpoint cut off
-half-way (preemption during save, full disk) is never mistaken for the latest.
+``rng_rank<r>.pt`` per rank, and ``COMPLETE``. A save is durable the way PyTorch's distributed
+checkpoint publishes one: every rank fsyncs the files it wrote; after a barrier rank 0 writes the
+marker (listing every file of the tag with its size) to a temporary name, fsyncs it, renames it
+into place and fsyncs the directory. So a tag with a marker has every byte on disk, even after a
+node crash or on a write-back file system. Resume picks the newest tag that *verifies* (marker
+parses, every listed file there with its size); a damaged tag is moved aside (renamed, never
+deleted) with a message naming the bad file, and resume falls back to the next one.
 """
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
@@ -29,6 +34,65 @@ from mimscale.errors import ConfigError
 
 MARKER = "COMPLETE"
 TAG_RE = re.compile(r"^step(\d{8,})$")
+# Which rank wrote a file of a tag: DeepSpeed's per-rank shards and our rng files carry the rank;
+# the rest (mp_rank_00_model_states.pt under ZeRO-1/2, config.yaml) are rank 0's.
+WRITER_RE = re.compile(r"(?:pp_rank_|rng_rank)(\d+)")
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's (or a directory's entries') data to stable storage."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _files(tag_dir: Path) -> dict[str, int]:
+    """Every file of a tag (relative path -> size), the marker and its temporary copy left out."""
+    return {str(f.relative_to(tag_dir)): f.stat().st_size for f in sorted(tag_dir.rglob("*"))
+            if f.is_file() and f.name not in (MARKER, MARKER + ".tmp")}
+
+
+def verify(tag_dir: Path) -> Optional[str]:
+    """None when the tag is whole, else what is wrong with it (naming the file)."""
+    try:
+        text = (tag_dir / MARKER).read_text()
+        marker = json.loads(text)
+    except (OSError, json.JSONDecodeError):
+        return f"{tag_dir / MARKER} is empty or torn"
+    if not isinstance(marker, dict):
+        return f"{tag_dir / MARKER} is empty or torn"
+    for name, size in marker.get("files", {}).items():  # markers written before durable saves list none
+        f = tag_dir / name
+        if not f.is_file():
+            return f"{f} is missing"
+        if f.stat().st_size != size:
+            return f"{f} has {f.stat().st_size} bytes, the marker says {size}"
+    return None
+
+
+def set_aside(tag_dir: Path, why: str) -> Path:
+    """Rank 0 moves a damaged tag out of the way (kept for inspection, never deleted)."""
+    dest = tag_dir.with_name(f"{tag_dir.name}.damaged-{int(time.time())}")
+    if dist.is_rank0():
+        try:
+            tag_dir.rename(dest)
+        except OSError:  # another process moved it first
+            pass
+        dist.log0(f"[mimscale] WARNING: checkpoint {tag_dir.name} is damaged ({why}); moved to {dest.name}, "
+                  "resuming from the newest whole checkpoint before it")
+    return dest
+
+
+def newest_verified(root: Path) -> Optional[Path]:
+    """The newest complete tag under ``root`` that verifies; damaged newer ones are set aside."""
+    for _, d in reversed(complete_tags(root)):
+        problem = verify(d)
+        if problem is None:
+            return d
+        set_aside(d, problem)
+    return None
 
 
 def tag_for(step: int) -> str:
@@ -59,14 +123,18 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Optional[Path]:
     if resume == "never":
         return None
     if resume == "auto":
-        tags = complete_tags(checkpoint_root(output_dir))
-        return tags[-1][1] if tags else None
+        return newest_verified(checkpoint_root(output_dir))
     p = Path(resume)
     if (p / MARKER).is_file():
+        problem = verify(p)
+        if problem:
+            raise FileNotFoundError(f"resume={resume!r} is a damaged checkpoint: {problem}")
         return p
-    tags = complete_tags(p) or complete_tags(p / "checkpoints")
-    if tags:
-        return tags[-1][1]
+    for root in (p, p / "checkpoints"):
+        if complete_tags(root):
+            tag = newest_verified(root)
+            if tag is not None:
+                return tag
     raise FileNotFoundError(f"resume={resume!r} holds no complete checkpoint (a directory with a {MARKER} file)")
 
 
@@ -196,12 +264,14 @@ class Checkpointer:
         self.engine.save_checkpoint(str(self.root), tag=tag, client_state=client, save_latest=False)
         rank_state = {name: part.rank_state_dict() for name, part in self.parts.items()}
         torch.save({**rng_state(), "rank_state": rank_state}, self.root / tag / f"rng_rank{dist.rank()}.pt")
+        if dist.is_rank0() and self.config is not None:
+            (self.root / tag / CONFIG).write_text(yaml.safe_dump(self.config, sort_keys=False))
+        _fsync_written(self.root / tag, dist.rank())
         dist.barrier()  # every rank's files are on disk before the marker says so
         if dist.is_rank0():
-            if self.config is not None:
-                (self.root / tag / CONFIG).write_text(yaml.safe_dump(self.config, sort_keys=False))
-            marker = {"step": step, "time": time.time(), "world_size": dist.world_size(), **(marker_extra or {})}
-            (self.root / tag / MARKER).write_text(json.dumps(marker))
+            marker = {"step": step, "time": time.time(), "world_size": dist.world_size(), **(marker_extra or {}),
+                      "files": _files(self.root / tag)}
+            _publish_marker(self.root / tag, marker)
             _prune(self.root, self.keep)
         dist.barrier()
         return self.root / tag
@@ -233,6 +303,27 @@ class Checkpointer:
         for name, part in self.parts.items():
             part.load_state_dict(parts[name])
             part.load_rank_state_dict(rank_state.get(name) or {})
+
+
+def _fsync_written(tag_dir: Path, rank: int) -> None:
+    """fsync the files of ``tag_dir`` this rank wrote (on NFS/Lustre only the writer's fsync
+    flushes its client cache)."""
+    for f in tag_dir.rglob("*"):
+        m = WRITER_RE.search(f.name)
+        if f.is_file() and (int(m.group(1)) if m else 0) == rank:
+            fsync_path(f)
+
+
+def _publish_marker(tag_dir: Path, marker: dict) -> None:
+    """Write, fsync, rename into place, fsync the directory: the marker is whole or absent."""
+    tmp = tag_dir / (MARKER + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(marker))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, tag_dir / MARKER)
+    fsync_path(tag_dir)
+    fsync_path(tag_dir.parent)
 
 
 def _prune(root: Path, keep: int) -> None:

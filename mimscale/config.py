@@ -7,6 +7,7 @@ any model is built: an unknown key names the allowed keys, a bad value names the
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,9 +154,12 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
         try:
-            return float(value)
+            f = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"config key '{key}': expected a number, got {value!r}") from None
+        if not math.isfinite(f):  # a NaN passes every range check below; inf runs forever
+            raise ConfigError(f"config key '{key}': expected a finite number, got {value!r}")
+        return f
     if hint is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"config key '{key}': expected a string, got {value!r}")

@@ -103,6 +103,10 @@ def check_ds_config(raw: dict, world_size: int, name: str = "ds_config") -> Engi
     bf16, fp16 = flags["bf16"], flags["fp16"]
     if bf16 and fp16:
         raise ConfigError(f"{name}: enable at most one of bf16 and fp16")
+    if fp16:  # DeepSpeed skips the optimizer (and the LR scheduler) on overflow steps, which the loop,
+        # AMT's refresh schedule and the EMA hooks would count as taken: refused rather than half right
+        raise ConfigError(f"{name}: fp16 is not supported (loss-scale overflow steps are skipped by DeepSpeed but counted "
+                          "by mimscale's schedules); use bf16 (\"bf16\": {\"enabled\": true}) on GPUs, fp32 on CPUs")
     clip = raw.get("gradient_clipping", 0.0)
     if isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0:
         raise ConfigError(f"{name}: 'gradient_clipping' must be a number >= 0, got {clip!r}")

@@ -66,6 +66,21 @@ class TrackingState(Stateful):
         self.run_id = state["run_id"]
 
 
+def metrics_lines_upto(path: Path, step: int) -> list[str]:
+    """metrics.jsonl's lines up to ``step`` (a resume redoes the steps after it); a torn line (a
+    crash in the middle of a write) is dropped with a warning instead of stopping the start."""
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            dist.log0(f"[mimscale] WARNING: dropped a torn line of {path}: {line[:80]!r}")
+            continue
+        if record is not None and record["step"] <= step:
+            keep.append(line)
+    return keep
+
+
 class Trainer:
     def __init__(self, cfg: Config, ds_args, eng: EngineSettings, ds_config_path: str = "",
                  stop_request: Optional[StopRequest] = None, resume_from: Optional[Path] = None):
@@ -156,8 +171,7 @@ class Trainer:
         self.tracker.log_run_config(resolved, getattr(ds_args, "config", None), ds_config_path)
         path = self.out / "metrics.jsonl"
         if path.is_file():
-            keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= self.state.step]
-            path.write_text("".join(line + "\n" for line in keep))
+            path.write_text("".join(line + "\n" for line in metrics_lines_upto(path, self.state.step)))
 
     # ------------------------------------------------------------------ one step
     def to_device(self, batch: dict) -> tuple[torch.Tensor, dict]:

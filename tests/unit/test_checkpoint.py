@@ -170,3 +170,36 @@ def test_read_marker_of_an_empty_marker_falls_back_to_the_tag_name(tmp_path):
     tag.mkdir()
     (tag / MARKER).write_text("")
     assert read_marker(tag)["step"] == 12
+
+
+def test_marker_lists_every_file_and_is_published_whole(tmp_path):
+    ckpt = Checkpointer(FakeEngine(), tmp_path, keep=3, config={"a": 1})
+    ckpt.register("a", Counter())
+    tag = ckpt.save(1)
+    files = json.loads((tag / MARKER).read_text())["files"]
+    assert set(files) == {"client.pt", "rng_rank0.pt", CONFIG}
+    assert all(files[n] == (tag / n).stat().st_size > 0 for n in files)
+    assert not (tag / (MARKER + ".tmp")).exists()
+
+
+@pytest.mark.parametrize("damage, named", [
+    (lambda tag: (tag / "client.pt").write_bytes((tag / "client.pt").read_bytes()[:10]), "client.pt has 10 bytes"),
+    (lambda tag: (tag / "rng_rank0.pt").unlink(), "rng_rank0.pt is missing"),
+    (lambda tag: (tag / MARKER).write_text(""), "COMPLETE is empty or torn"),
+    (lambda tag: (tag / MARKER).write_text('{"step": 3, "fi'), "COMPLETE is empty or torn"),
+])
+def test_a_damaged_newest_tag_is_set_aside_and_resume_falls_back(tmp_path, capsys, damage, named):
+    ckpt = Checkpointer(FakeEngine(), tmp_path, keep=3)
+    ckpt.register("a", Counter())
+    for step in (2, 3):
+        tag = ckpt.save(step)
+    damage(tag)
+    assert resolve_resume("auto", tmp_path) == tmp_path / "checkpoints" / tag_for(2)
+    assert named in capsys.readouterr().err
+    aside = [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("step00000003.damaged-")]
+    assert len(aside) == 1 and any(aside[0].iterdir())  # kept, not deleted
+    with pytest.raises(FileNotFoundError, match="damaged checkpoint"):
+        damage_path = tmp_path / "other"
+        Checkpointer(FakeEngine(), damage_path, keep=1).save(1)
+        (damage_path / "checkpoints" / tag_for(1) / MARKER).write_text("")
+        resolve_resume(str(damage_path / "checkpoints" / tag_for(1)), damage_path)

@@ -172,6 +172,13 @@ def test_bad_choice_names_key_and_allowed_values(override, key, allowed):
         ("output_dir={a: 1}", "output_dir"),
         ("train.steps=.inf", "train.steps"),
         ("train.steps=.nan", "train.steps"),
+        # every float key refuses NaN and inf: a NaN passes every range check, inf never ends
+        ("train.epochs=inf", "train.epochs"),
+        ("train.epochs=.inf", "train.epochs"),
+        ("train.base_lr=nan", "train.base_lr"),
+        ("masking.mask_ratio=.nan", "masking.mask_ratio"),
+        ("masking.amt.throw_ratio=-inf", "masking.amt.throw_ratio"),
+        ("data.hflip=NaN", "data.hflip"),
     ],
 )
 def test_wrong_type_names_key(override, key):

@@ -131,7 +131,8 @@ def test_non_positive_or_non_integer_batch_values(key, value):
 
 def test_precision_and_stage_options():
     base = {"train_micro_batch_size_per_gpu": 2}
-    assert check_ds_config({**base, "fp16": {"enabled": True}}, 1).precision == "fp16"
+    with pytest.raises(ConfigError, match="fp16 is not supported.*use bf16"):
+        check_ds_config({**base, "fp16": {"enabled": True}}, 1)
     assert check_ds_config({**base, "bf16": {"enabled": False}}, 1).precision == "fp32"
     assert check_ds_config({**base, "gradient_clipping": 1.0}, 1).clip == 1.0
     with pytest.raises(ConfigError, match="at most one of bf16 and fp16"):
