@@ -75,10 +75,23 @@ class ShardIndex:
         return len(self.names)
 
 
+class TooManyBad(RuntimeError):
+    """More failures in a row than data.max_bad_in_a_row: the shards are not readable (wrong
+    path, a dead mount, all shards damaged) and looping over them would train on nothing forever."""
+
+
 def _warn(msg: str, state: dict) -> None:
-    if state.setdefault("warned", 0) < 10:  # per worker; the total is counted and logged by the trainer
+    """One failure (a shard that cannot be opened or reads short, an undecodable sample): warned
+    about (the first ten per worker; the total is counted and logged by the trainer) and counted
+    towards ``max_bad`` failures in a row, which end the stream with TooManyBad."""
+    if state.setdefault("warned", 0) < 10:
         print(f"[mimscale.data] {msg}", file=sys.stderr)
         state["warned"] += 1
+    state["in_a_row"] = state.get("in_a_row", 0) + 1
+    if state["in_a_row"] > state.get("max_bad", 64):
+        raise TooManyBad(f"{state['in_a_row']} unreadable shards or samples in a row (data.max_bad_in_a_row = "
+                         f"{state.get('max_bad', 64)}), the last: {msg}; check data.path and the shards "
+                         "(python -m data_prep.verify)")
 
 
 def read_shards(index: ShardIndex, shard_ids: Sequence[int], state: dict) -> Iterator[dict]:
@@ -98,6 +111,8 @@ def read_shards(index: ShardIndex, shard_ids: Sequence[int], state: dict) -> Ite
             stream.close()
 
     def handler(exn: Exception) -> bool:
+        if isinstance(exn, TooManyBad):
+            raise exn
         state["bad"] = state.get("bad", 0) + 1
         _warn(f"damaged shard data: {exn}", state)
         return True  # go on with the next shard
@@ -121,7 +136,7 @@ class ShardStream(IterableDataset):
 
     def __init__(self, index: ShardIndex, size: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  scale=(0.2, 1.0), hflip: float = 0.5, shuffle_buffer: int = 2000, mode: str = "train",
-                 cursors: Optional[dict[int, int]] = None, stream_offset: int = 0):
+                 cursors: Optional[dict[int, int]] = None, stream_offset: int = 0, max_bad_in_a_row: int = 64):
         if mode not in ("train", "eval"):
             raise ValueError(f"mode {mode!r}: allowed values: train, eval")
         self.index = index
@@ -136,6 +151,7 @@ class ShardStream(IterableDataset):
         self.mode = mode
         self.cursors = dict(cursors or {})
         self.stream_offset = stream_offset
+        self.max_bad = max_bad_in_a_row
 
     # ---------------------------------------------------------------- record sources
     def _train_records(self, stream: int, start: int, state: dict) -> Iterator[tuple[int, Optional[dict]]]:
@@ -177,7 +193,7 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        state: dict = {}
+        state: dict = {"max_bad": self.max_bad}
         if self.mode == "train":
             stream = (worker + self.stream_offset) % workers
             records = self._train_records(stream, self.cursors.get(stream, 0), state)
@@ -193,6 +209,7 @@ class ShardStream(IterableDataset):
                 state["bad"] = state.get("bad", 0) + 1
                 _warn(f"skipping unreadable sample {rec.get('__key__')} in {rec.get('__url__')}: {type(e).__name__}: {e}", state)
                 continue
+            state["in_a_row"] = 0  # a good sample ends a run of failures
             images.append(torch.from_numpy(crop.image).permute(2, 0, 1))
             boxes.append(crop.box)
             flips.append(crop.flip)
@@ -228,7 +245,7 @@ def build_wds_loader(index: ShardIndex, data_cfg, img_size: int, micro_batch: in
     workers = data_cfg.num_workers
     dataset = ShardStream(index, img_size, micro_batch, rank, world_size, seed, (data_cfg.scale_min, data_cfg.scale_max),
                           data_cfg.hflip if mode == "train" else 0.0, data_cfg.shuffle_buffer, mode, cursors,
-                          stream_offset=start_micro_batch % max(1, workers))
+                          stream_offset=start_micro_batch % max(1, workers), max_bad_in_a_row=data_cfg.max_bad_in_a_row)
     # A generator of its own: starting the iterator must not draw from the global torch RNG,
     # which masking uses and a resumed run restores.
     return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,

@@ -134,6 +134,36 @@ def test_damaged_shard_is_skipped_and_counted(shards, tmp_path):
     assert skipped >= 1
 
 
+@pytest.mark.parametrize("how", ["unreadable", "undecodable"])
+def test_a_stream_of_only_bad_data_ends_instead_of_looping(shards, tmp_path, how):
+    """All shards unreadable, or every sample undecodable: the training stream stops with an error
+    after data.max_bad_in_a_row failures in a row (it used to loop forever in silence)."""
+    import io
+    import shutil
+    import tarfile
+
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    for tar in copy.glob("*.tar"):
+        if how == "unreadable":
+            tar.chmod(0)
+            tar.unlink()  # open() fails: no such file
+        else:  # the same members, every jpg replaced by garbage
+            members = []
+            with tarfile.open(tar) as t:
+                for m in t.getmembers():
+                    data = t.extractfile(m).read()
+                    members.append((m, b"not a jpeg" if m.name.endswith(".jpg") else data))
+            with tarfile.open(tar, "w") as t:
+                for m, data in members:
+                    m.size = len(data)
+                    t.addfile(m, io.BytesIO(data))
+    cfg = DataConfig(source="wds", path=str(copy), num_workers=0, shuffle_buffer=10, max_bad_in_a_row=5)
+    loader = build_wds_loader(ShardIndex.load(copy), cfg, SIZE, 4, 0, 1, seed=0)
+    with pytest.raises(RuntimeError, match=r"unreadable shards or samples in a row \(data.max_bad_in_a_row = 5\)"):
+        next(iter(loader))
+
+
 def test_missing_manifest_names_the_command(tmp_path):
     with pytest.raises(FileNotFoundError, match="data_prep.wds"):
         ShardIndex.load(tmp_path)
