@@ -22,7 +22,8 @@ from mimscale.errors import ConfigError
 from mimscale.methods import MethodName
 from mimscale.models.registry import ENCODERS
 
-__all__ = ["Config", "ConfigError", "load_config", "validate", "check_paths", "to_dict", "flatten", "get_key"]
+__all__ = ["Config", "ConfigError", "load_config", "validate", "check_paths", "to_dict", "flatten", "get_key", "changes_on_resume",
+           "RESUMABLE_CHANGES"]
 
 # Closed choices: the loader refuses any other value, naming the key and these.
 EncoderName = Literal[tuple(ENCODERS)]
@@ -109,6 +110,9 @@ class TrackingConfig:
 class Config:
     output_dir: str = "runs/default"
     resume: str = "auto"  # auto | never | <checkpoint path>
+    # refuse: a resume whose config differs from the checkpoint's outside RESUMABLE_CHANGES stops (exit 2)
+    # naming each change; allow: the changes take effect (a new base_lr too) and are tagged in MLflow
+    resume_changes: Literal["refuse", "allow"] = "refuse"
     model: ModelConfig = field(default_factory=ModelConfig)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -313,3 +317,19 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+# Keys a resume may change without resume_changes=allow: the run's length and cadence, workers,
+# tracking, and where things are; anything else changes what is trained (a key ending in "." is a
+# whole section).
+RESUMABLE_CHANGES = ("train.steps", "train.epochs", "train.stop_after", "train.log_every", "train.ckpt_every",
+                     "train.keep_checkpoints", "train.threads", "data.num_workers", "tracking.", "output_dir", "resume",
+                     "resume_changes", "preset")
+
+
+def changes_on_resume(saved: dict, cfg: Config) -> dict[str, tuple[Any, Any]]:
+    """{key: (checkpoint's value, this run's)} for every key that differs outside RESUMABLE_CHANGES.
+    Keys only one side has (added or removed by another mimscale version) are not changes."""
+    old, new = flatten(saved), flatten(to_dict(cfg))
+    return {k: (old[k], new[k]) for k in sorted(old.keys() & new.keys())
+            if old[k] != new[k] and not any(k == a or (a.endswith(".") and k.startswith(a)) for a in RESUMABLE_CHANGES)}

@@ -28,7 +28,7 @@ from mimscale.hooks.base import LoopContext
 from mimscale.masking.base import MaskPlan
 from mimscale.masking.viz import save_plan_grid
 from mimscale.metrics import LogWindow, RunMeter, model_flops_per_image, peak_flops
-from mimscale.optim import build_optimizer, build_scheduler
+from mimscale.optim import build_optimizer, build_scheduler, rebase_scheduler
 from mimscale.preempt import StopRequest
 from mimscale.tracking import Tracker, write_resolved_config
 
@@ -83,8 +83,10 @@ def metrics_lines_upto(path: Path, step: int) -> list[str]:
 
 class Trainer:
     def __init__(self, cfg: Config, ds_args, eng: EngineSettings, ds_config_path: str = "",
-                 stop_request: Optional[StopRequest] = None, resume_from: Optional[Path] = None):
-        """``resume_from``: the tag ``checkpoint.check_resume`` resolved (None: a fresh start)."""
+                 stop_request: Optional[StopRequest] = None, resume_from: Optional[Path] = None,
+                 resume_changes: Optional[dict] = None):
+        """``resume_from``: the tag ``checkpoint.check_resume`` resolved (None: a fresh start);
+        ``resume_changes``: {key: (old, new)} config changes allowed on this resume (tagged in MLflow)."""
         self.cfg = cfg
         self.stop_request = stop_request or StopRequest()
         self.eng = eng
@@ -142,8 +144,12 @@ class Trainer:
             dist.seed_all(cfg.train.seed + 1 + self.rank)  # per-rank masking streams
         else:
             self.checkpointer.restore(resume_from)  # restores this rank's RNG too
+            if self.scheduler.base_lrs[0] != self.lr:  # an allowed change of base_lr or batch: the new peak
+                rebase_scheduler(self.scheduler, self.lr)
             dist.log0(f"[mimscale] resumed from {resume_from} at step {self.state.step}")
         self.last_checkpoint: Optional[str] = str(resume_from) if resume_from else None
+        self.resume_changes = resume_changes or {}
+        self.stopped: Optional[str] = None
 
         self.flops_per_img = model_flops_per_image(cfg, *self.plan_sizes[:2])
         if dist.is_rank0():
@@ -165,6 +171,8 @@ class Trainer:
         params.update({"derived.lr": self.lr, "derived.total_steps": self.total_steps, "derived.warmup_steps": self.warmup_steps,
                        "derived.world_size": self.world, "derived.global_batch": eng.global_batch})
         self.tracker.log_params(params)
+        if self.resume_changes:
+            self.tracker.set_tags({f"mimscale.resume_change.{k}": f"{old!r} -> {new!r}" for k, (old, new) in self.resume_changes.items()})
         # The config files as artifacts: the resolved config (also <output_dir>/config.yaml, for
         # export/eval of any tag), the ds_config and the preset as given (pretrain.py's --config).
         resolved = write_resolved_config(self.out, to_dict(cfg))
@@ -202,8 +210,6 @@ class Trainer:
         if state.step >= end:  # e.g. a requeued job that had already finished: keep its summary
             dist.log0(f"[mimscale] nothing to do: the checkpoint is at step {state.step} and the run ends at step {end}")
             previous = self.out / "summary.json"
-            if dist.is_rank0():
-                self.tracker.end("FINISHED")
             return json.loads(previous.read_text()) if previous.is_file() else self.finish()
         self.stop_request.attach()
         # Position in the data stream from samples seen (= step x accumulation x micro batch).
@@ -254,6 +260,7 @@ class Trainer:
         if stopped:
             dist.log0(f"[mimscale] {stopped} received: saving a checkpoint at step {state.step} and exiting")
             self.save()
+        self.stopped = stopped
         return self.finish(stopped)
 
     def _log(self, win: LogWindow, bar) -> None:
@@ -360,9 +367,16 @@ class Trainer:
             final = {f"final_{k}": float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
             self.tracker.log_metrics(final, self.state.step)
             self.tracker.log_artifact(path)
-            # The final encoder, timm-loadable, once the whole run is done (not at a preemption or a
-            # stop_after, which resume later); the last save's barrier put every rank's shards on disk.
-            if not stopped and self.cfg.tracking.log_encoder and self.state.step >= self.total_steps and self.last_checkpoint:
-                self.tracker.log_encoder(self.last_checkpoint, self.out / "export")
-            self.tracker.end("KILLED" if stopped else "FINISHED")
         return summary
+
+    def close(self) -> None:
+        """Rank 0's end of the run that needs no other rank: the final encoder exported and uploaded
+        (once the whole run is done, not at a preemption or a stop_after, which resume later), and
+        the MLflow run ended. Call it after the process group is gone (pretrain.py does), so its
+        length (a ViT-H upload) cannot time out the other ranks' collectives."""
+        if not dist.is_rank0():
+            return
+        done = not self.stopped and self.state.step >= self.total_steps
+        if done and self.cfg.tracking.log_encoder and self.last_checkpoint:
+            self.tracker.log_encoder(self.last_checkpoint, self.out / "export")
+        self.tracker.end("KILLED" if self.stopped else "FINISHED")

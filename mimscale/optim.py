@@ -56,3 +56,12 @@ def build_scheduler(optimizer, warmup_steps: int, total_steps: int, min_ratio: f
     """LambdaLR stepped once per optimizer step (DeepSpeed steps it at accumulation boundaries);
     its state is saved in the engine's checkpoint."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup_steps, total_steps, min_ratio))
+
+
+def rebase_scheduler(scheduler, lr: float) -> None:
+    """Give a restored LambdaLR a new peak ``lr`` (a resume that changed base_lr or the global
+    batch): its base and the optimizer's current lr follow at once, not from the next step."""
+    scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+    for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
+        group["lr"] = lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]

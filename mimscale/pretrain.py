@@ -33,13 +33,15 @@ import warnings  # noqa: E402
 warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.* is deprecated", category=FutureWarning)
 
 import deepspeed  # noqa: E402
+import yaml  # noqa: E402
 
 from mimscale import dist  # noqa: E402
-from mimscale.checkpoint import check_resume  # noqa: E402
-from mimscale.config import check_paths, load_config  # noqa: E402
+from mimscale.checkpoint import CONFIG, check_resume  # noqa: E402
+from mimscale.config import Config, changes_on_resume, check_paths, load_config  # noqa: E402
 from mimscale.ds_config import load_ds_config  # noqa: E402
 from mimscale.engine import Trainer  # noqa: E402
 from mimscale.errors import ConfigError, TrainingDiverged  # noqa: E402
+from mimscale.ownership import OutputDirLock, check_not_foreign  # noqa: E402
 from mimscale.preempt import StopRequest  # noqa: E402
 
 
@@ -57,22 +59,56 @@ def parse_args(argv=None):
     return args
 
 
+def resume_changes(tag: Path, cfg: Config) -> dict:
+    """{key: (old, new)} where this run's config differs from the one ``tag`` was trained with,
+    outside the changes a resume may make (config.RESUMABLE_CHANGES); a ConfigError naming each
+    unless ``resume_changes=allow``."""
+    saved = tag / CONFIG
+    if not saved.is_file():  # tags written before checkpoints carried their config
+        return {}
+    changes = changes_on_resume(yaml.safe_load(saved.read_text()) or {}, cfg)
+    if changes and cfg.resume_changes != "allow":
+        listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
+        raise ConfigError(f"resuming {tag} with a different config ({listed}); restore those values, choose a new "
+                          "output_dir, or accept the changes with --set resume_changes=allow")
+    return changes
+
+
 def main(argv=None) -> int:
     stop = StopRequest()
     stop.install()  # a preemption signal during start-up is honoured at the first step
     args = parse_args(argv)
     dist.ensure_env()
+    lock = None
     try:  # every config problem surfaces here, before any process group or model exists
         cfg = load_config(args.config, args.overrides)
         eng = load_ds_config(args.deepspeed_config, dist.world_size())
         check_paths(cfg)
+        if dist.is_rank0():  # one job per output_dir; the other ranks recognise their own job's lock
+            lock = OutputDirLock(cfg.output_dir)
+            lock.acquire()
+        else:
+            check_not_foreign(cfg.output_dir)
         resume_from = check_resume(cfg.resume, cfg.output_dir, dist.world_size())  # resolved once, here
+        changes = resume_changes(resume_from, cfg) if resume_from else {}
     except ConfigError as e:
+        if lock is not None:
+            lock.release()
         print(f"mimscale: configuration error: {e}", file=sys.stderr)
         return 2
+    try:
+        return train(cfg, args, eng, stop, resume_from, changes)
+    finally:
+        if lock is not None:
+            lock.release()
 
+
+def train(cfg: Config, args, eng, stop: StopRequest, resume_from, changes: dict) -> int:
     dist.init_distributed()
-    trainer = Trainer(cfg, args, eng, args.deepspeed_config, stop_request=stop, resume_from=resume_from)
+    if changes:
+        dist.log0("[mimscale] resuming with config changes (resume_changes=allow): "
+                  + "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items()))
+    trainer = Trainer(cfg, args, eng, args.deepspeed_config, stop_request=stop, resume_from=resume_from, resume_changes=changes)
     try:
         summary = trainer.fit()
     except TrainingDiverged as e:
@@ -83,6 +119,8 @@ def main(argv=None) -> int:
     except BaseException:
         trainer.tracker.end("FAILED")  # not left RUNNING in MLflow
         raise
+    dist.shutdown()  # every rank leaves every collective before rank 0's export and upload
+    trainer.close()
     if dist.is_rank0():
         short = {k: v for k, v in summary.items() if k != "loss_history"}
         print(json.dumps(short, indent=2))
@@ -90,7 +128,6 @@ def main(argv=None) -> int:
         if summary.get("mlflow_tracking_uri"):
             print(f"mlflow: {summary['mlflow_tracking_uri']} (run {summary['mlflow_run_id']}); "
                   f"browse with: mlflow ui --backend-store-uri {summary['mlflow_tracking_uri']}")
-    dist.shutdown()
     return 0
 
 

@@ -365,3 +365,14 @@ def test_cka_health_check_keys_are_checked_by_name():
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             load_config(None, [f"{key}={bad}"])
     assert load_config(None, ["tracking.cka_every_epochs=0"]).tracking.cka_every_epochs == 0  # 0: never
+
+
+def test_changes_on_resume_name_what_changes_training_and_skip_cadence():
+    from mimscale.config import changes_on_resume, flatten, to_dict
+
+    saved = to_dict(load_config(None, ["train.base_lr=0.1", "model.decoder_depth=2"]))
+    saved["masking"].pop("blockwise")  # a section a later version added is not a change
+    now = load_config(None, ["train.base_lr=0.2", "model.decoder_depth=2", "train.steps=500", "train.log_every=7",
+                             "data.num_workers=3", "tracking.enabled=false", "masking.blockwise.min_block=9"])
+    assert changes_on_resume(saved, now) == {"train.base_lr": (0.1, 0.2)}
+    assert changes_on_resume(flatten({}), now) == {}

@@ -40,3 +40,18 @@ def test_lr_schedule_warmup_then_half_cosine():
         lrs.append(opt.param_groups[0]["lr"])
         opt.step(), sched.step()
     assert math.isclose(lrs[0], 0.2) and math.isclose(lrs[9], 2.0) and lrs[11] < 2.0
+
+
+def test_rebase_scheduler_moves_the_peak_at_once():
+    from mimscale.optim import rebase_scheduler
+
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    opt.param_groups[1:] = []
+    sched = build_scheduler(opt, 2, 10)
+    for _ in range(4):
+        opt.step(), sched.step()
+    before = opt.param_groups[0]["lr"]
+    rebase_scheduler(sched, 3.0)
+    assert math.isclose(opt.param_groups[0]["lr"], 3.0 * before) and sched.base_lrs == [3.0]
+    opt.step(), sched.step()
+    assert math.isclose(opt.param_groups[0]["lr"], 3.0 * lr_factor(5, 2, 10))
