@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import yaml
 
-from mimscale import dist
+from mimscale import dist, safe_load
 from mimscale.errors import ConfigError
 
 MARKER = "COMPLETE"
@@ -171,15 +171,22 @@ def abandon_newer(output_dir: str | Path, step: int) -> None:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG streams in what torch's weights-only unpickler reads (so a rank file never
+    needs more): python's state is ints already; numpy's (name, key, pos, has_gauss, cached_gaussian)
+    keeps its uint32 key as a tensor instead of an ndarray."""
+    name, key, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    state = {"python": random.getstate(), "numpy": (name, torch.from_numpy(key.copy()), int(pos), int(has_gauss),
+                                                    float(cached_gaussian)), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore what ``rng_state`` saved (or a rank file written before it, numpy's key an ndarray)."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, key, *rest = state["numpy"]
+    np.random.set_state((name, key.numpy() if torch.is_tensor(key) else key, *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -282,13 +289,15 @@ class Checkpointer:
         never picked as latest nor overwritten half-way."""
         if dist.is_rank0():
             abandon_newer(self.out, read_marker(tag_dir)["step"])
-        _, client = self.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        with safe_load.deepspeed_loads():  # DeepSpeed unpickles with weights_only=False: forced weights-only
+            _, client = self.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
         if client is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {tag_dir}")
         rng_file = tag_dir / f"rng_rank{dist.rank()}.pt"
         rank_state: dict = {}
         if rng_file.is_file():
-            state = torch.load(rng_file, weights_only=False)
+            # weights-only; numpy's array globals allowed for rank files written before rng_state held tensors
+            state = safe_load.load(rng_file, map_location=None, extra=safe_load.numpy_array_globals())
             set_rng_state(state)
             rank_state = state.get("rank_state", {})
         else:

@@ -66,6 +66,7 @@ class DataConfig:
     synthetic_size: int = 256  # side of synthetic images before the crop
     max_bad_in_a_row: int = 64  # consecutive unreadable files before the loader gives up
     shuffle_buffer: int = 2000  # wds: samples read and permuted together (about 110 KB each at full ImageNet size)
+    stall_seconds: float = 600.0  # no batch for this long ends the run naming the source and rank (0: never)
 
 
 @dataclass
@@ -270,7 +271,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'train.stop_after' = {cfg.train.stop_after} must be > 0 (or null)")
     if cfg.train.warmup_steps is not None and cfg.train.warmup_steps < 0:
         raise ConfigError(f"config key 'train.warmup_steps' = {cfg.train.warmup_steps} must be >= 0 (or null)")
-    for key in ("data.num_workers", "data.max_bad_in_a_row", "train.threads", "train.epochs", "train.warmup_epochs",
+    for key in ("data.num_workers", "data.max_bad_in_a_row", "data.stall_seconds", "train.threads", "train.epochs", "train.warmup_epochs",
                 "train.base_lr", "train.min_lr", "train.weight_decay"):
         if get_key(cfg, key) < 0:
             raise ConfigError(f"config key '{key}' = {get_key(cfg, key)} must be >= 0")

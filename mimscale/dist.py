@@ -58,6 +58,12 @@ def init_distributed() -> None:
     import deepspeed
 
     ensure_env()
+    # DeepSpeed JIT-builds its CPU comm op with the first ninja on PATH: the one installed beside
+    # this Python (pinned in setup.py), always, since two ninja versions hash build commands
+    # differently and every switch between them rebuilds the op (30-100 s per launch).
+    here = os.path.dirname(sys.executable)
+    if os.path.isfile(os.path.join(here, "ninja")) and not os.environ.get("PATH", "").startswith(here + os.pathsep):
+        os.environ["PATH"] = here + os.pathsep + os.environ.get("PATH", "")
     deepspeed.init_distributed()
     _unlink_shm_workspace()
 

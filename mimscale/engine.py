@@ -23,6 +23,7 @@ from mimscale.config import Config, flatten, to_dict
 from mimscale.data.streams import StreamPosition, build_source, open_stream
 from mimscale.ds_config import EngineSettings
 from mimscale.errors import TrainingDiverged
+from mimscale.failfast import DataStallWatch
 from mimscale.health import CKAHealth
 from mimscale.hooks.base import LoopContext
 from mimscale.masking.base import MaskPlan
@@ -219,12 +220,27 @@ class Trainer:
         it = iter(loader)
         bar = tqdm(total=self.total_steps, initial=state.step, disable=not dist.is_rank0(), unit="step", dynamic_ncols=True, mininterval=1.0)
         win = LogWindow(self.device, state.step)
-        stopped = None
+        stall = DataStallWatch(cfg.data.stall_seconds, f"data.source={cfg.data.source} {cfg.data.path}".rstrip(), self.rank)
+        with stall:
+            stopped = self._loop(it, end, win, stall, bar)
+        bar.close()
+        self.stop_request.drain()
+        if stopped:
+            dist.log0(f"[mimscale] {stopped} received: saving a checkpoint at step {state.step} and exiting")
+            self.save()
+        self.stopped = stopped
+        return self.finish(stopped)
+
+    def _loop(self, it, end: int, win: LogWindow, stall: DataStallWatch, bar) -> Optional[str]:
+        """Optimizer steps until ``end`` or an agreed stop request (whose signal name it returns)."""
+        cfg, eng, state = self.cfg, self.eng, self.state
         while state.step < end:
             win.exclude(self.hooks.before_step(state.step))  # a refresh is not billed to the training steps
             for _ in range(eng.grad_accum):
                 t = time.perf_counter()
+                stall.waiting()
                 batch = next(it)
+                stall.got(batch)
                 wait = time.perf_counter() - t
                 self.data.observe(batch)
                 win.add_batch(batch, wait)
@@ -250,18 +266,11 @@ class Trainer:
             if state.step % cfg.train.log_every == 0 or ckpt_now or stop:
                 self._log(win, bar)
                 if stop:
-                    stopped = self.stop_request.signal_name or "SIGTERM"
-                    break
+                    return self.stop_request.signal_name or "SIGTERM"
                 if ckpt_now:
                     self.save()
                 win.reset()  # after the save: checkpoint time is not billed to training steps
-        bar.close()
-        self.stop_request.drain()
-        if stopped:
-            dist.log0(f"[mimscale] {stopped} received: saving a checkpoint at step {state.step} and exiting")
-            self.save()
-        self.stopped = stopped
-        return self.finish(stopped)
+        return None
 
     def _log(self, win: LogWindow, bar) -> None:
         """Close the log window (its one packed all-reduce), then rank-0 logging. Raises TrainingDiverged."""

@@ -41,6 +41,7 @@ from mimscale.config import Config, changes_on_resume, check_paths, load_config 
 from mimscale.ds_config import load_ds_config  # noqa: E402
 from mimscale.engine import Trainer  # noqa: E402
 from mimscale.errors import ConfigError, TrainingDiverged  # noqa: E402
+from mimscale.failfast import FailFast  # noqa: E402
 from mimscale.ownership import OutputDirLock, check_not_foreign  # noqa: E402
 from mimscale.preempt import StopRequest  # noqa: E402
 
@@ -103,23 +104,38 @@ def main(argv=None) -> int:
             lock.release()
 
 
+def leave_group(watch) -> None:
+    """Every rank: a barrier, then the failure watch stops, then the group goes: a finished run
+    never looks like a lost rank to the watch."""
+    dist.barrier()
+    if watch is not None:
+        watch.stop()
+    dist.shutdown()
+
+
 def train(cfg: Config, args, eng, stop: StopRequest, resume_from, changes: dict) -> int:
     dist.init_distributed()
+    watch = FailFast.start()  # a rank that raises or dies ends every rank within a minute
     if changes:
         dist.log0("[mimscale] resuming with config changes (resume_changes=allow): "
                   + "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items()))
-    trainer = Trainer(cfg, args, eng, args.deepspeed_config, stop_request=stop, resume_from=resume_from, resume_changes=changes)
+    trainer = None
     try:
+        trainer = Trainer(cfg, args, eng, args.deepspeed_config, stop_request=stop, resume_from=resume_from,
+                          resume_changes=changes)
         summary = trainer.fit()
-    except TrainingDiverged as e:
+    except TrainingDiverged as e:  # every rank sees it at the same log step (the packed all-reduce)
         dist.log0(f"mimscale: {e}")
         trainer.tracker.end("FAILED")
-        dist.shutdown()
+        leave_group(watch)
         return 3
-    except BaseException:
-        trainer.tracker.end("FAILED")  # not left RUNNING in MLflow
+    except BaseException as e:
+        if watch is not None:
+            watch.report(e)
+        if trainer is not None:
+            trainer.tracker.end("FAILED")  # not left RUNNING in MLflow
         raise
-    dist.shutdown()  # every rank leaves every collective before rank 0's export and upload
+    leave_group(watch)  # every rank leaves every collective before rank 0's export and upload
     trainer.close()
     if dist.is_rank0():
         short = {k: v for k, v in summary.items() if k != "loss_history"}

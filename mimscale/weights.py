@@ -10,6 +10,8 @@
     file with a ``config.json`` beside it. The model comes from ``config.json``'s ``mimscale.model``;
   - ``file``: any other state-dict file, ``.safetensors`` or a torch pickle (``.pt``/``.pth``/
     ``.bin``), e.g. timm's, optionally nested under "model"/"state_dict"/"module". It names no model.
+No pickle read here runs code: each is loaded weights-only (mimscale.safe_load), and one that needs
+more is refused with an error naming it.
 Encoder state dicts come back in ViTEncoder's keys and shapes, fp32: ``patch_embed.proj.weight``
 [D, 3, P, P], ``cls_token`` [1, 1, D], ``blocks.<i>.*``, ``norm.weight`` [D]; decoder ones in
 MAEDecoder's. ``checked_state`` is the one check that a state dict fits a module (every key there,
@@ -28,6 +30,7 @@ import safetensors.torch
 import torch
 import yaml
 
+from mimscale import safe_load
 from mimscale.checkpoint import CONFIG, MARKER, resolve_resume
 from mimscale.models.decoder import MAEDecoder
 from mimscale.models.registry import ENCODERS
@@ -130,15 +133,16 @@ def consolidate(tag: Path, parts: tuple[str, ...] = ("encoder",)) -> dict[str, d
     try:
         # DeepSpeed binds its logger to the stdout of its import and prints progress: both go to
         # stderr, so a CLI's stdout stays its result. Imported here, not at the top: importing it
-        # costs seconds, and readers of exports and files never need it.
-        with contextlib.redirect_stdout(sys.stderr):
+        # costs seconds, and readers of exports and files never need it. zero_to_fp32 unpickles
+        # every shard with weights_only=False: deepspeed_loads makes each load weights-only.
+        with contextlib.redirect_stdout(sys.stderr), safe_load.deepspeed_loads():
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
             lazy = get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name, lazy_mode=True)
             # contiguous(): assembles one tensor; views of one flat shard otherwise
             return {part: {k[len(part) + 1:]: v.contiguous() for k, v in lazy.items() if k.startswith(part + ".")}
                     for part in parts}
-    except FileNotFoundError:
+    except (FileNotFoundError, safe_load.UnsafeFileError):
         raise
     except Exception as e:  # DeepSpeed's own errors (a truncated shard, another format), named with the checkpoint
         raise ValueError(f"checkpoint {tag} could not be consolidated: {type(e).__name__}: {e}") from e
@@ -150,7 +154,7 @@ def read_file(path: Path) -> dict:
         raise FileNotFoundError(f"{path} does not exist (an export without its weights?)")
     if path.suffix == ".safetensors":
         return safetensors.torch.load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return safe_load.load(path)
 
 
 def strip(state: dict) -> dict:

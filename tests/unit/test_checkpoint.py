@@ -203,3 +203,72 @@ def test_a_damaged_newest_tag_is_set_aside_and_resume_falls_back(tmp_path, capsy
         Checkpointer(FakeEngine(), damage_path, keep=1).save(1)
         (damage_path / "checkpoints" / tag_for(1) / MARKER).write_text("")
         resolve_resume(str(damage_path / "checkpoints" / tag_for(1)), damage_path)
+
+
+def _draws() -> list:
+    """One draw from each stream a rank file restores (python, numpy incl. its cached gaussian, torch)."""
+    import random
+
+    import numpy as np
+
+    return [random.random(), random.gauss(0, 1), np.random.random(), np.random.standard_normal(), torch.rand(3).tolist()]
+
+
+def test_rng_state_round_trips_exactly_through_a_weights_only_file(tmp_path):
+    import random
+
+    import numpy as np
+
+    from mimscale.checkpoint import rng_state, set_rng_state
+
+    random.gauss(0, 1), np.random.standard_normal()  # leave a cached gaussian in both
+    torch.save(rng_state(), tmp_path / "rng.pt")
+    first = _draws()
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))  # no allowlist needed
+    assert _draws() == first
+
+
+def test_a_rank_file_from_before_safe_rng_files_still_restores(tmp_path):
+    """Rank files once held numpy's state as an ndarray: read weights-only with numpy's array
+    globals allowed, the streams and the rank state come back."""
+    import random
+
+    import numpy as np
+
+    ckpt = Checkpointer(FakeEngine(), tmp_path, keep=1)
+    part = Counter()
+    ckpt.register("a", part)
+    tag = ckpt.save(1)
+    old = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+           "rank_state": {"a": {"mine": 7}}}
+    torch.save(old, tag / "rng_rank0.pt")
+    first = _draws()
+    Checkpointer(FakeEngine(), tmp_path, keep=1).restore(tag)
+    assert _draws() == first
+    back = Checkpointer(FakeEngine(), tmp_path, keep=1)
+    fresh = Counter()
+    back.register("a", fresh)
+    back.restore(tag)
+    assert fresh.mine == 7
+
+
+class _Poison:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")  # unpickled unsafely: creates the marker file
+
+
+def test_a_poisoned_rank_file_is_refused_naming_it(tmp_path):
+    from mimscale.safe_load import UnsafeFileError
+
+    ckpt = Checkpointer(FakeEngine(), tmp_path, keep=1)
+    ckpt.register("a", Counter())
+    tag = ckpt.save(1)
+    marker = tmp_path / "ran"
+    torch.save({"python": _Poison(marker), "rank_state": {}}, tag / "rng_rank0.pt")
+    with pytest.raises(UnsafeFileError, match="rng_rank0.pt") as e:
+        ckpt.restore(tag)
+    assert str(tag / "rng_rank0.pt") in str(e.value)
+    assert not marker.exists()
