@@ -25,22 +25,23 @@ import time
 from pathlib import Path
 
 from benchmarks.quality_data import prepare
+from mimscale import methods
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("random_init", "mae", "amt", "automae", "rmae", "cmae")
 AMT_FIRST, AMT_EVERY = 0.25, 1.0  # shares of the run
 # Per-method overrides of the shared config; everything else is identical across methods.
 METHOD_SETS = {
-    "mae": ["masking.method=random", "masking.mask_ratio=0.75"],
+    "mae": [methods.select("random"), "masking.mask_ratio=0.75"],
     # AMT's ratios; ONE refresh, at 25% of the run. The paper refreshes every 40 of 400 epochs,
     # where a pass over the data costs ~1.5% of the run; in a budget of a few epochs one pass
     # (a full-length forward per image) costs as much as ~30% of the training, and the benchmark
     # bills it to AMT's budget.
-    "amt": ["masking.method=amt", f"masking.amt.first_refresh={AMT_FIRST:.0%}", f"masking.amt.refresh_every={AMT_EVERY:.0%}"],
-    "automae": ["masking.method=automae", "masking.automae.extractor=online"],
-    "rmae": ["masking.method=rmae", "masking.mask_ratio=0.75"],
+    "amt": [methods.select("amt"), f"masking.amt.first_refresh={AMT_FIRST:.0%}", f"masking.amt.refresh_every={AMT_EVERY:.0%}"],
+    "automae": [methods.select("automae"), "masking.automae.extractor=online"],
+    "rmae": [methods.select("rmae"), "masking.mask_ratio=0.75"],
     # heads scaled to the tiny model; a faster EMA for runs of a few hundred steps
-    "cmae": ["masking.method=cmae", "masking.mask_ratio=0.75", "masking.cmae.proj_hidden=512",
+    "cmae": [methods.select("cmae"), "masking.mask_ratio=0.75", "masking.cmae.proj_hidden=512",
              "masking.cmae.proj_dim=128", "masking.cmae.momentum=0.99"],
 }
 # quick: the whole pipeline in under 5 minutes on 2 cores, a smoke run: every method gets the same
