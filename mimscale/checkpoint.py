@@ -22,6 +22,7 @@ import random
 import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -226,6 +227,36 @@ class Stateful:
 
     def load_rank_state_dict(self, state: dict) -> None:
         pass
+
+
+@dataclass
+class TrainState(Stateful):
+    """The loop's counters (the same on every rank): checkpoint part ``train``."""
+
+    step: int = 0
+    samples_seen: int = 0
+    skipped: int = 0  # unreadable images skipped so far
+    converted: int = 0  # images converted to RGB so far
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "samples_seen": self.samples_seen, "skipped": self.skipped, "converted": self.converted}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
+        self.skipped, self.converted = int(state["skipped"]), int(state["converted"])
+
+
+@dataclass
+class TrackingState(Stateful):
+    """The MLflow run a resumed run keeps logging into: checkpoint part ``tracking``."""
+
+    run_id: Optional[str] = None
+
+    def state_dict(self) -> dict:
+        return {"run_id": self.run_id}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.run_id = state["run_id"]
 
 
 def _legacy_parts(client: dict, rank_state: dict) -> tuple[dict, dict]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -18,8 +17,8 @@ import torch
 from tqdm import tqdm
 
 from mimscale import dist, methods
-from mimscale.checkpoint import Checkpointer, Stateful
-from mimscale.config import Config, flatten, to_dict
+from mimscale.checkpoint import Checkpointer, TrackingState, TrainState
+from mimscale.config import Config, to_dict
 from mimscale.data.streams import StreamPosition, build_source, open_stream
 from mimscale.ds_config import EngineSettings
 from mimscale.errors import TrainingDiverged
@@ -28,58 +27,13 @@ from mimscale.health import CKAHealth
 from mimscale.hooks.base import LoopContext
 from mimscale.masking.base import MaskPlan
 from mimscale.masking.viz import save_plan_grid
-from mimscale.metrics import LogWindow, RunMeter, model_flops_per_image, peak_flops
+from mimscale.metrics import LogWindow, MetricsFile, RunMeter, model_flops_per_image, peak_flops
 from mimscale.optim import build_optimizer, build_scheduler, rebase_scheduler
 from mimscale.preempt import StopRequest
-from mimscale.tracking import Tracker, write_resolved_config
+from mimscale.tracking import Tracker, open_run
 
 __all__ = ["Trainer", "TrainingDiverged"]
 META_KEYS = ("box", "flip", "index")
-
-
-@dataclass
-class TrainState(Stateful):
-    """The run's counters (the same on every rank)."""
-
-    step: int = 0
-    samples_seen: int = 0
-    skipped: int = 0  # unreadable images skipped so far
-    converted: int = 0  # images converted to RGB so far
-
-    def state_dict(self) -> dict:
-        return {"step": self.step, "samples_seen": self.samples_seen, "skipped": self.skipped, "converted": self.converted}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
-        self.skipped, self.converted = int(state["skipped"]), int(state["converted"])
-
-
-@dataclass
-class TrackingState(Stateful):
-    """The MLflow run a resumed run keeps logging into."""
-
-    run_id: Optional[str] = None
-
-    def state_dict(self) -> dict:
-        return {"run_id": self.run_id}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.run_id = state["run_id"]
-
-
-def metrics_lines_upto(path: Path, step: int) -> list[str]:
-    """metrics.jsonl's lines up to ``step`` (a resume redoes the steps after it); a torn line (a
-    crash in the middle of a write) is dropped with a warning instead of stopping the start."""
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line) if line.strip() else None
-        except json.JSONDecodeError:
-            dist.log0(f"[mimscale] WARNING: dropped a torn line of {path}: {line[:80]!r}")
-            continue
-        if record is not None and record["step"] <= step:
-            keep.append(line)
-    return keep
 
 
 class Trainer:
@@ -153,6 +107,7 @@ class Trainer:
         self.stopped: Optional[str] = None
 
         self.flops_per_img = model_flops_per_image(cfg, *self.plan_sizes[:2])
+        self.metrics_file = MetricsFile(self.out / "metrics.jsonl")
         if dist.is_rank0():
             self._start_tracking(ds_args, ds_config_path)
         self.loss_history: list[dict] = []
@@ -160,27 +115,15 @@ class Trainer:
         self.term_names: list[str] = []  # the model's loss terms, known after the first log step
 
     def _start_tracking(self, ds_args, ds_config_path: str) -> None:
-        """Rank 0: the MLflow run (the resumed one, if any), its params and config files, and
-        metrics.jsonl trimmed to the step we start from (steps a crash made us redo)."""
-        cfg, eng = self.cfg, self.eng
-        name = cfg.tracking.run_name or f"{cfg.preset or 'mimscale'}-{time.strftime('%Y%m%d-%H%M%S')}"
-        self.tracker = Tracker(cfg.tracking.enabled, self.out, cfg.tracking.experiment, name, self.tracking.run_id,
-                               system_metrics=cfg.tracking.system_metrics)
+        """Rank 0: the MLflow run (the resumed one, if any) and metrics.jsonl trimmed to the step
+        we start from (steps a crash made us redo)."""
+        derived = {"lr": self.lr, "total_steps": self.total_steps, "warmup_steps": self.warmup_steps, "world_size": self.world,
+                   "global_batch": self.eng.global_batch}
+        tags = {f"mimscale.resume_change.{k}": f"{old!r} -> {new!r}" for k, (old, new) in self.resume_changes.items()}
+        self.tracker = open_run(self.cfg, self.out, self.tracking.run_id, derived, self.eng.raw, getattr(ds_args, "config", None),
+                                ds_config_path, tags)
         self.tracking.run_id = self.tracker.run_id or self.tracking.run_id
-        params = flatten(to_dict(cfg))
-        params.update(flatten(eng.raw, "ds."))
-        params.update({"derived.lr": self.lr, "derived.total_steps": self.total_steps, "derived.warmup_steps": self.warmup_steps,
-                       "derived.world_size": self.world, "derived.global_batch": eng.global_batch})
-        self.tracker.log_params(params)
-        if self.resume_changes:
-            self.tracker.set_tags({f"mimscale.resume_change.{k}": f"{old!r} -> {new!r}" for k, (old, new) in self.resume_changes.items()})
-        # The config files as artifacts: the resolved config (also <output_dir>/config.yaml, for
-        # export/eval of any tag), the ds_config and the preset as given (pretrain.py's --config).
-        resolved = write_resolved_config(self.out, to_dict(cfg))
-        self.tracker.log_run_config(resolved, getattr(ds_args, "config", None), ds_config_path)
-        path = self.out / "metrics.jsonl"
-        if path.is_file():
-            path.write_text("".join(line + "\n" for line in metrics_lines_upto(path, self.state.step)))
+        self.metrics_file.trim(self.state.step)
 
     # ------------------------------------------------------------------ one step
     def to_device(self, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -307,8 +250,7 @@ class Trainer:
             self.loss_history.append({"step": self.state.step, "loss": w["loss"]})
             self.tracker.log_metrics(metrics, self.state.step)
             bar.set_postfix(loss=f"{w['loss']:.4f}", img_s=f"{timed.img_per_s:.1f}", refresh=False)
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"step": self.state.step, **metrics}) + "\n")
+            self.metrics_file.append(self.state.step, metrics)
 
     def _update_plan_sizes(self) -> None:
         """FLOPs per image follow the plan actually used (AMT switches from random masking to

@@ -8,19 +8,21 @@ the method's entry in the registry (mimscale/methods.py) at the plan sizes actua
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 import deepspeed.comm as ds_comm
 import torch
 
-from mimscale import methods
+from mimscale import dist, methods
 from mimscale.errors import TrainingDiverged
 from mimscale.flops import GPU_PEAK_BF16, block_flops, cpu_matmul_peak, mim_flops_per_image, peak_flops
 
-__all__ = ["LogWindow", "RunMeter", "TrainingDiverged", "model_flops_per_image", "block_flops", "mim_flops_per_image",
+__all__ = ["LogWindow", "MetricsFile", "RunMeter", "TrainingDiverged", "model_flops_per_image", "block_flops", "mim_flops_per_image",
            "peak_flops", "cpu_matmul_peak", "GPU_PEAK_BF16"]
 
 
@@ -156,3 +158,32 @@ class RunMeter:
         secs = sum(x.seconds for x in w)
         flop_s = sum(x.steps * self.global_batch * x.flops_per_img for x in w) / secs if secs else 0.0
         return flop_s / self.world / self.peak if self.peak and flop_s else None
+
+
+class MetricsFile:
+    """``metrics.jsonl`` (rank 0): one JSON line per log step."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def append(self, step: int, metrics: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+    def lines_upto(self, step: int) -> list[str]:
+        """The lines up to ``step`` (a resume redoes the steps after it); a torn line (a crash in
+        the middle of a write) is dropped with a warning instead of stopping the start."""
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError:
+                dist.log0(f"[mimscale] WARNING: dropped a torn line of {self.path}: {line[:80]!r}")
+                continue
+            if record is not None and record["step"] <= step:
+                keep.append(line)
+        return keep
+
+    def trim(self, step: int) -> None:
+        if self.path.is_file():
+            self.path.write_text("".join(line + "\n" for line in self.lines_upto(step)))

@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 import yaml
 
+from mimscale.config import flatten, to_dict
 from mimscale.export import export_checkpoint
 
 # System metrics: a sample every 15 s, logged as the mean of 4 samples: one point a minute per
@@ -170,3 +171,23 @@ class Tracker:
         except Exception as e:
             self._fail("end_run", e)
         self.active = False
+
+
+def open_run(cfg, output_dir: Path, run_id: Optional[str], derived: dict, ds_raw: dict, preset: Optional[str],
+             ds_config: Optional[str], tags: dict) -> "Tracker":
+    """Rank 0's MLflow run for a training run (``run_id``: the one a resumed run continues), with
+    its params (the flattened config, ``ds.*`` and ``derived.*``), ``tags`` and config files: the
+    resolved config (also ``<output_dir>/config.yaml``, for export/eval of any tag), the ds_config
+    and the preset as given."""
+    name = cfg.tracking.run_name or f"{cfg.preset or 'mimscale'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    tracker = Tracker(cfg.tracking.enabled, output_dir, cfg.tracking.experiment, name, run_id,
+                      system_metrics=cfg.tracking.system_metrics)
+    params = flatten(to_dict(cfg))
+    params.update(flatten(ds_raw, "ds."))
+    params.update({f"derived.{k}": v for k, v in derived.items()})
+    tracker.log_params(params)
+    if tags:
+        tracker.set_tags(tags)
+    resolved = write_resolved_config(output_dir, to_dict(cfg))
+    tracker.log_run_config(resolved, preset, ds_config)
+    return tracker

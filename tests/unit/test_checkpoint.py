@@ -272,3 +272,17 @@ def test_a_poisoned_rank_file_is_refused_naming_it(tmp_path):
         ckpt.restore(tag)
     assert str(tag / "rng_rank0.pt") in str(e.value)
     assert not marker.exists()
+
+
+def test_the_loops_counters_round_trip_and_load_strictly():
+    from mimscale.checkpoint import TrackingState, TrainState
+
+    s = TrainState(step=5, samples_seen=80, skipped=1, converted=2)
+    back = TrainState()
+    back.load_state_dict(json.loads(json.dumps(s.state_dict())))
+    assert back == s
+    with pytest.raises(KeyError):
+        TrainState().load_state_dict({"step": 1})
+    other = TrackingState()
+    other.load_state_dict(TrackingState("run-1").state_dict())
+    assert other.run_id == "run-1"

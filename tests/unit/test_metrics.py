@@ -87,3 +87,19 @@ def test_flops_follow_the_method():
     rmae = model_flops_per_image(load_config(None, base + ["masking.method=rmae"]), 49, 147)
     cmae = model_flops_per_image(load_config(None, base + ["masking.method=cmae"]), 49, 147)
     assert rmae > 2 * mae * 0.9 and cmae > rmae  # two views; C-MAE encodes all L patches four times
+
+
+def test_metrics_file_keeps_steps_up_to_the_resume_and_drops_a_torn_line(tmp_path, capsys):
+    from mimscale.metrics import MetricsFile
+
+    f = MetricsFile(tmp_path / "metrics.jsonl")
+    f.trim(3)  # no file yet: nothing to do
+    for s in (1, 2, 3, 4):
+        f.append(s, {"loss": 1.0})
+    with open(f.path, "a") as out:
+        out.write('{"step": 5, "lo')  # a crash in the middle of a write
+    f.trim(3)
+    import json
+
+    assert [json.loads(line)["step"] for line in f.path.read_text().splitlines()] == [1, 2, 3]
+    assert "dropped a torn line" in capsys.readouterr().err
