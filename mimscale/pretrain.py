@@ -67,7 +67,11 @@ def resume_changes(tag: Path, cfg: Config) -> dict:
     saved = tag / CONFIG
     if not saved.is_file():  # tags written before checkpoints carried their config
         return {}
-    changes = changes_on_resume(yaml.safe_load(saved.read_text()) or {}, cfg)
+    try:
+        old = yaml.safe_load(saved.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{saved} cannot be read ({e}); resume from another checkpoint with --set resume=<tag>") from None
+    changes = changes_on_resume(old, cfg)
     if changes and cfg.resume_changes != "allow":
         listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
         raise ConfigError(f"resuming {tag} with a different config ({listed}); restore those values, choose a new "
