@@ -7,7 +7,7 @@ SAMPLE := ../shared/data/imagenet-sample
 # One intra-op thread per rank: two ranks on two cores otherwise fight over them.
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup lint test test-fast demo bench clean docker
+.PHONY: setup lint test test-all test-fast demo bench clean docker
 
 setup: $(STAMP)
 
@@ -22,7 +22,12 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 # The venv's bin on PATH: DeepSpeed JIT-builds its CPU comm op with the venv's ninja.
+# Every module is covered without the tests marked slow (the quality benchmark's smoke run, FFCV's
+# 2-rank resume, the bf16 config on CPU ranks); test-all runs them too.
 test: setup
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q --durations=15 -m "not slow" tests
+
+test-all: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q --durations=15 tests
 
 # Unit tests only (no multi-rank launches).

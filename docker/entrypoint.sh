@@ -160,7 +160,9 @@ supervisor=$!
 until [ -s "$workdir/pgid" ] || ! kill -0 "$supervisor" 2>/dev/null; do
   sleep 0.05
 done
-launcher_pgid=$(cat "$workdir/pgid" 2>/dev/null || true)
+# a builtin read, not $(cat ...): a group-wide SIGTERM landing on that child would leave it empty
+launcher_pgid=""
+read -r launcher_pgid <"$workdir/pgid" 2>/dev/null || true
 [ -z "$stop" ] || forward_stop  # a signal that came before the launcher existed
 
 while kill -0 "$supervisor" 2>/dev/null; do

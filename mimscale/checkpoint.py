@@ -55,6 +55,10 @@ def _files(tag_dir: Path) -> dict[str, int]:
             if f.is_file() and f.name not in (MARKER, MARKER + ".tmp")}
 
 
+class DamagedCheckpoint(FileNotFoundError):
+    """A tag whose marker is torn or whose files are not all there at their sizes."""
+
+
 def verify(tag_dir: Path) -> Optional[str]:
     """None when the tag is whole, else what is wrong with it (naming the file)."""
     try:
@@ -86,13 +90,17 @@ def set_aside(tag_dir: Path, why: str) -> Path:
     return dest
 
 
-def newest_verified(root: Path) -> Optional[Path]:
-    """The newest complete tag under ``root`` that verifies; damaged newer ones are set aside."""
+def newest_verified(root: Path, repair: bool = False) -> Optional[Path]:
+    """The newest complete tag under ``root`` that verifies. Damaged newer ones are skipped with a
+    message naming the bad file, and with ``repair`` (a training run resuming) also set aside."""
     for _, d in reversed(complete_tags(root)):
         problem = verify(d)
         if problem is None:
             return d
-        set_aside(d, problem)
+        if repair:
+            set_aside(d, problem)
+        else:
+            dist.log0(f"[mimscale] WARNING: skipping damaged checkpoint {d} ({problem})")
     return None
 
 
@@ -116,7 +124,7 @@ def complete_tags(root: Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-def resolve_resume(resume: str, output_dir: str | Path) -> Optional[Path]:
+def resolve_resume(resume: str, output_dir: str | Path, repair: bool = False) -> Optional[Path]:
     """The checkpoint directory (one tag) to resume from, or None for a fresh start.
 
     ``auto``: the newest complete checkpoint in output_dir, if any; ``never``: None; a path: that
@@ -124,16 +132,16 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Optional[Path]:
     if resume == "never":
         return None
     if resume == "auto":
-        return newest_verified(checkpoint_root(output_dir))
+        return newest_verified(checkpoint_root(output_dir), repair)
     p = Path(resume)
     if (p / MARKER).is_file():
         problem = verify(p)
         if problem:
-            raise FileNotFoundError(f"resume={resume!r} is a damaged checkpoint: {problem}")
+            raise DamagedCheckpoint(f"{resume} is a damaged checkpoint: {problem}")
         return p
     for root in (p, p / "checkpoints"):
         if complete_tags(root):
-            tag = newest_verified(root)
+            tag = newest_verified(root, repair)
             if tag is not None:
                 return tag
     raise FileNotFoundError(f"resume={resume!r} holds no complete checkpoint (a directory with a {MARKER} file)")
@@ -151,7 +159,7 @@ def check_resume(resume: str, output_dir: str | Path, world_size: int) -> Option
                 f"(latest {tags[-1][1].name}): use resume=auto to continue it, or choose a new output_dir")
         return None
     try:
-        tag_dir = resolve_resume(resume, output_dir)
+        tag_dir = resolve_resume(resume, output_dir, repair=True)
     except FileNotFoundError as e:
         raise ConfigError(f"config key 'resume': {e}") from None
     if tag_dir is not None:

@@ -31,7 +31,7 @@ import torch
 import yaml
 
 from mimscale import safe_load
-from mimscale.checkpoint import CONFIG, MARKER, resolve_resume
+from mimscale.checkpoint import CONFIG, MARKER, DamagedCheckpoint, resolve_resume
 from mimscale.models.decoder import MAEDecoder
 from mimscale.models.registry import ENCODERS
 from mimscale.models.vit import ViTEncoder
@@ -76,6 +76,8 @@ def locate(path: str | Path, label: str = "checkpoint") -> Weights:
         return Weights("export", p / EXPORT_ENCODER, p / EXPORT_CONFIG)
     try:
         tag = resolve_resume(str(p.resolve()), p)  # resolved: a folder named "auto" or "never" is a path
+    except DamagedCheckpoint as e:
+        raise DamagedCheckpoint(f"{label} {e}") from None
     except FileNotFoundError:
         raise FileNotFoundError(
             f"{label} {path} holds no complete checkpoint: expected a checkpoints/stepNNNNNNNN directory with a "

@@ -16,7 +16,7 @@ from mimscale import dist  # noqa: E402
 from mimscale.config import load_config  # noqa: E402
 from mimscale.ds_config import load_ds_config  # noqa: E402
 from mimscale.engine import Trainer  # noqa: E402
-from tests.golden.cases import CASES, CONFIGS, COMMON, ds_config  # noqa: E402
+from tests.golden.cases import CASES, COMMON, CONFIGS, ds_config  # noqa: E402
 
 
 def run_case(name: str, stage: int, work: Path) -> list[float]:

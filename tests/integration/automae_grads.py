@@ -1,15 +1,15 @@
-"""Run under ``deepspeed --num_gpus 2``: AutoMAE's one-backward gradients inside a DeepSpeed engine
-(ZeRO stage from argv) against a plain-torch reference with one backward per term.
+"""AutoMAE's one-backward gradients inside a DeepSpeed engine under one ZeRO stage against a
+plain-torch reference with one backward per term: ``check``, run on 2 ranks by
+tests/integration/zero_checks.py for each stage in turn.
 
 Each rank trains on its own batch; the engine averages gradients over ranks, so the reference is
 the average over both ranks' batches of: grad L_rec (MAE + G) + grad lambda (D(m)-1)^2 (G only)
-+ grad (D(real)-1)^2 + D(sg(m))^2 (D only). Rank 0 writes {parameter: max |difference|} as JSON.
++ grad (D(real)-1)^2 + D(sg(m))^2 (D only). ``check`` returns {"diff": {parameter: max
+|difference|}, "scale": {parameter: max |reference gradient|}, "d_persistent": {...}}.
 """
 from __future__ import annotations
 
 import copy
-import json
-import sys
 
 import deepspeed
 import torch
@@ -17,11 +17,7 @@ from deepspeed.utils import safe_get_full_grad
 
 import mimscale.masking.automae as automae
 from mimscale import dist
-from mimscale.config import load_config
-from mimscale.methods import build_model
-
-SETS = ["model.name=vit_tiny", "model.img_size=32", "model.patch_size=8", "model.decoder_dim=64", "model.decoder_depth=1",
-        "model.decoder_heads=4", "masking.method=automae", "masking.automae.throw_ratio=0.125"]
+from tests.conftest import tiny_model
 
 
 def batch(rank: int):
@@ -31,11 +27,8 @@ def batch(rank: int):
                     "index": torch.arange(3)}
 
 
-def main(stage: int, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_distributed()
-    torch.manual_seed(0)
-    model = build_model(load_config(None, SETS))
+def check(stage: int) -> dict:
+    model = tiny_model("automae", "masking.automae.throw_ratio=0.125")  # built after torch.manual_seed(0)
     model.masker.discriminator.eval()  # one fixed spectral normalization for engine and reference
     ref = copy.deepcopy(model)
     ds = {"train_micro_batch_size_per_gpu": 3, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": stage},
@@ -56,7 +49,7 @@ def main(stage: int, out: str) -> None:
         seen.update(d_real=d_real, d_sg=d_sg, d_gen=d_gen, lam=lam)
         return real_terms(d_real, d_sg, d_gen, lam)
 
-    automae.lsgan_terms = spy
+    automae.lsgan_terms = spy  # for the reference's forwards only; put back below
     params = [(n, p) for n, p in ref.named_parameters() if p.requires_grad]
     expect = {n: torch.zeros_like(p) for n, p in params}
     G = list(ref.masker.generator.parameters())
@@ -72,17 +65,10 @@ def main(stage: int, out: str) -> None:
             for p, g in zip(ps, torch.autograd.grad(term, ps, retain_graph=True, allow_unused=True)):
                 if g is not None:
                     expect[names[id(p)]] += g / dist.world_size()
+    automae.lsgan_terms = real_terms
     diff = {n: float((got[n] - expect[n]).abs().max()) if got[n] is not None else float("inf") for n in expect}
     scale = {n: float(expect[n].abs().max()) for n in expect}
     # ZeRO-3 keeps parameters under stage3_param_persistence_threshold (default 1e5 elements) whole
     # on every rank: the discriminator (8.7k at 14 x 14) is never split into slivers
     persist = {n: bool(getattr(p, "ds_persist", False)) for n, p in engine.module.masker.discriminator.named_parameters()}
-    if rank == 0:
-        with open(out, "w") as f:
-            json.dump({"diff": diff, "scale": scale, "d_persistent": persist}, f)
-    dist.shutdown()
-
-
-if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
-    main(int(args[0]), args[1])
+    return {"diff": diff, "scale": scale, "d_persistent": persist}

@@ -10,6 +10,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "mimscale" / "configs" / "mae_vit_tiny_cpu.yaml"
+ZERO_STAGES = (1, 2, 3)  # what the zero_checks launch (tests/integration/conftest.py) checks, in turn
 # A model small enough that a 2-rank CPU step takes a fraction of a second.
 TINY_SETS = [
     "model.img_size=32",
@@ -84,9 +85,10 @@ def losses(s: dict) -> dict[int, float]:
     return {e["step"]: e["loss"] for e in s["loss_history"]}
 
 
-def run_script_json(script: str, stage: int, out: Path, timeout: int = 300) -> dict:
+def run_script_json(script: str, stage: int | str, out: Path, timeout: int = 300) -> dict:
     """``deepspeed --num_gpus 2 <script> <stage> <out>``: a 2-rank check script that writes its
-    result as JSON to ``out`` (rank 0); returns that JSON, or fails with the launch's output."""
+    result as JSON to ``out`` (rank 0); returns that JSON, or fails with the launch's output.
+    ``stage`` is one ZeRO stage, or several as "1,2,3" for scripts that check each in turn."""
     launcher = str(Path(env()["PATH"].split(":")[0]) / "deepspeed")
     r = run_group([launcher, "--num_gpus", "2", "--master_port", str(free_port()), script, str(stage), str(out)],
                   timeout=timeout)

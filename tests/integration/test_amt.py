@@ -1,6 +1,7 @@
 """AMT end to end on 2 CPU ranks: refreshes cover every sample exactly once, masking and throwing
 after the first refresh, resume keeps the store and repeats the uninterrupted run, the mask grid
-reaches MLflow, and ZeRO-3's gathered attention pass gives ZeRO-1/2's maps."""
+reaches MLflow, and ZeRO-3's gathered attention pass gives ZeRO-1/2's maps (the zero_checks
+launch; AMT's ZeRO-1 and ZeRO-3 training, refreshes included, is pinned by tests/golden)."""
 from __future__ import annotations
 
 import hashlib
@@ -10,13 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.integration.launch import losses, run, summary, write_ds_config
+from tests.integration.launch import ZERO_STAGES, losses, run, summary, write_ds_config
 
 STEPS = 12
-N = 512  # synthetic samples (launch.TINY_SETS); 2 ranks x micro 4 x accumulation 2: 32 steps an epoch
+N = 128  # synthetic samples; 2 ranks x micro 4 x accumulation 2: 8 steps an epoch
 L = 16  # 32 px images, patch 8
-AMT = ["masking.method=amt", "masking.amt.first_refresh=0.125", "masking.amt.refresh_every=0.125",  # steps 4 and 8
-       "masking.amt.refresh_batch=64", f"train.steps={STEPS}"]
+# refreshes before steps 4 and 8 (every half epoch); each rank's 64 whole images in 4 attention batches
+AMT = ["masking.method=amt", "masking.amt.first_refresh=0.5", "masking.amt.refresh_every=0.5",
+       "masking.amt.refresh_batch=16", f"data.synthetic_count={N}", f"train.steps={STEPS}"]
 
 
 def _rows(out: Path, generation: int) -> np.ndarray:
@@ -101,12 +103,12 @@ def test_resume_keeps_the_store_and_matches_uninterrupted(zero3):
     assert np.array_equal(_rows(out, 2), _rows(zero3["ref"], 2))
 
 
-@pytest.mark.parametrize("stage", [1])
-def test_zero3_attention_pass_gives_the_maps_of_zero_stage(zero3, stage, tmp_path):
-    ds = write_ds_config(tmp_path / f"z{stage}.json", stage)
-    out = tmp_path / "run"
-    r = run(ds, out, AMT + ["train.stop_after=5"])
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    mine, theirs = _rows(out, 1), _rows(zero3["out"], 1)
-    assert np.all(mine[:, -1] == 1)
-    np.testing.assert_allclose(mine[:, :-1].astype(np.float32), theirs[:, :-1].astype(np.float32), atol=2e-3)
+@pytest.mark.parametrize("stage", ZERO_STAGES)
+def test_attention_pass_under_each_zero_stage_gives_the_plain_encoders_maps(zero_checks, stage):
+    """The refresh's CLS-attention forward through the engine's encoder (under ZeRO-3 on partitioned
+    parameters that its module hooks gather) equals the plain encoder's on the same weights; a
+    whole ZeRO-3 refresh writing every row is the fixture's run above."""
+    a = zero_checks[str(stage)]["amt"]
+    assert a["shape"] == [6, L] and a["partitioned"] == (stage == 3)
+    assert 0 <= a["min"] and a["max"] <= 1 and a["spread"] > 0  # real maps, not constants
+    assert a["diff"] <= 1e-6, a

@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-from tests.integration.launch import REPO, run, summary, write_ds_config
+from tests.integration.launch import run, summary, write_ds_config
 
 
 def test_bad_config_key_fails_fast_naming_key(tmp_path):

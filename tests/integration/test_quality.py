@@ -37,10 +37,13 @@ def extract_subset(dst: Path, per_class: dict[str, int]) -> Path:
 @pytest.mark.slow
 @pytest.mark.skipif(not CIFAR.is_file(), reason=f"{CIFAR} not present (shared/ beside the repository)")
 def test_quick_quality_benchmark_runs_every_method(tmp_path):
-    data = extract_subset(tmp_path / "cifar", {"train": 30, "test": 10})
+    data = extract_subset(tmp_path / "cifar", {"train": 10, "test": 4})
     out = tmp_path / "q"
+    # --quick's 6 steps of batch 32 per method on few images, and 8 px patches on CIFAR's 32 px
+    # (the input size still follows the images): a 4 x 4 grid, a quarter of the default's tokens
     cmd = [sys.executable, "-m", "benchmarks.quality", "--data", str(data), "--methods", ",".join(METHODS), "--quick",
-           "--pretrain-images", "200", "--probe-train", "200", "--probe-val", "100", "--out", str(out), "--json"]
+           "--pretrain-images", "64", "--probe-train", "40", "--probe-val", "20", "--patch-size", "8",
+           "--out", str(out), "--json"]
     r = subprocess.run(cmd, cwd=REPO, env={**env(), "OMP_NUM_THREADS": "2"}, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])

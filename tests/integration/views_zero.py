@@ -1,29 +1,24 @@
-"""Run under ``deepspeed --num_gpus 2``: R-MAE and C-MAE inside a DeepSpeed engine (ZeRO stage from
-argv) against plain torch.
+"""R-MAE and C-MAE inside a DeepSpeed engine under one ZeRO stage against plain torch: ``check``,
+run on 2 ranks by tests/integration/zero_checks.py for each stage in turn.
 
 For each method: one forward/backward on each rank's own batch; the engine's averaged gradients
 must equal the average over both ranks' batches of the plain model's gradients (same seeds, so
 the same masks and colour jitter). Then C-MAE takes an optimizer step and its EMA hook runs: the
 target's gathered weights must equal decay * before + (1 - decay) * the online weights after the
-step, and no target parameter may hold a gradient. Rank 0 writes the results as JSON.
+step, and no target parameter may hold a gradient.
 """
 from __future__ import annotations
 
 import copy
-import json
-import sys
 
 import deepspeed
 import torch
 from deepspeed.utils import safe_get_full_grad
 
 from mimscale import dist
-from mimscale.config import load_config
 from mimscale.hooks.ema import EMAHooks
-from mimscale.methods import build_model
+from tests.conftest import tiny_model
 
-BASE = ["model.name=vit_tiny", "model.img_size=32", "model.patch_size=8", "model.decoder_dim=64", "model.decoder_depth=1",
-        "model.decoder_heads=4", "masking.cmae.proj_hidden=64", "masking.cmae.proj_dim=32"]
 DECAY = 0.5
 
 
@@ -40,8 +35,7 @@ def gathered(params) -> list[torch.Tensor]:
 
 
 def check(method: str, stage: int) -> dict:
-    torch.manual_seed(0)
-    model = build_model(load_config(None, BASE + [f"masking.method={method}"]))
+    model = tiny_model(method)  # built after torch.manual_seed(0)
     ref = copy.deepcopy(model)
     ds = {"train_micro_batch_size_per_gpu": 3, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": stage},
           "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
@@ -81,18 +75,3 @@ def check(method: str, stage: int) -> dict:
                    target_in_optimizer=sum(any(p is q for g in opt.param_groups for q in g["params"])
                                            for n, p in engine.module.named_parameters() if n.startswith("objective.target_")))
     return out
-
-
-def main(stage: int, path: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_distributed()
-    result = {m: check(m, stage) for m in ("rmae", "cmae")}
-    if dist.rank() == 0:
-        with open(path, "w") as f:
-            json.dump(result, f)
-    dist.shutdown()
-
-
-if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
-    main(int(args[0]), args[1])

@@ -18,12 +18,9 @@ from mimscale.masking.amt import AMTMasking
 from mimscale.masking.amt_store import AttentionStore, prune
 from mimscale.masking.base import MaskPlan
 from mimscale.masking.viz import MASKED_RGB, THROWN_RGB, plan_grid
-from mimscale.methods import build_model
 from mimscale.models.registry import ENCODERS
 from mimscale.models.vit import ViTEncoder
-
-TINY = ["model.name=vit_tiny", "model.img_size=32", "model.patch_size=8", "model.decoder_dim=64",
-        "model.decoder_depth=1", "model.decoder_heads=4", "masking.method=amt"]
+from tests.conftest import make_batch, tiny_config, tiny_model
 
 
 # ---------------------------------------------------------------- the attention pass
@@ -175,22 +172,13 @@ def test_wds_full_pass_two_ranks_sees_each_sample_once(tmp_path):
 
 
 # ---------------------------------------------------------------- the masker in the model
-def _tiny_model(**sets):
-    cfg = load_config(None, TINY + [f"{k}={v}" for k, v in sets.items()])
-    torch.manual_seed(0)
-    return build_model(cfg)
-
-
-def _batch(B=4, size=32):
-    g = torch.Generator().manual_seed(1)
-    images = torch.randint(0, 256, (B, 3, size, size), dtype=torch.uint8, generator=g)
-    meta = {"box": torch.tensor([[0.1, 0.2, 0.9, 0.8]]).repeat(B, 1), "flip": torch.tensor([True, False] * (B // 2)),
-            "index": torch.arange(B)}
-    return images, meta
+def _batch(B=4):
+    """A crop box inside the image and every other image flipped: AMT's maps are aligned to both."""
+    return make_batch(B, box=(0.1, 0.2, 0.9, 0.8), flip=[True, False] * (B // 2))
 
 
 def test_random_masking_before_the_first_refresh():
-    model = _tiny_model()
+    model = tiny_model("amt")
     images, meta = _batch()
     model(images, meta)
     assert model.last_plan.fractions() == {"visible": 0.25, "masked": 0.75, "thrown": 0.0}
@@ -198,7 +186,7 @@ def test_random_masking_before_the_first_refresh():
 
 
 def test_thrown_patches_get_no_gradient_and_are_not_in_the_decoder():
-    model = _tiny_model()
+    model = tiny_model("amt")
     images, meta = _batch()
     L = model.encoder.num_patches
     meta["attn"] = torch.rand(4, L).half()
@@ -242,7 +230,7 @@ def test_aligned_weights_follow_the_box_and_flip():
 
 
 def test_registry_builds_amt_masker():
-    cfg = load_config(None, TINY)
+    cfg = tiny_config("amt")
     m = methods.get("amt").masker(cfg, ViTEncoder(ENCODERS["vit_tiny"], img_size=32, patch_size=8))
     assert isinstance(m, AMTMasking) and m.initial_sizes() == (4, 12, 0)
 

@@ -5,26 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mimscale.config import ConfigError, load_config
+from mimscale.config import ConfigError
 from mimscale.masking.automae import AutoMAEMasking
 from mimscale.masking.automae_parts import Discriminator, lsgan_terms, pseudo_masks, sigma_max, straight_through_topk
-from mimscale.methods import build_model
 from mimscale.optim import param_groups
-
-TINY = ["model.name=vit_tiny", "model.img_size=32", "model.patch_size=8", "model.decoder_dim=64",
-        "model.decoder_depth=1", "model.decoder_heads=4", "masking.method=automae"]
+from tests.conftest import tiny_config, tiny_model
 
 
 def _model(*sets):
-    torch.manual_seed(0)
-    return build_model(load_config(None, TINY + list(sets)))
-
-
-def _batch(B=4):
-    g = torch.Generator().manual_seed(1)
-    images = torch.randint(0, 256, (B, 3, 32, 32), dtype=torch.uint8, generator=g)
-    return images, {"box": torch.tensor([[0.0, 0.0, 1.0, 1.0]]).repeat(B, 1), "flip": torch.zeros(B, dtype=torch.bool),
-                    "index": torch.arange(B)}
+    return tiny_model("automae", *sets)
 
 
 def test_pseudo_masks_rectangles_in_range():
@@ -88,7 +77,7 @@ def test_lsgan_routing_d_learns_only_from_ld_and_g_only_from_lg():
 
 
 @pytest.mark.parametrize("extractor", ["online", "ema", "stored"])
-def test_one_backward_equals_separate_backwards(extractor, monkeypatch):
+def test_one_backward_equals_separate_backwards(extractor, monkeypatch, tiny_batch):
     """Gradients of every parameter from total = L_rec + lambda L_G + L_D in one backward equal
     a reference with one backward per term into its own parameters only: L_rec into the MAE and
     G, lambda (D(m) - 1)^2 into G, (D(real) - 1)^2 + D(sg(m))^2 into D."""
@@ -104,7 +93,7 @@ def test_one_backward_equals_separate_backwards(extractor, monkeypatch):
     monkeypatch.setattr(automae, "lsgan_terms", spy)
     model = _model(f"masking.automae.extractor={extractor}")
     model.masker.discriminator.eval()  # no power-iteration step between the two backward passes
-    images, meta = _batch()
+    images, meta = tiny_batch
     if extractor == "stored":
         meta["attn"] = torch.rand(4, 16).half()
     loss, terms = model(images, meta)
@@ -136,17 +125,17 @@ def test_one_backward_equals_separate_backwards(extractor, monkeypatch):
     assert not any(n.startswith("masker.ema.") for n, _ in params)  # the EMA copy is not trained
 
 
-def test_generator_learns_from_reconstruction_through_token_scale():
+def test_generator_learns_from_reconstruction_through_token_scale(tiny_batch):
     model = _model("masking.automae.lam=0")
-    images, meta = _batch()
+    images, meta = tiny_batch
     loss, _ = model(images, meta)
     grads = torch.autograd.grad(loss - model.last_plan.aux_loss, list(model.masker.generator.parameters()))
     assert all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
 
 
-def test_throwing_plan_sizes():
+def test_throwing_plan_sizes(tiny_batch):
     model = _model("masking.automae.throw_ratio=0.125")
-    images, meta = _batch()
+    images, meta = tiny_batch
     model(images, meta)
     p = model.last_plan
     assert (p.visible.shape[1], p.masked.shape[1], p.thrown.shape[1]) == (2, 12, 2)
@@ -156,11 +145,11 @@ def test_throwing_plan_sizes():
 
 def test_bad_automae_config_names_the_key():
     with pytest.raises(ConfigError, match="masking.automae.extractor"):
-        load_config(None, TINY + ["masking.automae.extractor=teacher"])
+        tiny_config("automae", "masking.automae.extractor=teacher")
     with pytest.raises(ConfigError, match="extractor_checkpoint"):
-        load_config(None, TINY + ["masking.automae.extractor=frozen"])
+        tiny_config("automae", "masking.automae.extractor=frozen")
     with pytest.raises(ConfigError, match="throw_ratio"):
-        load_config(None, TINY + ["masking.automae.throw_ratio=0.3"])
+        tiny_config("automae", "masking.automae.throw_ratio=0.3")
 
 
 def test_param_groups_put_the_discriminator_without_decay():
@@ -186,8 +175,7 @@ def test_frozen_extractor_loads_a_timm_checkpoint_and_matches_timm(tmp_path):
     save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(path))
     state = load_encoder_state(path)
     assert "pos_embed" not in state and not any(k.startswith("head.") for k in state)
-    model = build_model(load_config(None, TINY + ["masking.automae.extractor=frozen",
-                                                  f"masking.automae.extractor_checkpoint={path}"]))
+    model = _model("masking.automae.extractor=frozen", f"masking.automae.extractor_checkpoint={path}")
     frozen = model.masker.frozen
     assert not any(p.requires_grad for p in frozen.parameters())
     for name, p in frozen.named_parameters():
@@ -200,5 +188,4 @@ def test_frozen_extractor_loads_a_timm_checkpoint_and_matches_timm(tmp_path):
     torch.testing.assert_close(ours, theirs)
     torch.save({"model": {"encoder.norm.weight": torch.ones(3)}}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="lacks"):
-        build_model(load_config(None, TINY + ["masking.automae.extractor=frozen",
-                                              f"masking.automae.extractor_checkpoint={tmp_path / 'bad.pt'}"]))
+        _model("masking.automae.extractor=frozen", f"masking.automae.extractor_checkpoint={tmp_path / 'bad.pt'}")

@@ -194,7 +194,9 @@ def test_a_damaged_newest_tag_is_set_aside_and_resume_falls_back(tmp_path, capsy
     for step in (2, 3):
         tag = ckpt.save(step)
     damage(tag)
-    assert resolve_resume("auto", tmp_path) == tmp_path / "checkpoints" / tag_for(2)
+    assert resolve_resume("auto", tmp_path) == tmp_path / "checkpoints" / tag_for(2)  # export/eval: skipped, not moved
+    assert named in capsys.readouterr().err and (tmp_path / "checkpoints" / tag_for(3)).is_dir()
+    assert resolve_resume("auto", tmp_path, repair=True) == tmp_path / "checkpoints" / tag_for(2)  # a resume sets it aside
     assert named in capsys.readouterr().err
     aside = [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("step00000003.damaged-")]
     assert len(aside) == 1 and any(aside[0].iterdir())  # kept, not deleted

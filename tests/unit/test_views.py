@@ -4,31 +4,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mimscale.config import ConfigError, load_config
+from mimscale.config import ConfigError
 from mimscale.hooks.ema import EMAHooks
 from mimscale.losses import masked_pixel_loss
 from mimscale.masking.base import MaskPlan
-from mimscale.methods import build_model
 from mimscale.metrics import model_flops_per_image
 from mimscale.objectives.cmae import token_nce
 from mimscale.objectives.color import color_jitter
 from mimscale.objectives.rmae import RMAEObjective
 from mimscale.optim import param_groups
-
-TINY = ["model.name=vit_tiny", "model.img_size=32", "model.patch_size=8", "model.decoder_dim=64",
-        "model.decoder_depth=1", "model.decoder_heads=4", "masking.cmae.proj_hidden=64", "masking.cmae.proj_dim=32"]
-
-
-def _model(method, *sets):
-    torch.manual_seed(0)
-    return build_model(load_config(None, TINY + [f"masking.method={method}", *sets]))
-
-
-def _batch(B=4):
-    g = torch.Generator().manual_seed(1)
-    images = torch.randint(0, 256, (B, 3, 32, 32), dtype=torch.uint8, generator=g)
-    return images, {"box": torch.tensor([[0.0, 0.0, 1.0, 1.0]]).repeat(B, 1), "flip": torch.zeros(B, dtype=torch.bool),
-                    "index": torch.arange(B)}
+from tests.conftest import tiny_config, tiny_model
 
 
 def _record_encoder_calls(model):
@@ -37,10 +22,10 @@ def _record_encoder_calls(model):
     return calls
 
 
-def test_rmae_views_are_exact_complements():
-    model = _model("rmae")
+def test_rmae_views_are_exact_complements(tiny_batch):
+    model = tiny_model("rmae")
     calls = _record_encoder_calls(model)
-    model(*_batch())
+    model(*tiny_batch)
     plan = model.last_plan
     assert len(calls) == 2
     first, second = calls[0][0][1], calls[1][0][1]  # the `visible` argument of each encoder call
@@ -52,10 +37,10 @@ def test_rmae_views_are_exact_complements():
     assert torch.equal(comp.visible, plan.masked) and torch.equal(comp.masked, plan.visible)
 
 
-def test_rmae_loss_is_distance_plus_autoencoding():
-    model = _model("rmae", "masking.rmae.lam=0.5")
+def test_rmae_loss_is_distance_plus_autoencoding(tiny_batch):
+    model = tiny_model("rmae", "masking.rmae.lam=0.5")
     torch.manual_seed(3)
-    images, meta = _batch()
+    images, meta = tiny_batch
     loss, terms = model(images, meta)
     plan, x = model.last_plan, model.normalize(images)
     enc, dec = model.encoder, model.decoder
@@ -75,11 +60,11 @@ def test_rmae_loss_is_distance_plus_autoencoding():
     torch.testing.assert_close(loss, dist + 0.5 * auto)
 
 
-def test_cmae_target_gets_no_gradient_and_follows_the_ema():
-    model = _model("cmae")
+def test_cmae_target_gets_no_gradient_and_follows_the_ema(tiny_batch):
+    model = tiny_model("cmae")
     obj = model.objective
     assert model.decoder is None  # no pixel decoder: nothing without a gradient in the engine
-    loss, terms = model(*_batch())
+    loss, terms = model(*tiny_batch)
     loss.backward()
     target = [(n, p) for n, p in model.named_parameters() if n.startswith("objective.target_")]
     assert len(target) > 50
@@ -99,19 +84,19 @@ def test_cmae_target_gets_no_gradient_and_follows_the_ema():
         torch.testing.assert_close(t, 0.9 * b + 0.1 * p)
 
 
-def test_cmae_views_hide_complementary_patches_with_the_mask_token():
-    model = _model("cmae", "masking.cmae.color_jitter=false")
+def test_cmae_views_hide_complementary_patches_with_the_mask_token(tiny_batch):
+    model = tiny_model("cmae", "masking.cmae.color_jitter=false")
     calls = _record_encoder_calls(model)
     target_calls = []
     model.objective.target_encoder.register_forward_pre_hook(lambda m, a, kw: target_calls.append(kw), with_kwargs=True)
-    model(*_batch())
+    model(*tiny_batch)
     plan = model.last_plan
     hidden = [kw["hidden"] for _, kw in calls] + [kw["hidden"] for kw in target_calls]
     assert len(hidden) == 4  # two online views, two target views
     assert torch.equal(hidden[0], plan.masked) and torch.equal(hidden[1], plan.visible)
     assert torch.equal(hidden[2], plan.masked) and torch.equal(hidden[3], plan.visible)
     # the mask-token mode replaces exactly the hidden patches' tokens
-    enc, x = model.encoder, model.normalize(_batch()[0])
+    enc, x = model.encoder, model.normalize(tiny_batch[0])
     tok = torch.randn(enc.embed_dim)
     full = enc.patch_embed(x)
     idx = torch.tensor([[0, 5], [1, 2], [3, 15], [7, 8]])
@@ -155,13 +140,12 @@ def test_color_jitter_per_sample_and_identity_when_off():
 
 
 def test_view_methods_flops_and_config_errors():
-    rmae = load_config(None, TINY + ["masking.method=rmae"])
-    mae = load_config(None, TINY + ["masking.method=random"])
+    rmae, mae = tiny_config("rmae"), tiny_config("mae")
     assert model_flops_per_image(rmae, 4, 12) > 2 * model_flops_per_image(mae, 4, 12)
-    assert model_flops_per_image(load_config(None, TINY + ["masking.method=cmae"]), 4, 12) > 0
+    assert model_flops_per_image(tiny_config("cmae"), 4, 12) > 0
     for key, bad in (("masking.rmae.lam", "-1"), ("masking.cmae.temperature", "0"), ("masking.cmae.momentum", "1.0"),
                      ("masking.cmae.proj_dim", "0")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-            load_config(None, TINY + [f"{key}={bad}"])
+            tiny_config(None, f"{key}={bad}")
     with pytest.raises(ConfigError, match="rmae, cmae"):
-        load_config(None, TINY + ["masking.method=simclr"])
+        tiny_config(None, "masking.method=simclr")
