@@ -22,8 +22,9 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 # The venv's bin on PATH: DeepSpeed JIT-builds its CPU comm op with the venv's ninja.
-# Every module is covered without the tests marked slow (the quality benchmark's smoke run, FFCV's
-# 2-rank resume, the bf16 config on CPU ranks); test-all runs them too.
+# Every module is covered without the tests marked slow (the quality benchmark's smoke run, the
+# FFCV and WebDataset 2-rank resumes, AutoMAE-EMA's ZeRO-3 resume, the ZeRO-3 health check, the
+# bf16 config on CPU ranks: each drives a module that has unit tests); test-all runs them too.
 test: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q --durations=15 -m "not slow" tests
 

@@ -25,6 +25,7 @@ def test_one_backward_routes_each_term_to_its_own_parameters_under_zero(zero_che
         assert d["d_persistent"] and all(d["d_persistent"].values())
 
 
+@pytest.mark.slow  # make test-all: the module it drives has unit tests in the default suite
 def test_ema_throwing_run_resumes_exactly_zero3(tmp_path):
     """The reference saves at step 4 on its way to step 8; a second run resumes from that mid-run
     checkpoint (resume=<tag>, an output_dir of its own) and repeats steps 5..8 exactly.

@@ -25,6 +25,7 @@ def _sets(source: str, path: Path) -> list[str]:
             "model.img_size=32", f"train.steps={STEPS}"]
 
 
+@pytest.mark.slow  # make test-all: the module it drives has unit tests in the default suite
 def test_wds_two_ranks_resume_from_a_mid_run_checkpoint_matches_uninterrupted(imagenet, tmp_path):
     from data_prep.wds import write_shards
 

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from mimscale.eval.__main__ import main
@@ -80,6 +81,7 @@ dist.shutdown()
 """
 
 
+@pytest.mark.slow  # make test-all: the module it drives has unit tests in the default suite
 def test_health_check_under_zero3_equals_the_plain_encoder():
     r = run_group([sys.executable, "-c", ZERO3_HEALTH_CHECK], timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
