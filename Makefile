@@ -22,7 +22,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 # The venv's bin on PATH: DeepSpeed JIT-builds its CPU comm op with the venv's ninja.
-# Every module is covered without the tests marked slow (the quality benchmark's smoke run, the
+# Every module is covered without the tests marked slow (the quality benchmark's smoke run, torch.compile and the plain-torch bench, the
 # FFCV and WebDataset 2-rank resumes, AutoMAE-EMA's ZeRO-3 resume, the ZeRO-3 health check, the
 # bf16 config on CPU ranks: each drives a module that has unit tests); test-all runs them too.
 test: setup

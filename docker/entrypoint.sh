@@ -28,7 +28,7 @@
 #
 # Stopping: SIGTERM, SIGINT or SIGUSR1 sent to this script (Kubernetes and `docker stop` signal only
 # the container's first process, which is this script) becomes one SIGUSR1 to every process the
-# launcher started: the ranks save a checkpoint at a step they all agree on and exit 0 (see
+# launcher started: the ranks save a checkpoint at a step they all agree on and exit 143 (see
 # mimscale/preempt.py). The launcher's own processes start with all three signals ignored and so
 # keep waiting for the ranks. Left alone, DeepSpeed's outer launcher has no handler for them (as a
 # container's first process it would drop the signal; elsewhere it would die of it, and Slurm would
@@ -37,8 +37,9 @@
 # script returns only once every process it started has exited.
 #
 # Exit status: the launcher's, 2 for a bad setting here, and 143 for "stopped early, run again to
-# resume", which Kubernetes restart policies and the Slurm script's requeue act on. 143 is returned
-# when, after the launcher exited 0, MIMSCALE_OUTPUT_DIR/summary.json says the run stopped on a
+# resume", which Kubernetes restart policies and the Slurm script's requeue act on. The ranks exit
+# 143 themselves when they stopped early (the launcher passes the first non-zero status on); 143 is
+# also returned when, after the launcher exited 0, MIMSCALE_OUTPUT_DIR/summary.json says the run stopped on a
 # signal before its last step (the signal may have reached another node only: every node stops
 # with it), and when a stop signal reached this script and no such summary says otherwise.
 set -euo pipefail

@@ -2,6 +2,7 @@
 
     python -m mimscale.bench step --method mae|amt|automae [--extractor online|ema|frozen|stored] --model vit_base --batch 16 --steps 3 --json
     python -m mimscale.bench loader --source pil|folder|wds|ffcv --path <data> --workers 2 --batch 64 --batches 20 --json
+    python -m mimscale.bench convert --model vit_base|vit_large [--zero 1|2|3] --json
 
 ``loader``: see mimscale/bench_loader.py.
 
@@ -19,6 +20,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as pretrain.py: before tor
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
+import shutil  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -34,6 +36,7 @@ from mimscale.bench_loader import add_parser, bench_loader  # noqa: E402
 from mimscale.config import ConfigError, load_config  # noqa: E402
 from mimscale.data.loader import build_loader  # noqa: E402
 from mimscale.ds_config import load_ds_config  # noqa: E402
+from mimscale.elastic import convert  # noqa: E402
 from mimscale.engine import Trainer  # noqa: E402
 from mimscale.masking.automae import EXTRACTORS  # noqa: E402
 from mimscale.metrics import cpu_matmul_peak, model_flops_per_image, peak_flops  # noqa: E402
@@ -72,7 +75,9 @@ def _extractor_overrides(args, section: str, tmp: Path) -> list[str]:
     return sets
 
 
-def bench_step(args) -> dict:
+def bench_trainer(args):
+    """(trainer, cfg, eng, extractor section, tmp dir): the Trainer pretrain.py would build for
+    ``args`` on one rank, global batch = micro batch = ``args.batch``, synthetic data."""
     dist.ensure_env()
     cuda = torch.cuda.is_available()
     tmp = Path(tempfile.mkdtemp(prefix="mimscale-bench-"))
@@ -94,17 +99,49 @@ def bench_step(args) -> dict:
         "resume=never",
         "train.steps=1000",
         "train.warmup_steps=10",
-        f"train.compile={str(args.compile).lower()}",
+        f"train.global_batch={args.batch}",
+        f"train.compile={str(getattr(args, 'compile', False)).lower()}",
         f"train.threads={args.threads}",
         *(_extractor_overrides(args, extractor, tmp) if extractor else []),
         *args.set,
     ]
     cfg = load_config(REPO / "mimscale" / "configs" / PRESETS[args.method].preset, overrides)
-    if args.no_deepspeed:
-        return bench_step_plain(args, cfg)
-    eng = load_ds_config(ds_path, 1)
+    if getattr(args, "no_deepspeed", False):
+        return None, cfg, None, extractor, tmp
+    eng = load_ds_config(ds_path, 1, cfg.train.global_batch)
     dist.init_distributed()
     trainer = Trainer(cfg, SimpleNamespace(deepspeed_config=str(ds_path), local_rank=0, deepspeed=True), eng)
+    return trainer, cfg, eng, extractor, tmp
+
+
+def bench_convert(args) -> dict:
+    """One optimizer step of the model, a checkpoint, and its conversion to DeepSpeed's universal
+    checkpoint (what a resume on another world size or ZeRO stage does once, on rank 0)."""
+    trainer, cfg, eng, _, tmp = bench_trainer(args)
+    loader, _ = build_loader(cfg.data, cfg.model.img_size, args.batch, 0, 1, cfg.train.seed)
+    trainer.micro_step(*trainer.to_device(next(iter(loader))))
+    t = time.perf_counter()
+    tag = trainer.checkpointer.save(1)
+    save_s = time.perf_counter() - t
+    ckpt_bytes = sum(f.stat().st_size for f in tag.rglob("*") if f.is_file())
+    t = time.perf_counter()
+    universal = convert(tag, workers=args.workers)
+    convert_s = time.perf_counter() - t
+    uc_bytes = sum(f.stat().st_size for f in universal.rglob("*") if f.is_file())
+    params = sum(p.numel() for p in trainer.engine.module.parameters())
+    result = {"bench": "convert", "model": args.model, "method": args.method, "params": params, "zero_stage": eng.zero_stage,
+              "precision": eng.precision, "checkpoint_gib": ckpt_bytes / 2**30, "save_s": save_s, "universal_gib": uc_bytes / 2**30,
+              "convert_s": convert_s, "workers": args.workers, "cpus": os.cpu_count()}
+    dist.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)
+    return result
+
+
+def bench_step(args) -> dict:
+    cuda = torch.cuda.is_available()
+    trainer, cfg, eng, extractor, tmp = bench_trainer(args)
+    if trainer is None:
+        return bench_step_plain(args, cfg)
     refresh = None
     if trainer.method.uses_store(cfg):
         # AMT's store: fill it so the timed steps mask *and throw*; time it on the way
@@ -248,10 +285,21 @@ def main(argv=None) -> int:
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
     s.add_argument("--no-deepspeed", action="store_true", help="plain torch reference: same model and AdamW, no engine")
     s.add_argument("--json", action="store_true", help="print only the JSON result")
+    c = sub.add_parser("convert", help="time a checkpoint's conversion to DeepSpeed's universal format (elastic resume)")
+    c.add_argument("--method", default="mae", choices=sorted(PRESETS))
+    c.add_argument("--extractor", default="online", choices=EXTRACTORS, help="as for step")
+    c.add_argument("--model", default="vit_base")
+    c.add_argument("--batch", type=int, default=2)
+    c.add_argument("--zero", type=int, default=1, choices=(1, 2, 3))
+    c.add_argument("--ds-config", default=None, help="base ds_config (default: ds_configs/{gpu_bf16,cpu_fp32}_zeroN.json)")
+    c.add_argument("--workers", type=int, default=4, help="the converter's extract/merge processes")
+    c.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
+    c.add_argument("--json", action="store_true", help="print only the JSON result")
     add_parser(sub)
     args = p.parse_args(argv)
     try:
-        result = bench_step(args) if args.what == "step" else bench_loader(args)
+        result = {"step": bench_step, "convert": bench_convert, "loader": bench_loader}[args.what](args)
     except ConfigError as e:
         print(f"mimscale.bench: configuration error: {e}", file=sys.stderr)
         return 2

@@ -147,10 +147,10 @@ def resolve_resume(resume: str, output_dir: str | Path, repair: bool = False) ->
     raise FileNotFoundError(f"resume={resume!r} holds no complete checkpoint (a directory with a {MARKER} file)")
 
 
-def check_resume(resume: str, output_dir: str | Path, world_size: int) -> Optional[Path]:
-    """Resolve ``resume`` before anything is built, as a ConfigError when it cannot work:
-    a path without a complete checkpoint, a world size the ZeRO checkpoint was not written for,
-    or ``never`` over an output_dir that holds another run's checkpoints (it would mix the two)."""
+def check_resume(resume: str, output_dir: str | Path) -> Optional[Path]:
+    """Resolve ``resume`` before anything is built, as a ConfigError when it cannot work: a path
+    without a complete checkpoint, or ``never`` over an output_dir that holds another run's
+    checkpoints (it would mix the two). Another world size or ZeRO stage is elastic.py's."""
     if resume == "never":
         tags = complete_tags(checkpoint_root(output_dir))
         if tags:
@@ -159,16 +159,9 @@ def check_resume(resume: str, output_dir: str | Path, world_size: int) -> Option
                 f"(latest {tags[-1][1].name}): use resume=auto to continue it, or choose a new output_dir")
         return None
     try:
-        tag_dir = resolve_resume(resume, output_dir, repair=True)
+        return resolve_resume(resume, output_dir, repair=True)
     except FileNotFoundError as e:
         raise ConfigError(f"config key 'resume': {e}") from None
-    if tag_dir is not None:
-        saved = read_marker(tag_dir).get("world_size", world_size)
-        if saved != world_size:
-            raise ConfigError(
-                f"checkpoint {tag_dir} was written by {saved} ranks and this run has {world_size}: ZeRO checkpoints "
-                f"resume on the same data-parallel size (convert it with DeepSpeed's universal checkpointing first)")
-    return tag_dir
 
 
 def abandon_newer(output_dir: str | Path, step: int) -> None:
@@ -315,26 +308,33 @@ class Checkpointer:
         _fsync_written(self.root / tag, dist.rank())
         dist.barrier()  # every rank's files are on disk before the marker says so
         if dist.is_rank0():
-            marker = {"step": step, "time": time.time(), "world_size": dist.world_size(), **(marker_extra or {}),
+            marker = {"step": step, "time": time.time(), "world_size": dist.world_size(),
+                      "zero_stage": int(self.engine.zero_optimization_stage()), **(marker_extra or {}),
                       "files": _files(self.root / tag)}
             _publish_marker(self.root / tag, marker)
             _prune(self.root, self.keep)
         dist.barrier()
         return self.root / tag
 
-    def restore(self, tag_dir: Path) -> None:
+    def restore(self, tag_dir: Path, universal: Optional[Path] = None) -> None:
         """Load weights, optimizer, scheduler and every registered part; restore this rank's RNG
         streams. Rank 0 first renames complete tags newer than this one (a roll-back), so they are
-        never picked as latest nor overwritten half-way."""
+        never picked as latest nor overwritten half-way. ``universal``: the tag converted for
+        another world size or ZeRO stage (elastic.py), loaded instead of the tag's own ZeRO files;
+        per-rank state (RNG streams, a part's ``rank_state_dict``) then starts fresh."""
         if dist.is_rank0():
             abandon_newer(self.out, read_marker(tag_dir)["step"])
+        source = universal or tag_dir
         with safe_load.deepspeed_loads():  # DeepSpeed unpickles with weights_only=False: forced weights-only
-            _, client = self.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+            _, client = self.engine.load_checkpoint(str(source.parent), tag=source.name)
         if client is None:
-            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {tag_dir}")
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {source}")
         rng_file = tag_dir / f"rng_rank{dist.rank()}.pt"
         rank_state: dict = {}
-        if rng_file.is_file():
+        if universal is not None:
+            dist.log0("[mimscale] another world size or ZeRO stage: per-rank state starts fresh (RNG streams, WebDataset "
+                      "cursors, the EMA's fp32 shadow, restarted from the EMA weights)")
+        elif rng_file.is_file():
             # weights-only; numpy's array globals allowed for rank files written before rng_state held tensors
             state = safe_load.load(rng_file, map_location=None, extra=safe_load.numpy_array_globals())
             set_rng_state(state)

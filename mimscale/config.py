@@ -76,6 +76,12 @@ class TrainConfig:
     stop_after: Optional[int] = None  # end this invocation (with a checkpoint) after this step; resume continues
     warmup_epochs: float = 40
     warmup_steps: Optional[int] = None  # overrides warmup_epochs when set
+    # Samples per optimizer step, whatever the hardware: accumulation = global_batch / (micro x world),
+    # the micro batch from the ds_config. null: the ds_config's micro x accumulation x world (grows with the world).
+    global_batch: Optional[int] = None
+    # Samples per device per micro step, instead of the ds_config's train_micro_batch_size_per_gpu (null: the
+    # JSON's): e.g. --set train.micro_batch=64 on 64 GPUs for a global batch of 4096 from a JSON that says 128.
+    micro_batch: Optional[int] = None
     base_lr: float = 1.5e-4  # lr = base_lr * global_batch / 256
     min_lr: float = 0.0
     weight_decay: float = 0.05
@@ -264,6 +270,9 @@ def validate(cfg: Config) -> None:
     }
     if cfg.train.steps is not None:
         positive["train.steps"] = cfg.train.steps
+    for key in ("global_batch", "micro_batch"):
+        if getattr(cfg.train, key) is not None:
+            positive[f"train.{key}"] = getattr(cfg.train, key)
     for key, v in positive.items():
         if v <= 0:
             raise ConfigError(f"config key '{key}' = {v} must be > 0")
@@ -320,10 +329,10 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-# Keys a resume may change without resume_changes=allow: the run's length and cadence, workers,
+# Keys a resume may change without resume_changes=allow: the run's length and cadence, the micro batch (hardware), workers,
 # tracking, and where things are; anything else changes what is trained (a key ending in "." is a
 # whole section).
-RESUMABLE_CHANGES = ("train.steps", "train.epochs", "train.stop_after", "train.log_every", "train.ckpt_every",
+RESUMABLE_CHANGES = ("train.steps", "train.epochs", "train.stop_after", "train.log_every", "train.ckpt_every", "train.micro_batch",
                      "train.keep_checkpoints", "train.threads", "data.num_workers", "tracking.", "output_dir", "resume",
                      "resume_changes", "preset")
 

@@ -1,13 +1,20 @@
-"""The DeepSpeed JSON: engine concerns only (micro batch, accumulation, precision, ZeRO, clipping).
+"""The DeepSpeed JSON: engine concerns only (micro batch, precision, ZeRO, clipping).
 
 mimscale builds the optimizer and LR schedule in Python so one code path serves every masking
 method; a JSON that also defines them is rejected rather than silently having one side ignored.
+
+The global batch belongs to the recipe (the YAML's ``train.global_batch``), not to the hardware:
+the JSON says the micro batch per device, and the accumulation is derived as
+global / (micro x world). A world size that does not divide the global batch is refused with the
+nearest world sizes and micro batches that do. Without ``train.global_batch`` the JSON's own
+batch settings decide (micro x accumulation x world: the batch then grows with the world size).
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from mimscale.config import ConfigError
 
@@ -35,8 +42,10 @@ class EngineSettings:
         return "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"
 
 
-def load_ds_config(path: str | Path, world_size: int) -> EngineSettings:
-    """Read and check a ds_config for ``world_size`` ranks; raise ConfigError with the reason."""
+def load_ds_config(path: str | Path, world_size: int, global_batch: Optional[int] = None,
+                   micro_batch: Optional[int] = None) -> EngineSettings:
+    """Read and check a ds_config for ``world_size`` ranks (and the recipe's ``global_batch``, and
+    a ``micro_batch`` that replaces the JSON's, if set); raise ConfigError with the reason."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--deepspeed_config file not found: {path}")
@@ -44,7 +53,9 @@ def load_ds_config(path: str | Path, world_size: int) -> EngineSettings:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"--deepspeed_config {path} is not valid JSON: {e}") from None
-    return check_ds_config(raw, world_size, name=str(path))
+    if micro_batch is not None and isinstance(raw, dict):
+        raw = {**raw, "train_micro_batch_size_per_gpu": micro_batch}
+    return check_ds_config(raw, world_size, name=str(path), global_batch=global_batch)
 
 
 def _section(raw: dict, key: str, name: str) -> dict:
@@ -54,7 +65,61 @@ def _section(raw: dict, key: str, name: str) -> dict:
     return sec
 
 
-def check_ds_config(raw: dict, world_size: int, name: str = "ds_config") -> EngineSettings:
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _nearest(values: list[int], target: int, k: int = 2) -> list[int]:
+    """Up to k values just below and k just above ``target`` (sorted)."""
+    below = [v for v in values if v <= target][-k:]
+    above = [v for v in values if v > target][:k]
+    return below + above
+
+
+def batch_alternatives(global_batch: int, micro: int, world_size: int) -> str:
+    """What would work instead of micro x world for ``global_batch``: the nearest world sizes with
+    this micro batch, and the micro batches that work on this world size."""
+    parts = []
+    if global_batch % micro == 0:
+        worlds = _nearest(_divisors(global_batch // micro), world_size)
+        parts.append(f"world sizes near {world_size} that work with micro batch {micro}: "
+                     + ", ".join(f"{w} (accumulation {global_batch // (micro * w)})" for w in worlds))
+    else:
+        parts.append(f"micro batch {micro} does not divide it on any world size")
+    if global_batch % world_size == 0:
+        micros = _nearest(_divisors(global_batch // world_size), micro)
+        parts.append(f"micro batches that work on {world_size} ranks (--set train.micro_batch=M): "
+                     + ", ".join(f"{m} (accumulation {global_batch // (m * world_size)})" for m in micros))
+    else:
+        worlds = _nearest(_divisors(global_batch), world_size)
+        parts.append(f"no micro batch works on {world_size} ranks (it does not divide {global_batch}); "
+                     f"world sizes near it that divide it: {', '.join(map(str, worlds))}")
+    return "; ".join(parts)
+
+
+def _recipe_batch(raw: dict, name: str, world_size: int, global_batch: int, micro, accum, total) -> tuple[int, int]:
+    """(micro, accumulation) for the recipe's global batch: the JSON gives the micro batch; any
+    accumulation or train_batch_size it also gives must agree."""
+    if micro is None:
+        raise ConfigError(f"{name}: set 'train_micro_batch_size_per_gpu' (the recipe's train.global_batch = {global_batch} "
+                          "fixes the rest: accumulation = global / (micro x world))")
+    if total is not None and total != global_batch:
+        raise ConfigError(f"{name} sets train_batch_size {total} but the recipe's train.global_batch is {global_batch}: "
+                          "remove train_batch_size from the JSON (the recipe owns the global batch) or make them agree")
+    if global_batch % (micro * world_size):
+        raise ConfigError(f"train.global_batch {global_batch} is not divisible by micro batch {micro} x world size {world_size} "
+                          f"= {micro * world_size}: {batch_alternatives(global_batch, micro, world_size)}")
+    derived = global_batch // (micro * world_size)
+    if accum is not None and accum != derived:
+        raise ConfigError(f"{name} sets gradient_accumulation_steps {accum}, but train.global_batch {global_batch} over micro "
+                          f"batch {micro} x {world_size} ranks needs {derived}: remove it from the JSON (it is derived)")
+    return micro, derived
+
+
+def check_ds_config(raw: dict, world_size: int, name: str = "ds_config", global_batch: Optional[int] = None) -> EngineSettings:
+    """The engine settings for ``world_size`` ranks. With the recipe's ``global_batch``, the
+    accumulation is derived from it; ``raw`` of the result is what DeepSpeed gets (with the
+    resolved train_batch_size, micro batch and accumulation written in)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{name}: expected a JSON object at the top level, got {type(raw).__name__}")
     for key, why in OWNED_BY_YAML.items():
@@ -66,6 +131,9 @@ def check_ds_config(raw: dict, world_size: int, name: str = "ds_config") -> Engi
     for key, v in (("train_micro_batch_size_per_gpu", micro), ("gradient_accumulation_steps", accum), ("train_batch_size", total)):
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
             raise ConfigError(f"{name}: '{key}' must be a positive integer, got {v!r}")
+    if global_batch is not None:
+        micro, accum = _recipe_batch(raw, name, world_size, global_batch, micro, accum, total)
+        total = global_batch
     if micro is None and total is None:
         raise ConfigError(f"{name}: set 'train_micro_batch_size_per_gpu' (and optionally 'gradient_accumulation_steps')")
     if micro is None:
@@ -111,4 +179,5 @@ def check_ds_config(raw: dict, world_size: int, name: str = "ds_config") -> Engi
     if isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0:
         raise ConfigError(f"{name}: 'gradient_clipping' must be a number >= 0, got {clip!r}")
     clip = float(clip)
-    return EngineSettings(micro, accum, total, zero, bf16, fp16, clip, raw)
+    resolved = {**raw, "train_batch_size": total, "train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum}
+    return EngineSettings(micro, accum, total, zero, bf16, fp16, clip, resolved)

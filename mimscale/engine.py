@@ -10,6 +10,7 @@ import json
 import math
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
 
 import deepspeed
@@ -21,11 +22,13 @@ from mimscale.checkpoint import Checkpointer, TrackingState, TrainState
 from mimscale.config import Config, to_dict
 from mimscale.data.streams import StreamPosition, build_source, open_stream
 from mimscale.ds_config import EngineSettings
-from mimscale.errors import TrainingDiverged
+from mimscale.elastic import after_universal_load
+from mimscale.errors import ConfigError, TrainingDiverged
 from mimscale.failfast import DataStallWatch
 from mimscale.health import CKAHealth
 from mimscale.hooks.base import LoopContext
 from mimscale.masking.base import MaskPlan
+from mimscale.masking.noise import SampleNoise
 from mimscale.masking.viz import save_plan_grid
 from mimscale.metrics import LogWindow, MetricsFile, RunMeter, model_flops_per_image, peak_flops
 from mimscale.optim import build_optimizer, build_scheduler, rebase_scheduler
@@ -39,9 +42,13 @@ META_KEYS = ("box", "flip", "index")
 class Trainer:
     def __init__(self, cfg: Config, ds_args, eng: EngineSettings, ds_config_path: str = "",
                  stop_request: Optional[StopRequest] = None, resume_from: Optional[Path] = None,
-                 resume_changes: Optional[dict] = None):
+                 resume_changes: Optional[dict] = None, universal: Optional[Path] = None):
         """``resume_from``: the tag ``checkpoint.check_resume`` resolved (None: a fresh start);
-        ``resume_changes``: {key: (old, new)} config changes allowed on this resume (tagged in MLflow)."""
+        ``resume_changes``: {key: (old, new)} config changes allowed on this resume (tagged in MLflow);
+        ``universal``: that tag converted for another world size or ZeRO stage (mimscale/elastic.py)."""
+        if cfg.train.global_batch is not None and cfg.train.global_batch != eng.global_batch:
+            raise ConfigError(f"train.global_batch {cfg.train.global_batch} but the engine settings give {eng.global_batch}: "
+                              "resolve them with load_ds_config(path, world_size, cfg.train.global_batch)")
         self.cfg = cfg
         self.stop_request = stop_request or StopRequest()
         self.eng = eng
@@ -61,17 +68,25 @@ class Trainer:
 
         self.source = build_source(cfg.data, cfg.train.seed)
         n_samples = len(self.source)
-        self.micro_per_epoch = (n_samples // self.world) // eng.micro_batch
-        if self.micro_per_epoch < 1:
-            raise ValueError(f"{n_samples} samples cannot fill one micro batch of {eng.micro_batch} on {self.world} ranks")
-        self.steps_per_epoch = max(1, self.micro_per_epoch // eng.grad_accum)
+        # Global batches per epoch: the same on any world size (the sampler deals global batches;
+        # WebDataset streams, per rank by design, count the same way).
+        self.steps_per_epoch = n_samples // eng.global_batch
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"{n_samples} samples cannot fill one global batch of {eng.global_batch}")
         t = cfg.train
         self.total_steps = t.steps if t.steps is not None else max(1, int(round(t.epochs * self.steps_per_epoch)))
         self.warmup_steps = t.warmup_steps if t.warmup_steps is not None else int(round(t.warmup_epochs * self.steps_per_epoch))
         self.lr = t.base_lr * eng.global_batch / 256
         optimizer = build_optimizer(model, self.lr, t.weight_decay, (t.beta1, t.beta2))
         scheduler = build_scheduler(optimizer, self.warmup_steps, self.total_steps, t.min_lr / self.lr if self.lr else 0.0)
-        self.engine, _, _, self.scheduler = deepspeed.initialize(args=ds_args, model=model, optimizer=optimizer, lr_scheduler=scheduler)
+        # The resolved JSON (accumulation derived from the recipe's global batch), not the file.
+        ds_args = SimpleNamespace(**{**vars(ds_args), "deepspeed_config": None})
+        self.engine, _, _, self.scheduler = deepspeed.initialize(args=ds_args, model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                                 config=eng.raw)
+        dist.log0(f"[mimscale] world size {self.world}: global batch {eng.global_batch} = micro batch {eng.micro_batch} x "
+                  f"accumulation {eng.grad_accum} x {self.world} ranks"
+                  + ("" if cfg.train.global_batch else " (train.global_batch unset: the ds_config's batch, which grows with the world size)")
+                  + f"; lr {self.lr:.3g} (base_lr {t.base_lr:g} x {eng.global_batch}/256); {eng.precision}; ZeRO stage {eng.zero_stage}")
         if t.compile:
             # DeepSpeed's own compile wraps the module so ZeRO hooks stay outside the graphs.
             self.engine.compile(backend=t.compile_backend)
@@ -98,7 +113,9 @@ class Trainer:
         if resume_from is None:
             dist.seed_all(cfg.train.seed + 1 + self.rank)  # per-rank masking streams
         else:
-            self.checkpointer.restore(resume_from)  # restores this rank's RNG too
+            self.checkpointer.restore(resume_from, universal)  # restores this rank's RNG too (same layout)
+            if universal is not None:
+                after_universal_load(self.engine, universal)
             if self.scheduler.base_lrs[0] != self.lr:  # an allowed change of base_lr or batch: the new peak
                 rebase_scheduler(self.scheduler, self.lr)
             dist.log0(f"[mimscale] resumed from {resume_from} at step {self.state.step}")
@@ -118,7 +135,7 @@ class Trainer:
         """Rank 0: the MLflow run (the resumed one, if any) and metrics.jsonl trimmed to the step
         we start from (steps a crash made us redo)."""
         derived = {"lr": self.lr, "total_steps": self.total_steps, "warmup_steps": self.warmup_steps, "world_size": self.world,
-                   "global_batch": self.eng.global_batch}
+                   "global_batch": self.eng.global_batch, "micro_batch": self.eng.micro_batch, "grad_accum": self.eng.grad_accum}
         tags = {f"mimscale.resume_change.{k}": f"{old!r} -> {new!r}" for k, (old, new) in self.resume_changes.items()}
         self.tracker = open_run(self.cfg, self.out, self.tracking.run_id, derived, self.eng.raw, getattr(ds_args, "config", None),
                                 ds_config_path, tags)
@@ -156,10 +173,12 @@ class Trainer:
             previous = self.out / "summary.json"
             return json.loads(previous.read_text()) if previous.is_file() else self.finish()
         self.stop_request.attach()
-        # Position in the data stream from samples seen (= step x accumulation x micro batch).
-        start = state.samples_seen // (eng.micro_batch * self.world)
+        # Position in the data stream from samples seen: global batches done, each this rank's
+        # `accumulation` micro batches (a resume on another world size continues at the same sample).
+        start = state.samples_seen // eng.global_batch * eng.grad_accum
         loader = open_stream(cfg.data, self.source, cfg.model.img_size, eng.micro_batch, self.rank, self.world, cfg.train.seed,
-                             start_micro_batch=start, position=self.data, pin_memory=self.device.type == "cuda")
+                             start_micro_batch=start, position=self.data, pin_memory=self.device.type == "cuda",
+                             accumulation=eng.grad_accum)
         it = iter(loader)
         bar = tqdm(total=self.total_steps, initial=state.step, disable=not dist.is_rank0(), unit="step", dynamic_ncols=True, mininterval=1.0)
         win = LogWindow(self.device, state.step)
@@ -179,7 +198,7 @@ class Trainer:
         cfg, eng, state = self.cfg, self.eng, self.state
         while state.step < end:
             win.exclude(self.hooks.before_step(state.step))  # a refresh is not billed to the training steps
-            for _ in range(eng.grad_accum):
+            for micro in range(eng.grad_accum):
                 t = time.perf_counter()
                 stall.waiting()
                 batch = next(it)
@@ -188,6 +207,9 @@ class Trainer:
                 self.data.observe(batch)
                 win.add_batch(batch, wait)
                 images, meta = self.to_device(batch)
+                # masks keyed by this micro batch's place in the global batch (sampler.py's chunk order)
+                meta["noise"] = SampleNoise(cfg.train.seed, state.step, (micro * self.world + self.rank) * eng.micro_batch,
+                                            eng.global_batch)
                 win.add_micro(*self.micro_step(images, meta))
             state.step += 1
             state.samples_seen += eng.global_batch
@@ -320,6 +342,11 @@ class Trainer:
             self.tracker.log_artifact(path)
         return summary
 
+    @property
+    def stopped_early(self) -> bool:
+        """Stopped on a signal before the last step (a stop that came at the last step is a finished run)."""
+        return bool(self.stopped) and self.state.step < self.total_steps
+
     def close(self) -> None:
         """Rank 0's end of the run that needs no other rank: the final encoder exported and uploaded
         (once the whole run is done, not at a preemption or a stop_after, which resume later), and
@@ -327,7 +354,7 @@ class Trainer:
         length (a ViT-H upload) cannot time out the other ranks' collectives."""
         if not dist.is_rank0():
             return
-        done = not self.stopped and self.state.step >= self.total_steps
+        done = not self.stopped_early and self.state.step >= self.total_steps
         if done and self.cfg.tracking.log_encoder and self.last_checkpoint:
             self.tracker.log_encoder(self.last_checkpoint, self.out / "export")
-        self.tracker.end("KILLED" if self.stopped else "FINISHED")
+        self.tracker.end("KILLED" if self.stopped_early else "FINISHED")

@@ -92,7 +92,7 @@ class FailFast:
 class DataStallWatch:
     """Ends the run when the training stream gives no batch for ``seconds`` (a dead mount, a hung
     reader): a daemon thread, since the main thread is the one blocked waiting for data. It names
-    the source, the rank and the last sample read, and exits the process (status 1); the other
+    the source, the rank and the last sample read (and its shard, for WebDataset), and exits the process (status 1); the other
     ranks' FailFast then sees this rank go silent and ends them too."""
 
     def __init__(self, seconds: float, where: str, rank: int):
@@ -117,7 +117,8 @@ class DataStallWatch:
         self.since = None
         index = batch.get("index")
         if index is not None and len(index):
-            self.last = f"sample {int(index[-1])}"
+            shard = batch.get("shard")
+            self.last = f"sample {int(index[-1])}" + (f" of shard {shard}" if shard else "")
 
     def _run(self) -> None:
         while not self.done.wait(min(10.0, self.seconds / 4)):

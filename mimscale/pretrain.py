@@ -27,6 +27,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 import argparse  # noqa: E402
 import json  # noqa: E402
 import warnings  # noqa: E402
+from typing import Optional  # noqa: E402
 
 # DeepSpeed 0.19 calls torch.distributed's reduce_scatter_tensor on every ZeRO step, and each call
 # warns that it is deprecated: one line per step per rank, with nothing for a user to act on.
@@ -39,8 +40,9 @@ from mimscale import dist  # noqa: E402
 from mimscale.checkpoint import CONFIG, check_resume  # noqa: E402
 from mimscale.config import Config, changes_on_resume, check_paths, load_config  # noqa: E402
 from mimscale.ds_config import load_ds_config  # noqa: E402
+from mimscale.elastic import check_elastic, convert, converted  # noqa: E402
 from mimscale.engine import Trainer  # noqa: E402
-from mimscale.errors import ConfigError, TrainingDiverged  # noqa: E402
+from mimscale.errors import EXIT_CONFIG, EXIT_DIVERGED, EXIT_DONE, EXIT_STOPPED, ConfigError, TrainingDiverged  # noqa: E402
 from mimscale.failfast import FailFast  # noqa: E402
 from mimscale.ownership import OutputDirLock, check_not_foreign  # noqa: E402
 from mimscale.preempt import StopRequest  # noqa: E402
@@ -87,22 +89,23 @@ def main(argv=None) -> int:
     lock = None
     try:  # every config problem surfaces here, before any process group or model exists
         cfg = load_config(args.config, args.overrides)
-        eng = load_ds_config(args.deepspeed_config, dist.world_size())
+        eng = load_ds_config(args.deepspeed_config, dist.world_size(), cfg.train.global_batch, cfg.train.micro_batch)
         check_paths(cfg)
         if dist.is_rank0():  # one job per output_dir; the other ranks recognise their own job's lock
             lock = OutputDirLock(cfg.output_dir)
             lock.acquire()
         else:
             check_not_foreign(cfg.output_dir)
-        resume_from = check_resume(cfg.resume, cfg.output_dir, dist.world_size())  # resolved once, here
+        resume_from = check_resume(cfg.resume, cfg.output_dir)  # resolved once, here
         changes = resume_changes(resume_from, cfg) if resume_from else {}
+        elastic_note = check_elastic(resume_from, dist.world_size(), eng.zero_stage, cfg.train.global_batch is not None) if resume_from else None
     except ConfigError as e:
         if lock is not None:
             lock.release()
         print(f"mimscale: configuration error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     try:
-        return train(cfg, args, eng, stop, resume_from, changes)
+        return train(cfg, args, eng, stop, resume_from, changes, elastic_note)
     finally:
         if lock is not None:
             lock.release()
@@ -117,22 +120,39 @@ def leave_group(watch) -> None:
     dist.shutdown()
 
 
-def train(cfg: Config, args, eng, stop: StopRequest, resume_from, changes: dict) -> int:
+def universal_for(resume_from: Path, eng) -> Path:
+    """Every rank: the tag converted for this world size / ZeRO stage (rank 0 converts, once; the
+    others wait), and the engine told to load it the universal way."""
+    if dist.is_rank0():
+        convert(resume_from)
+    dist.barrier()
+    universal = converted(resume_from)
+    if universal is None:
+        raise RuntimeError(f"{resume_from}: the universal checkpoint conversion did not complete")
+    eng.raw = {**eng.raw, "checkpoint": {**eng.raw.get("checkpoint", {}), "load_universal": True}}
+    return universal
+
+
+def train(cfg: Config, args, eng, stop: StopRequest, resume_from, changes: dict, elastic_note: Optional[str] = None) -> int:
     dist.init_distributed()
     watch = FailFast.start()  # a rank that raises or dies ends every rank within a minute
+    universal = None
+    if elastic_note:
+        dist.log0(elastic_note)
+        universal = universal_for(resume_from, eng)
     if changes:
         dist.log0("[mimscale] resuming with config changes (resume_changes=allow): "
                   + "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items()))
     trainer = None
     try:
         trainer = Trainer(cfg, args, eng, args.deepspeed_config, stop_request=stop, resume_from=resume_from,
-                          resume_changes=changes)
+                          resume_changes=changes, universal=universal)
         summary = trainer.fit()
     except TrainingDiverged as e:  # every rank sees it at the same log step (the packed all-reduce)
         dist.log0(f"mimscale: {e}")
         trainer.tracker.end("FAILED")
         leave_group(watch)
-        return 3
+        return EXIT_DIVERGED
     except BaseException as e:
         if watch is not None:
             watch.report(e)
@@ -148,7 +168,14 @@ def train(cfg: Config, args, eng, stop: StopRequest, resume_from, changes: dict)
         if summary.get("mlflow_tracking_uri"):
             print(f"mlflow: {summary['mlflow_tracking_uri']} (run {summary['mlflow_run_id']}); "
                   f"browse with: mlflow ui --backend-store-uri {summary['mlflow_tracking_uri']}")
-    return 0
+    if trainer.stopped_early:
+        # Every rank says so (not only rank 0): any node's launcher and entrypoint then report
+        # "run again to resume" without reading summary.json. The launcher tears the other ranks
+        # down on the first non-zero status; they are past every collective and their SIGTERM
+        # handler only sets a flag, so they finish as they would have.
+        dist.log0(f"[mimscale] stopped early at step {trainer.state.step} of {trainer.total_steps}: exit {EXIT_STOPPED}, run again to resume")
+        return EXIT_STOPPED
+    return EXIT_DONE
 
 
 if __name__ == "__main__":

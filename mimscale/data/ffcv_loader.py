@@ -9,7 +9,7 @@ mimscale.data.streams imports it only when ``data.source`` is ffcv.
 The .beton (data_prep.ffcv) has fields image (RGBImageField, JPEG), label and index (IntField).
 
 - train: the endless stream of this rank's micro batches in exactly the folder loader's order
-  (ShardedBatchSampler's epoch permutation and rank split, incomplete tail dropped), starting at
+  (ShardedBatchSampler's epoch permutation dealt in global batches, incomplete tail dropped), starting at
   micro batch ``start_micro_batch``; a resumed run continues mid-epoch.
 - eval: one pass per iteration over this rank's contiguous share (shares differ by at most one
   sample and cover every sample once across ranks); last batch may be short. Epoch 0's crops.
@@ -67,7 +67,7 @@ class FFCVBatches:
 
     def __init__(self, path: str, img_size: int, micro_batch: int, rank: int, world_size: int, seed: int,
                  start_micro_batch: int = 0, *, scale=(0.2, 1.0), hflip: float = 0.5, num_workers: int = 2,
-                 mode: str = "train", copy: bool = True, batches_ahead: int = 3):
+                 mode: str = "train", copy: bool = True, batches_ahead: int = 3, accumulation: int = 1):
         if mode not in ("train", "eval"):
             raise ValueError(f"mode {mode!r}: train or eval")
         self.path, self.mode, self.copy = str(path), mode, copy
@@ -80,7 +80,7 @@ class FFCVBatches:
         index_table = reader.metadata[f"f{reader.field_names.index('index')}"]
 
         if mode == "train":
-            self.sampler = ShardedBatchSampler(n, micro_batch, rank, world_size, seed)
+            self.sampler = ShardedBatchSampler(n, micro_batch, rank, world_size, seed, accumulation=accumulation)
             self.batches_per_epoch = self.sampler.batches_per_epoch
         else:
             self.sampler = None
@@ -191,6 +191,6 @@ atexit.register(lambda: [b.close() for b in list(_LIVE)])
 
 def build_ffcv_loader(path, img_size: int, micro_batch: int, rank: int, world_size: int, seed: int, start_micro_batch: int = 0, *,
                       scale=(0.2, 1.0), hflip: float = 0.5, num_workers: int = 2, mode: str = "train", **kw) -> FFCVBatches:
-    """This rank's FFCV batches; ``kw``: copy, batches_ahead (see FFCVBatches)."""
+    """This rank's FFCV batches; ``kw``: copy, batches_ahead, accumulation (see FFCVBatches)."""
     return FFCVBatches(path, img_size, micro_batch, rank, world_size, seed, start_micro_batch, scale=scale,
                        hflip=hflip, num_workers=num_workers, mode=mode, **kw)

@@ -10,9 +10,9 @@ Each batch is a dict of CPU tensors (pinned on GPU machines):
                                filled by the next index, cropped with randomness of its own)
   converted [] int64           files that needed a PIL conversion (CMYK, PNG-in-.JPEG, ...)
 
-Ranks and workers split the data without overlap: each epoch is a seeded permutation, cut into
-equal per-rank shares (the tail that does not divide evenly is dropped for the epoch; see
-sampler.py), and the DataLoader hands whole batches to workers. Crops are seeded by (seed, epoch,
+Ranks and workers split the data without overlap: each epoch is a seeded permutation cut into
+global batches, each dealt to (micro step, rank) in chunks (the tail that does not fill a global
+batch is dropped for the epoch; see sampler.py), and the DataLoader hands whole batches to workers. Crops are seeded by (seed, epoch,
 index), so a batch's content does not depend on which worker made it, and a resumed run (which
 restarts the stream at its micro-batch position) sees exactly the batches an uninterrupted run
 would have.
@@ -96,13 +96,14 @@ def collate(samples: list[dict]) -> dict:
 
 
 def build_loader(data_cfg, img_size: int, micro_batch: int, rank: int, world_size: int, seed: int, start_micro_batch: int = 0,
-                 pin_memory: bool = False, source=None):
+                 pin_memory: bool = False, source=None, accumulation: int = 1):
     """(DataLoader, sampler) for this rank, positioned at micro-batch ``start_micro_batch``, over a
-    folder or synthetic source. ``source``: an already built one (saves a second scan of a large folder)."""
+    folder or synthetic source; micro batches dealt from global batches of micro x accumulation x
+    world (sampler.py). ``source``: an already built one (saves a second scan of a large folder)."""
     if source is None:
         source = indexed_source(data_cfg, seed)
     dataset = CropDataset(source, img_size, (data_cfg.scale_min, data_cfg.scale_max), data_cfg.hflip, seed, data_cfg.max_bad_in_a_row)
-    sampler = ShardedBatchSampler(len(dataset), micro_batch, rank, world_size, seed, start_micro_batch)
+    sampler = ShardedBatchSampler(len(dataset), micro_batch, rank, world_size, seed, start_micro_batch, accumulation=accumulation)
     workers = data_cfg.num_workers
     loader = DataLoader(
         dataset,

@@ -3,8 +3,8 @@ stream, and the whole-image pass. Nothing else in mimscale.data names the source
 
 Every source yields batches under the loader contract (see ``mimscale.data.loader``). Sources
 whose position is more than "micro batches consumed" (the WebDataset streams) also put a
-``cursor`` [stream, records consumed] in each batch; ``StreamPosition`` collects them so a
-checkpoint can record where each stream of this rank stopped.
+``cursor`` [stream, records consumed] and ``shard`` (a name) in each batch; ``StreamPosition``
+collects the cursors so a checkpoint can record where each stream of this rank stopped.
 
 Imports inside mimscale.data point down only (no cycle, none hidden in a function):
 
@@ -40,6 +40,7 @@ class StreamPosition(Stateful):
 
     def observe(self, batch: dict) -> None:
         cursor = batch.pop("cursor", None)  # not part of the contract the model sees
+        batch.pop("shard", None)  # read by the data-stall watch before this
         if cursor is not None:
             self.cursors[int(cursor[0])] = int(cursor[1])
 
@@ -87,22 +88,28 @@ def build_source(data_cfg, seed: int = 0):
 
 
 def open_stream(data_cfg, source, img_size: int, micro_batch: int, rank: int, world_size: int, seed: int,
-                start_micro_batch: int = 0, position: Optional[StreamPosition] = None, pin_memory: bool = False) -> Iterable[dict]:
+                start_micro_batch: int = 0, position: Optional[StreamPosition] = None, pin_memory: bool = False,
+                accumulation: int = 1) -> Iterable[dict]:
     """This rank's endless training stream of micro batches, starting after ``start_micro_batch``
-    consumed batches (and, for WebDataset, at ``position``'s record cursors)."""
+    consumed batches (and, for WebDataset, at ``position``'s record cursors). Folder, synthetic and
+    FFCV deal global batches of micro x ``accumulation`` x world, the same on any world size;
+    WebDataset streams are per rank by design."""
     if data_cfg.source == "wds":
         if position is not None and not position.cursors and start_micro_batch:
-            # A checkpoint without cursors (another source, or another worker count): new streams,
+            # A checkpoint without cursors (another source, worker count or world size): new streams,
             # keyed away from the ones a fresh run reads so no data is replayed in order.
             seed = seed + 7919 * start_micro_batch
+            dist.log0("[mimscale] WebDataset: no stream positions for this layout (another world size or worker count): "
+                      "the streams restart from new positions; this epoch's 'each sample once' no longer holds across the change")
         return build_wds_loader(source, data_cfg, img_size, micro_batch, rank, world_size, seed, start_micro_batch,
                                 position.cursors if position else None, pin_memory)
     if data_cfg.source == "ffcv":
         ffcv = _ffcv_loader()
         return ffcv.build_ffcv_loader(str(source.path), img_size, micro_batch, rank, world_size, seed, start_micro_batch,
                                       scale=(data_cfg.scale_min, data_cfg.scale_max), hflip=data_cfg.hflip,
-                                      num_workers=max(1, data_cfg.num_workers), mode="train")
-    loader, _ = build_loader(data_cfg, img_size, micro_batch, rank, world_size, seed, start_micro_batch, pin_memory, source)
+                                      num_workers=max(1, data_cfg.num_workers), mode="train", accumulation=accumulation)
+    loader, _ = build_loader(data_cfg, img_size, micro_batch, rank, world_size, seed, start_micro_batch, pin_memory, source,
+                             accumulation)
     return loader
 
 

@@ -23,6 +23,8 @@ with offset = m mod W, and the interleaving of streams continues unchanged.
 
 Each batch carries ``cursor`` = [stream, records consumed by that stream after this batch]; the
 trainer keeps the latest cursor of every stream it has consumed and checkpoints them per rank.
+It also carries ``shard``, the name of the shard its last sample came from (a str: batches are
+yielded whole, so the DataLoader does not collate them), which a data-stall error names.
 """
 from __future__ import annotations
 
@@ -201,7 +203,7 @@ class ShardStream(IterableDataset):
             stream = self.rank * workers + worker
             records = self._eval_records(stream, self.world * workers, state)
         images, boxes, flips, idx, labels = [], [], [], [], []
-        converted, reported_bad, cursor = 0, 0, 0
+        converted, reported_bad, cursor, shard = 0, 0, 0, ""
         for cursor, rec in records:
             try:
                 crop, i, label = self._decode(rec, [self.seed, 0xC0, self.rank, stream, cursor])
@@ -216,15 +218,16 @@ class ShardStream(IterableDataset):
             idx.append(i)
             labels.append(label)
             converted += int(crop.converted)
+            shard = rec.get("__url__", "")
             if len(images) == self.batch_size:
-                yield self._batch(images, boxes, flips, idx, labels, state.get("bad", 0) - reported_bad, converted, stream, cursor)
+                yield self._batch(images, boxes, flips, idx, labels, state.get("bad", 0) - reported_bad, converted, stream, cursor, shard)
                 reported_bad = state.get("bad", 0)
                 images, boxes, flips, idx, labels, converted = [], [], [], [], [], 0
         if images:  # eval: the short last batch
-            yield self._batch(images, boxes, flips, idx, labels, state.get("bad", 0) - reported_bad, converted, stream, cursor)
+            yield self._batch(images, boxes, flips, idx, labels, state.get("bad", 0) - reported_bad, converted, stream, cursor, shard)
 
     @staticmethod
-    def _batch(images, boxes, flips, idx, labels, skipped, converted, stream, cursor) -> dict:
+    def _batch(images, boxes, flips, idx, labels, skipped, converted, stream, cursor, shard) -> dict:
         return {
             "image": torch.stack(images),
             "box": torch.tensor(boxes, dtype=torch.float32),
@@ -234,6 +237,7 @@ class ShardStream(IterableDataset):
             "skipped": torch.tensor(skipped, dtype=torch.int64),
             "converted": torch.tensor(converted, dtype=torch.int64),
             "cursor": torch.tensor([stream, cursor], dtype=torch.int64),
+            "shard": shard,
         }
 
 

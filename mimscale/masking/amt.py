@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from mimscale.masking import noise as sample_noise
 from mimscale.masking.amt_ops import align_maps, amt_plan
 from mimscale.masking.base import Masker, MaskPlan, plan_sizes
 from mimscale.masking.random import RandomMasking
@@ -43,4 +44,5 @@ class AMTMasking(Masker):
         g = int(round(maps.shape[1] ** 0.5))
         weights = align_maps(maps.view(B, g, g), meta["box"], meta["flip"], self.grid)  # [B, L]
         self.last_weights = weights.detach()
-        return amt_plan(weights, self.mask_ratio, self.throw_ratio)
+        u = sample_noise.of(meta).rand(B, self.num_patches, device=weights.device)  # [B, L] Gumbel noise's uniforms
+        return amt_plan(weights, self.mask_ratio, self.throw_ratio, u=u)

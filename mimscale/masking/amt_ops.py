@@ -34,25 +34,30 @@ def align_maps(maps: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, gri
     return out.reshape(B, grid * grid)
 
 
-def gumbel_topk_order(weights: torch.Tensor, generator: Optional[torch.Generator] = None, eps: float = 1e-6) -> torch.Tensor:
+def gumbel_topk_order(weights: torch.Tensor, generator: Optional[torch.Generator] = None, eps: float = 1e-6,
+                      u: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per-row order of all L indices, distributed as sampling without replacement with
     probability proportional to ``weights`` (the Gumbel-top-k trick: sort log w + Gumbel noise).
 
     weights [B, L] >= 0 -> [B, L] int64. ``eps`` keeps zero-weight patches orderable (last, in
-    random order) instead of producing -inf ties.
+    random order) instead of producing -inf ties. ``u`` [B, L]: the uniforms to use (keyed noise,
+    see masking/noise.py); else drawn from ``generator``.
     """
-    u = torch.rand(weights.shape, device=weights.device, generator=generator).clamp_(1e-12, 1.0 - 1e-7)
+    if u is None:
+        u = torch.rand(weights.shape, device=weights.device, generator=generator)
+    u = u.clamp(1e-12, 1.0 - 1e-7)
     keys = torch.log(weights.float().clamp_min(0) + eps) - torch.log(-torch.log(u))
     return keys.argsort(dim=1, descending=True)
 
 
-def amt_plan(weights: torch.Tensor, mask_ratio: float, throw_ratio: float, generator: Optional[torch.Generator] = None) -> MaskPlan:
+def amt_plan(weights: torch.Tensor, mask_ratio: float, throw_ratio: float, generator: Optional[torch.Generator] = None,
+             u: Optional[torch.Tensor] = None) -> MaskPlan:
     """AMT's plan from per-patch weights [B, L]: in a weighted order, the first round(rL) patches
     are masked, the next round(tL) thrown, the rest visible (highly attended ones tend to be
     reconstructed, medium ones dropped, the least attended kept as hints)."""
     B, L = weights.shape
     visible, masked, thrown = plan_sizes(L, mask_ratio, throw_ratio)
-    order = gumbel_topk_order(weights, generator)
+    order = gumbel_topk_order(weights, generator, u=u)
     # MaskPlan.from_order reads [visible, masked, thrown]: reorder our [masked, thrown, visible].
     return MaskPlan.from_order(torch.cat([order[:, masked + thrown:], order[:, :masked], order[:, masked:masked + thrown]], dim=1),
                                visible, masked)

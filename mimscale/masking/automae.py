@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from mimscale.masking import noise as sample_noise
 from mimscale.masking.amt_ops import align_maps
 from mimscale.masking.automae_parts import Discriminator, MaskGenerator, gumbel_mask, lsgan_terms, pseudo_masks, straight_through_topk
 from mimscale.masking.base import Masker, MaskPlan, plan_sizes
@@ -82,14 +83,16 @@ class AutoMAEMasking(Masker):
         maps = self.extract(images, meta)
         dtype = self.generator.conv1.weight.dtype
         logp = self.generator(maps.to(dtype))  # [B, L] fp32
-        m = gumbel_mask(logp)  # [B, L], soft, rows sum to 1
-        real = pseudo_masks(B, g, device=images.device)
+        noise = sample_noise.of(meta)
+        u = noise.rand(B, 2 * L + 5 + L, device=images.device) if noise.keyed else None  # one draw: Gumbel | token scale | pseudo masks
+        m = gumbel_mask(logp, None if u is None else u[:, :L])  # [B, L], soft, rows sum to 1
+        real = pseudo_masks(B, g, device=images.device, u=None if u is None else u[:, 2 * L:])
         scores = self.discriminator(torch.cat([real, m.detach(), m]).view(3 * B, 1, g, g).to(dtype))
         d_real, d_sg, d_gen = scores.split(B)
         loss_d, routed_g, loss_g = lsgan_terms(d_real, d_sg, d_gen, self.lam)
 
         b_st = straight_through_topk(m, self.num_visible)
-        s = torch.rand_like(m) + 0.5 * b_st  # [B, L]
+        s = (torch.rand_like(m) if u is None else u[:, L:2 * L].to(m.dtype)) + 0.5 * b_st  # [B, L]
         order = s.detach().argsort(dim=1, descending=True)
         M, T = self.num_masked, self.num_thrown
         self.last_weights = m.detach()

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
+from mimscale.masking.noise import gumbel_softmax
+
 
 class MaskGenerator(nn.Module):
     """Conv(C -> C/2, 3x3) -> ReLU -> Conv(C/2 -> 1, 3x3) -> log-softmax over patches.
@@ -64,28 +66,32 @@ class Discriminator(nn.Module):
 
 
 def pseudo_masks(batch: int, grid: int, device=None, generator: Optional[torch.Generator] = None,
-                 with_rectangles: bool = False):
+                 with_rectangles: bool = False, u: Optional[torch.Tensor] = None):
     """[B, g*g] soft masks, each a softmax over patches of U(0,1) noise plus 0.5 inside a random
     rectangle. At g = 14 (the paper's): area 40..160 patches, one side 4..10, the other
     min(14, ceil(area / side)), either orientation; other grids scale these with g.
-    ``with_rectangles``: also return the rectangles as a [B, g*g] bool."""
+    ``with_rectangles``: also return the rectangles as a [B, g*g] bool. ``u`` [B, 5 + g*g]: the
+    uniforms to use (keyed noise, see masking/noise.py); else drawn from ``generator``."""
     L = grid * grid
-    u = lambda *shape: torch.rand(*shape, device=device, generator=generator)  # noqa: E731
+    if u is None:
+        u = torch.rand(batch, 5 + L, device=device, generator=generator)
+    u_area, u_side, u_tall, u_y, u_x, u_soft = u.split([1, 1, 1, 1, 1, L], dim=1)
+    u_area, u_side, u_tall, u_y, u_x = (v.squeeze(1) for v in (u_area, u_side, u_tall, u_y, u_x))
     a_lo, a_hi = max(1, round(40 / 196 * L)), max(1, round(160 / 196 * L))
     s_lo, s_hi = max(1, round(4 / 14 * grid)), max(1, round(10 / 14 * grid))
-    area = (a_lo + u(batch) * (a_hi - a_lo + 1)).floor().clamp(max=a_hi)
-    side = (s_lo + u(batch) * (s_hi - s_lo + 1)).floor().clamp(max=s_hi)
+    area = (a_lo + u_area * (a_hi - a_lo + 1)).floor().clamp(max=a_hi)
+    side = (s_lo + u_side * (s_hi - s_lo + 1)).floor().clamp(max=s_hi)
     other = torch.minimum(torch.ceil(area / side), torch.tensor(float(grid), device=device))
-    tall = u(batch) < 0.5
+    tall = u_tall < 0.5
     h = torch.where(tall, other, side)
     w = torch.where(tall, side, other)
-    y0 = (u(batch) * (grid - h + 1)).floor()
-    x0 = (u(batch) * (grid - w + 1)).floor()
+    y0 = (u_y * (grid - h + 1)).floor()
+    x0 = (u_x * (grid - w + 1)).floor()
     r = torch.arange(grid, device=device, dtype=torch.float32)
     inside_y = (r[None] >= y0[:, None]) & (r[None] < (y0 + h)[:, None])  # [B, g]
     inside_x = (r[None] >= x0[:, None]) & (r[None] < (x0 + w)[:, None])
     inside = (inside_y[:, :, None] & inside_x[:, None, :]).reshape(batch, L)
-    masks = torch.softmax(u(batch, L) + 0.5 * inside.float(), dim=1)
+    masks = torch.softmax(u_soft + 0.5 * inside.float(), dim=1)
     return (masks, inside) if with_rectangles else masks
 
 
@@ -114,9 +120,12 @@ def sigma_max(conv: nn.Module) -> float:
     return float(torch.linalg.matrix_norm(w, ord=2))
 
 
-def gumbel_mask(logp: torch.Tensor) -> torch.Tensor:
-    """Soft Gumbel-softmax sample (tau = 1) of log-probabilities [B, L]: rows sum to 1."""
-    return F.gumbel_softmax(logp, tau=1.0, hard=False, dim=1)
+def gumbel_mask(logp: torch.Tensor, u: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Soft Gumbel-softmax sample (tau = 1) of log-probabilities [B, L]: rows sum to 1. ``u`` [B, L]:
+    the noise's uniforms (keyed noise, see masking/noise.py); else torch's own draw."""
+    if u is None:
+        return F.gumbel_softmax(logp, tau=1.0, hard=False, dim=1)
+    return gumbel_softmax(logp, u, tau=1.0, dim=1)
 
 
 __all__ = ["MaskGenerator", "Discriminator", "pseudo_masks", "lsgan_terms", "straight_through_topk", "sigma_max",

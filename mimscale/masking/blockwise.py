@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from mimscale.masking import noise as sample_noise
 from mimscale.masking.base import Masker, MaskPlan, plan_sizes
 
 
@@ -28,17 +29,19 @@ class BlockwiseMasking(Masker):
 
     def forward(self, images: torch.Tensor, meta: dict) -> MaskPlan:
         B, n, g, dev = images.shape[0], self.blocks, self.grid, images.device
-        area = self.min_block + torch.rand(B, n, device=dev) * (self.max_block - self.min_block)  # [B, n]
-        aspect = torch.exp((torch.rand(B, n, device=dev) * 2 - 1) * self.log_aspect)
+        u = sample_noise.of(meta).rand(B, 4 * n + self.num_patches, device=dev)  # [B, 4n + L]: one draw for the plan
+        u_area, u_aspect, u_top, u_left, u_key = u.split([n, n, n, n, self.num_patches], dim=1)
+        area = self.min_block + u_area * (self.max_block - self.min_block)  # [B, n]
+        aspect = torch.exp((u_aspect * 2 - 1) * self.log_aspect)
         h = torch.sqrt(area * aspect).round().clamp(1, g)  # [B, n] block height in patches
         w = torch.sqrt(area / aspect).round().clamp(1, g)
-        top = (torch.rand(B, n, device=dev) * (g - h + 1)).floor()[..., None, None]  # [B, n, 1, 1]
-        left = (torch.rand(B, n, device=dev) * (g - w + 1)).floor()[..., None, None]
+        top = (u_top * (g - h + 1)).floor()[..., None, None]  # [B, n, 1, 1]
+        left = (u_left * (g - w + 1)).floor()[..., None, None]
         r = torch.arange(g, device=dev).view(1, 1, g, 1)
         c = torch.arange(g, device=dev).view(1, 1, 1, g)
         inside = (r >= top) & (r < top + h[..., None, None]) & (c >= left) & (c < left + w[..., None, None])  # [B, n, g, g]
         ids = torch.arange(n, device=dev, dtype=torch.float32).view(1, n, 1, 1)
         first = torch.where(inside, ids, float(n)).amin(dim=1).flatten(1)  # [B, L] first block covering each patch
-        key = first + torch.rand(B, self.num_patches, device=dev)
+        key = first + u_key
         order = torch.argsort(key, dim=1, descending=True)  # uncovered first: visible, then masked blocks
         return MaskPlan.from_order(order, self.num_visible, self.num_masked)

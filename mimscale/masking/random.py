@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from mimscale.masking import noise as sample_noise
 from mimscale.masking.base import Masker, MaskPlan, plan_sizes
 
 
@@ -18,6 +19,6 @@ class RandomMasking(Masker):
 
     def forward(self, images: torch.Tensor, meta: dict) -> MaskPlan:
         B = images.shape[0]
-        noise = torch.rand(B, self.num_patches, device=images.device)  # [B, L]
+        noise = sample_noise.of(meta).rand(B, self.num_patches, device=images.device)  # [B, L]
         order = torch.argsort(noise, dim=1)  # a uniformly random permutation per sample
         return MaskPlan.from_order(order, self.num_visible, self.num_masked)

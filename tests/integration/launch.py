@@ -22,6 +22,9 @@ TINY_SETS = [
     "train.warmup_steps=2",
     "train.log_every=1",
     "tracking.enabled=false",
+    # these tests size each run's batch through their ds_config (micro x accumulation x ranks);
+    # tests/integration/test_elastic.py runs the recipe's train.global_batch
+    "train.global_batch=null",
 ]
 
 
@@ -31,9 +34,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_ds_config(path: Path, stage: int, micro: int = 4, accum: int = 2, **extra) -> Path:
+def write_ds_config(path: Path, stage: int, micro: int = 4, accum: int | None = 2, **extra) -> Path:
+    """A CPU fp32 ds_config; ``accum`` None leaves the accumulation out (the recipe's train.global_batch derives it)."""
     cfg = json.loads((REPO / "ds_configs" / f"cpu_fp32_zero{stage}.json").read_text())
-    cfg.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum, **extra)
+    cfg.update(train_micro_batch_size_per_gpu=micro, **extra)
+    if accum is not None:
+        cfg["gradient_accumulation_steps"] = accum
     path.write_text(json.dumps(cfg))
     return path
 

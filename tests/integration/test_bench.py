@@ -21,7 +21,7 @@ def bench_step(*args: str) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("extra", [[], ["--no-deepspeed"]], ids=["deepspeed", "torch"])
+@pytest.mark.parametrize("extra", [[], pytest.param(["--no-deepspeed"], marks=pytest.mark.slow)], ids=["deepspeed", "torch"])
 def test_bench_step_prints_json(extra):
     d = bench_step("--method", "mae", *extra)
     for key in ("img_per_s", "step_s", "gflop_per_img", "peak_gflops", "mfu", "fwd_bwd_s", "optimizer_s"):
@@ -30,7 +30,7 @@ def test_bench_step_prints_json(extra):
     assert abs(d["img_per_s"] - 2 / d["step_s"]) < 1e-6
 
 
-@pytest.mark.parametrize("extra", [[], ["--no-deepspeed"]], ids=["deepspeed", "torch"])
+@pytest.mark.parametrize("extra", [[], pytest.param(["--no-deepspeed"], marks=pytest.mark.slow)], ids=["deepspeed", "torch"])
 def test_bench_step_amt_masks_and_throws(extra):
     """--method amt times steps after a refresh: the plan throws, and FLOPs fall with it."""
     d = bench_step("--method", "amt", *extra)

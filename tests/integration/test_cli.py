@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.integration.launch import run, summary, write_ds_config
 
 
@@ -40,6 +42,7 @@ def test_nonfinite_loss_stops_naming_step_and_keeps_last_good_checkpoint(tmp_pat
     assert not (out / "summary.json").exists() or json.loads((out / "summary.json").read_text())["steps"] < bad_step
 
 
+@pytest.mark.slow  # two single-process runs (~60 s); make test-all runs it
 def test_compiled_module_trains_like_eager(tmp_path):
     """train.compile goes through DeepSpeed's engine.compile; with the aot_eager backend (graph
     capture without code generation, cheap on CPU) the per-step losses match eager mode."""

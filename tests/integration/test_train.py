@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.integration.launch import REPO, command, env, losses, run, summary, write_ds_config
+from tests.integration.launch import REPO, command, env, free_port, losses, run, summary, write_ds_config
 
 STEPS = 8
 SHARED_JPEGS = REPO.parent / "shared" / "data" / "imagenet-sample" / "train"
@@ -110,21 +110,27 @@ def test_sigterm_saves_and_resumes_exactly_on_real_jpegs_with_mlflow(tmp_path):
     assert ref["skipped_images"] >= 1  # the truncated and garbage files were skipped and counted
 
     out = tmp_path / "pre"
-    # Its own session, so the test can signal the whole job the way Slurm does at preemption:
-    # every process (launcher, node launcher, ranks, DataLoader workers) gets SIGTERM at once.
-    proc = psutil.Popen(command(ds, out, sets), cwd=REPO, env=env(), stdout=open(tmp_path / "pre.log", "w"),
-                        stderr=subprocess.STDOUT, start_new_session=True)
+    # Through docker/entrypoint.sh as every Slurm task runs it, in a session of its own so the test
+    # can signal the way Slurm does at preemption: SIGTERM to every process of the step at once
+    # (the entrypoint's session and the launcher's, ranks and DataLoader workers included).
+    launcher_args = command(ds, out, sets)
+    launcher_args = launcher_args[launcher_args.index("mimscale/pretrain.py"):]  # without `deepspeed --num_gpus 2 ...`
+    node_env = {**env(), "GPUS_PER_NODE": "2", "MASTER_PORT": str(free_port()), "TMPDIR": str(tmp_path)}
+    proc = psutil.Popen([str(REPO / "docker" / "entrypoint.sh"), *launcher_args[1:]], cwd=REPO, env=node_env,
+                        stdout=open(tmp_path / "pre.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
         time.sleep(0.05)
     everyone = [proc] + proc.children(recursive=True)
     assert len(_rank_processes(proc)) == 2
-    os.killpg(proc.pid, signal.SIGTERM)
+    for group in {proc.pid, os.getpgid(_rank_processes(proc)[0].pid)}:
+        os.killpg(group, signal.SIGTERM)
     gone, alive = psutil.wait_procs(everyone, timeout=120)
     assert not alive, (tmp_path / "pre.log").read_text()[-3000:]
+    assert proc.returncode == 143, (tmp_path / "pre.log").read_text()[-3000:]  # stopped early: run again to resume
     pre = summary(out)
-    assert pre["stopped_by"] == "SIGTERM" and pre["steps"] < 24, (tmp_path / "pre.log").read_text()[-3000:]
+    assert pre["stopped_by"] in ("SIGTERM", "SIGUSR1") and pre["steps"] < 24, (tmp_path / "pre.log").read_text()[-3000:]
     k = pre["steps"]
     assert pre["checkpoint"].endswith(f"step{k:08d}")
 

@@ -20,6 +20,7 @@ from mimscale.checkpoint import (
     resolve_resume,
     tag_for,
 )
+from mimscale.elastic import check_elastic, needs_conversion
 from mimscale.errors import ConfigError
 
 
@@ -33,6 +34,9 @@ class FakeEngine:
 
     def load_checkpoint(self, root, tag):
         return None, {**torch.load(Path(root) / tag / "client.pt"), "ds_config": {}, "global_samples": 0}
+
+    def zero_optimization_stage(self):
+        return 1
 
 
 class Counter(Stateful):
@@ -76,13 +80,20 @@ def test_check_resume_guards(tmp_path):
         d.mkdir(parents=True)
         (d / MARKER).write_text(json.dumps({"step": step, "world_size": 2}))
     with pytest.raises(ConfigError, match="resume=auto to continue it"):
-        check_resume("never", tmp_path, 2)  # would mix two runs' checkpoints
-    assert check_resume("never", tmp_path / "fresh", 2) is None
-    assert check_resume("auto", tmp_path, 2) == root / tag_for(20)
-    with pytest.raises(ConfigError, match="written by 2 ranks and this run has 4"):
-        check_resume("auto", tmp_path, 4)
+        check_resume("never", tmp_path)  # would mix two runs' checkpoints
+    assert check_resume("never", tmp_path / "fresh") is None
+    assert check_resume("auto", tmp_path) == root / tag_for(20)
+    # another world size: a universal-checkpoint resume (elastic.py), refused only when the batch would change
+    tag = root / tag_for(20)
+    assert check_elastic(tag, 2, 1, global_batch_fixed=False) is None  # the same layout (stage unknown: unchanged)
+    assert "universal checkpoint" in check_elastic(tag, 4, 1, global_batch_fixed=True)
+    with pytest.raises(ConfigError, match="written by 2 ranks and this run has 4; without train.global_batch"):
+        check_elastic(tag, 4, 1, global_batch_fixed=False)
+    (tag / MARKER).write_text(json.dumps({"step": 20, "world_size": 2, "zero_stage": 1}))
+    assert needs_conversion(tag, 2, 3) and not needs_conversion(tag, 2, 1)
+    assert "written by 2 ranks, ZeRO-1; this run has 2 ranks, ZeRO-3" in check_elastic(tag, 2, 3, global_batch_fixed=False)
     with pytest.raises(ConfigError, match="config key 'resume'"):
-        check_resume(str(tmp_path / "checkpoints" / "nothing-here"), tmp_path, 2)
+        check_resume(str(tmp_path / "checkpoints" / "nothing-here"), tmp_path)
     abandon_newer(tmp_path, 10)  # a roll-back to step 10: step 20 is set aside, not deleted
     assert [s for s, _ in complete_tags(root)] == [10]
     assert any(p.name.startswith("step00000020.abandoned-") for p in root.iterdir())

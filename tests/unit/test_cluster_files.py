@@ -222,7 +222,7 @@ def assert_trainer_accepts(args: list[str], world_size: int) -> dict:
     a = parse_args(args)
     assert (REPO / a.config).is_file() and (REPO / a.deepspeed_config).is_file()
     cfg = load_config(REPO / a.config, a.overrides)
-    eng = load_ds_config(REPO / a.deepspeed_config, world_size)
+    eng = load_ds_config(REPO / a.deepspeed_config, world_size, cfg.train.global_batch)
     assert cfg.resume == "auto"
     return {"cfg": cfg, "eng": eng}
 
@@ -245,6 +245,9 @@ def test_manifest_pods_run_the_entrypoint_with_valid_trainer_arguments(kind):
         args = [k8s_expand(a, env) for a in c["args"]]
         run = assert_trainer_accepts(args, world_size=nodes * gpus)
         assert run["eng"].global_batch == run["eng"].micro_batch * run["eng"].grad_accum * nodes * gpus
+        # the recipe's global batch whatever the manifest's size (the manifest says nothing about it)
+        assert run["eng"].global_batch == run["cfg"].train.global_batch == 4096
+        assert not any(a.startswith(("train.global_batch", "train.micro_batch")) for a in c["args"])
         # volumes: data read-only, output shared and holding output_dir, /dev/shm in memory
         mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
         volumes = {v["name"]: v for v in spec["volumes"]}
@@ -657,7 +660,10 @@ def test_sbatch_runs_one_entrypoint_per_node(slurm, runtime):
     assert rec["env"]["MASTER_PORT"] == str(20000 + 4242 % 20000) and rec["env"]["MIMSCALE_OUTPUT_DIR"] == output
     assert rec["env"]["NCCL_DEBUG"] == "WARN"
     assert train[-2:] == ["--set", "train.steps=10"]  # sbatch's own arguments reach pretrain.py
-    cfg = assert_trainer_accepts(train, world_size=16)["cfg"]
+    run = assert_trainer_accepts(train, world_size=16)
+    cfg = run["cfg"]
+    assert run["eng"].global_batch == cfg.train.global_batch == 4096  # 16 GPUs: accumulation 2, not a bigger batch
+    assert not any(a.startswith(("train.global_batch", "train.micro_batch")) for a in train)
     assert (cfg.data.source, cfg.data.path, cfg.output_dir) == ("wds", data, output)
     assert Path(output).is_dir() and (Path(env["SLURM_SUBMIT_DIR"]) / "logs").is_dir()
     assert not (out / "calls").exists()  # finished: no requeue

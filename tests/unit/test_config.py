@@ -61,20 +61,25 @@ def test_preset_first_line_is_its_launch_command(preset):
     assert argv[argv.index("--config") + 1] == f"mimscale/configs/{preset.name}"
     # the command as written is valid: overrides apply, and the JSON fits the launch's world size
     overrides = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
-    load_config(preset, overrides)
+    cfg = load_config(preset, overrides)
+    assert cfg.train.global_batch, "every shipped preset states its recipe's global batch"
     if "--num_gpus" in argv:
         world = int(argv[argv.index("--num_gpus") + 1])
-        eng = load_ds_config(REPO / ds, world)
-        assert eng.global_batch == eng.micro_batch * eng.grad_accum * world
+        eng = load_ds_config(REPO / ds, world, cfg.train.global_batch)
+        assert eng.global_batch == eng.micro_batch * eng.grad_accum * world == cfg.train.global_batch
 
 
 def test_base_preset_is_the_paper_recipe():
     cfg = load_config(REPO / "mimscale" / "configs" / "mae_vit_base.yaml")
     assert (cfg.model.name, cfg.model.img_size, cfg.masking.mask_ratio) == ("vit_base", 224, 0.75)
     assert (cfg.train.epochs, cfg.train.warmup_epochs, cfg.train.base_lr) == (800, 40, 1.5e-4)
-    # 8 GPUs x the JSON on its first line = the paper's 4096
-    eng = load_ds_config(REPO / "ds_configs" / "gpu_bf16_zero1.json", 8)
-    assert eng.global_batch == 4096
+    # the paper's 4096 on any GPU count: 8 x micro 128 (the JSON on its first line) x accumulation 4, or 64 x 128 x 1
+    assert cfg.train.global_batch == 4096
+    for world, micro, accum in ((8, None, 4), (32, None, 1), (64, 64, 1)):
+        eng = load_ds_config(REPO / "ds_configs" / "gpu_bf16_zero1.json", world, cfg.train.global_batch, micro)
+        assert (eng.global_batch, eng.grad_accum) == (4096, accum)
+    with pytest.raises(ConfigError, match="micro batches that work on 64 ranks"):  # micro 128 x 64 GPUs would be 8192
+        load_ds_config(REPO / "ds_configs" / "gpu_bf16_zero1.json", 64, cfg.train.global_batch)
 
 
 def test_defaults_validate():

@@ -33,7 +33,10 @@ def test_shipped_config_checks(path, world):
     eng = load_ds_config(path, world)
     assert isinstance(eng, EngineSettings)
     raw = json.loads(path.read_text())
-    assert eng.raw == raw
+    # what DeepSpeed gets: the file with the resolved batch settings written in
+    assert eng.raw == {**raw, "train_batch_size": eng.global_batch, "train_micro_batch_size_per_gpu": eng.micro_batch,
+                       "gradient_accumulation_steps": eng.grad_accum}
+    assert "gradient_accumulation_steps" not in raw and "train_batch_size" not in raw  # the recipe owns the global batch
     assert "optimizer" not in raw and "scheduler" not in raw
     stage = re.search(r"zero(\d)", path.stem)
     assert stage, path.name
@@ -42,8 +45,10 @@ def test_shipped_config_checks(path, world):
     assert eng.fp16 is False
     if path.stem.startswith("gpu"):
         assert eng.bf16 is True and eng.precision == "bf16"
-        assert (eng.micro_batch, eng.grad_accum) == (128, 4)
-        assert eng.global_batch == 512 * world
+        assert (eng.micro_batch, eng.grad_accum) == (128, 1)  # without a recipe's global batch: micro x world
+        assert eng.global_batch == 128 * world
+        recipe = load_ds_config(path, world, global_batch=4096)
+        assert (recipe.micro_batch, recipe.grad_accum, recipe.global_batch) == (128, 32 // world, 4096)
     else:
         assert path.stem.startswith("cpu")
         assert "bf16" not in raw and "fp16" not in raw
@@ -187,3 +192,35 @@ def test_load_matches_check(tmp_path):
     b = check_ds_config(raw, 3)
     assert a == b
     assert (a.micro_batch, a.grad_accum, a.global_batch, a.zero_stage, a.precision) == (8, 2, 48, 2, "bf16")
+
+
+@pytest.mark.parametrize("world,accum", [(1, 32), (8, 4), (16, 2), (32, 1)])
+def test_the_recipe_global_batch_fixes_the_accumulation(world, accum):
+    eng = check_ds_config({"train_micro_batch_size_per_gpu": 128}, world, global_batch=4096)
+    assert (eng.micro_batch, eng.grad_accum, eng.global_batch) == (128, accum, 4096)
+    assert eng.raw["gradient_accumulation_steps"] == accum and eng.raw["train_batch_size"] == 4096
+    # a JSON that also states them must agree
+    same = check_ds_config({"train_micro_batch_size_per_gpu": 128, "gradient_accumulation_steps": accum, "train_batch_size": 4096},
+                           world, global_batch=4096)
+    assert same.grad_accum == accum
+
+
+def test_a_world_size_that_does_not_divide_the_global_batch_names_what_would():
+    with pytest.raises(ConfigError) as e:
+        check_ds_config({"train_micro_batch_size_per_gpu": 128}, 48, global_batch=4096)
+    msg = str(e.value)
+    assert "train.global_batch 4096 is not divisible by micro batch 128 x world size 48" in msg
+    assert "32 (accumulation 1)" in msg and "16 (accumulation 2)" in msg  # world sizes for micro 128
+    assert "no micro batch works on 48 ranks" in msg and "64" in msg
+    with pytest.raises(ConfigError) as e:
+        check_ds_config({"train_micro_batch_size_per_gpu": 48}, 8, global_batch=4096)
+    assert "micro batches that work on 8 ranks (--set train.micro_batch=M): 16 (accumulation 32), 32 (accumulation 16), 64 (accumulation 8)" in str(e.value)
+
+
+def test_a_json_batch_that_disagrees_with_the_recipe_names_both(tmp_path):
+    with pytest.raises(ConfigError, match=r"my.json sets train_batch_size 2048 but the recipe's train.global_batch is 4096"):
+        check_ds_config({"train_micro_batch_size_per_gpu": 128, "train_batch_size": 2048}, 8, name="my.json", global_batch=4096)
+    with pytest.raises(ConfigError, match=r"gradient_accumulation_steps 2, but train.global_batch 4096 over micro batch 128 x 8 ranks needs 4"):
+        check_ds_config({"train_micro_batch_size_per_gpu": 128, "gradient_accumulation_steps": 2}, 8, global_batch=4096)
+    with pytest.raises(ConfigError, match=r"set 'train_micro_batch_size_per_gpu'"):
+        check_ds_config({"train_batch_size": 4096}, 8, global_batch=4096)

@@ -36,8 +36,10 @@ def test_steady_batches_and_zero_seconds_never_trip():
     assert r.returncode == 0 and "done" in r.stdout, r.stderr
 
 
-def test_watch_records_the_last_sample():
+def test_watch_records_the_last_sample_and_its_shard():
     w = DataStallWatch(0, "x", 0)
     w.waiting()
     w.got({"index": torch.tensor([4, 9])})
     assert w.since is None and w.last == "sample 9"
+    w.got({"index": torch.tensor([3]), "shard": "train-000012.tar"})  # a WebDataset batch
+    assert w.last == "sample 3 of shard train-000012.tar"

@@ -1,6 +1,7 @@
 """WebDataset loader: exactly-once evaluation, resumable resampled training streams, crop pixels."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ from PIL import Image
 from data_prep.wds import write_shards
 from mimscale.config import DataConfig
 from mimscale.data.streams import StreamPosition, build_source, open_stream
-from mimscale.data.wds_loader import ShardIndex, build_wds_loader
+from mimscale.data.wds_loader import ShardIndex, build_wds_loader, read_shards
 from tests.unit.test_data_crop import _expected_gradient_crop, _gradient
 
 N = 45  # samples: shards of 7 leave a short last shard
@@ -99,6 +100,22 @@ def test_worker_count_change_restarts_streams_with_warning():
     assert warning is not None and "num_workers" in warning and pos.cursors == {}
     pos, warning = StreamPosition.restore({"workers": 2, "cursors": {"0": 10, "1": 12}}, 2)
     assert warning is None and pos.cursors == {0: 10, 1: 12}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_each_batch_names_the_shard_of_its_last_sample(shards, workers):
+    """The name a data-stall error reports; a str that survives the DataLoader (and its workers)
+    and that StreamPosition removes with the cursor before the model sees the batch."""
+    index = ShardIndex.load(shards)
+    position = StreamPosition(workers)
+    names = {}
+    for b in _take(build_wds_loader(index, _cfg(shards, workers), SIZE, 5, 0, 1, seed=3), 4):
+        assert isinstance(b["shard"], str) and b["shard"] in index.names
+        names[int(b["index"][-1])] = b["shard"]
+        position.observe(b)
+        assert "shard" not in b and "cursor" not in b
+    home = {json.loads(rec["json"])["index"]: rec["__url__"] for rec in read_shards(index, range(index.num_shards), {})}
+    assert names and all(home[i] == n for i, n in names.items()), (names, home)
 
 
 def test_crop_box_and_flip_match_pixels(shards):
