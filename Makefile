@@ -2,7 +2,10 @@
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.mimscale-installed
+# FFCV=1: also the optional FFCV extra (its apt packages need root); 0: without it; auto (default):
+# with it when its packages are there or can be installed, else without it and a message saying how.
+FFCV ?= auto
+STAMP := $(VENV)/.mimscale-installed-ffcv-$(FFCV)
 SAMPLE := ../shared/data/imagenet-sample
 # One intra-op thread per rank: two ranks on two cores otherwise fight over them.
 export OMP_NUM_THREADS ?= 1
@@ -11,10 +14,10 @@ export OMP_NUM_THREADS ?= 1
 
 setup: $(STAMP)
 
-$(STAMP): setup.py
-	bash scripts/system_deps.sh $(PYTHON)
-	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet -e '.[dev,ffcv]'
+$(STAMP): setup.py scripts/system_deps.sh
+	extras=$$(bash scripts/system_deps.sh $(PYTHON) $(FFCV)) && \
+	$(PYTHON) -m venv $(VENV) && \
+	$(VENV)/bin/pip install --quiet -e ".[$$extras]" && \
 	touch $(STAMP)
 
 # ruff (rules in ruff.toml) over everything we write; CI runs it before the tests.
@@ -22,9 +25,11 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 # The venv's bin on PATH: DeepSpeed JIT-builds its CPU comm op with the venv's ninja.
-# Every module is covered without the tests marked slow (the quality benchmark's smoke run, torch.compile and the plain-torch bench, the
-# FFCV and WebDataset 2-rank resumes, AutoMAE-EMA's ZeRO-3 resume, the ZeRO-3 health check, the
-# bf16 config on CPU ranks: each drives a module that has unit tests); test-all runs them too.
+# Every module is covered without the tests marked slow (the quality benchmark's smoke run, torch.compile,
+# the plain-torch and frozen-extractor benches, the FFCV and WebDataset 2-rank resumes, AMT's and
+# AutoMAE-EMA's ZeRO-3 resumes, ZeRO-2 training and resume, block-wise end to end, the ZeRO-3 health
+# check, the bf16 config on CPU ranks: each drives a module that has unit tests, golden curves or
+# another run in make test); test-all runs them too.
 test: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q --durations=15 -m "not slow" tests
 
@@ -50,6 +55,7 @@ clean:
 
 # The cluster image (docker/Dockerfile) as mimscale:<VERSION>, by default `git describe`.
 # DOCKER_BUILD_ARGS passes more, e.g. DOCKER_BUILD_ARGS="--build-arg WITH_FFCV=1".
+IMAGE_VERSION = $(or $(VERSION),$(shell git describe --tags --always --dirty 2>/dev/null || echo dev))
 docker:
 	@docker info >/dev/null 2>&1 || { echo "make docker: no Docker daemon answers ('docker info' failed): start one, or build on a machine that has one" >&2; exit 1; }
-	docker build -f docker/Dockerfile $(DOCKER_BUILD_ARGS) -t mimscale:$(or $(VERSION),$(shell git describe --tags --always --dirty 2>/dev/null || echo dev)) .
+	docker build -f docker/Dockerfile $(DOCKER_BUILD_ARGS) --build-arg MIMSCALE_VERSION=$(IMAGE_VERSION) -t mimscale:$(IMAGE_VERSION) .

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,11 +16,11 @@ from typing import Optional
 
 import deepspeed
 import torch
-from tqdm import tqdm
 
 from mimscale import dist, methods
 from mimscale.checkpoint import Checkpointer, TrackingState, TrainState
 from mimscale.config import Config, to_dict
+from mimscale.console import Progress
 from mimscale.data.streams import StreamPosition, build_source, open_stream
 from mimscale.ds_config import EngineSettings
 from mimscale.elastic import after_universal_load
@@ -83,10 +84,14 @@ class Trainer:
         ds_args = SimpleNamespace(**{**vars(ds_args), "deepspeed_config": None})
         self.engine, _, _, self.scheduler = deepspeed.initialize(args=ds_args, model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                                  config=eng.raw)
-        dist.log0(f"[mimscale] world size {self.world}: global batch {eng.global_batch} = micro batch {eng.micro_batch} x "
-                  f"accumulation {eng.grad_accum} x {self.world} ranks"
-                  + ("" if cfg.train.global_batch else " (train.global_batch unset: the ds_config's batch, which grows with the world size)")
-                  + f"; lr {self.lr:.3g} (base_lr {t.base_lr:g} x {eng.global_batch}/256); {eng.precision}; ZeRO stage {eng.zero_stage}")
+        # rank 0's console and <output_dir>/train.log (plain lines unless the console is a terminal)
+        self.progress = Progress(self.out, self.total_steps, 0, dist.is_rank0(), console=sys.stderr)
+        self.progress.note(
+            f"[mimscale] world size {self.world}: global batch {eng.global_batch} = micro batch {eng.micro_batch} x "
+            f"accumulation {eng.grad_accum} x {self.world} ranks"
+            + ("" if cfg.train.global_batch else " (train.global_batch unset: the ds_config's batch, which grows with the world size)")
+            + f"; lr {self.lr:.3g} (base_lr {t.base_lr:g} x {eng.global_batch}/256); {eng.precision}; ZeRO stage {eng.zero_stage}; "
+            f"{self.total_steps} steps, {self.steps_per_epoch} per epoch")
         if t.compile:
             # DeepSpeed's own compile wraps the module so ZeRO hooks stay outside the graphs.
             self.engine.compile(backend=t.compile_backend)
@@ -118,7 +123,7 @@ class Trainer:
                 after_universal_load(self.engine, universal)
             if self.scheduler.base_lrs[0] != self.lr:  # an allowed change of base_lr or batch: the new peak
                 rebase_scheduler(self.scheduler, self.lr)
-            dist.log0(f"[mimscale] resumed from {resume_from} at step {self.state.step}")
+            self.progress.note(f"[mimscale] resumed from {resume_from} at step {self.state.step}")
         self.last_checkpoint: Optional[str] = str(resume_from) if resume_from else None
         self.resume_changes = resume_changes or {}
         self.stopped: Optional[str] = None
@@ -180,20 +185,20 @@ class Trainer:
                              start_micro_batch=start, position=self.data, pin_memory=self.device.type == "cuda",
                              accumulation=eng.grad_accum)
         it = iter(loader)
-        bar = tqdm(total=self.total_steps, initial=state.step, disable=not dist.is_rank0(), unit="step", dynamic_ncols=True, mininterval=1.0)
+        self.progress.advance(state.step)  # a resumed run's bar starts where it stopped
         win = LogWindow(self.device, state.step)
         stall = DataStallWatch(cfg.data.stall_seconds, f"data.source={cfg.data.source} {cfg.data.path}".rstrip(), self.rank)
         with stall:
-            stopped = self._loop(it, end, win, stall, bar)
-        bar.close()
+            stopped = self._loop(it, end, win, stall)
+        self.progress.close()
         self.stop_request.drain()
         if stopped:
-            dist.log0(f"[mimscale] {stopped} received: saving a checkpoint at step {state.step} and exiting")
+            self.progress.note(f"[mimscale] {stopped} received: saving a checkpoint at step {state.step} and exiting")
             self.save()
         self.stopped = stopped
         return self.finish(stopped)
 
-    def _loop(self, it, end: int, win: LogWindow, stall: DataStallWatch, bar) -> Optional[str]:
+    def _loop(self, it, end: int, win: LogWindow, stall: DataStallWatch) -> Optional[str]:
         """Optimizer steps until ``end`` or an agreed stop request (whose signal name it returns)."""
         cfg, eng, state = self.cfg, self.eng, self.state
         while state.step < end:
@@ -214,13 +219,14 @@ class Trainer:
             state.step += 1
             state.samples_seen += eng.global_batch
             win.end_step()
-            bar.update(1)
+            self.progress.advance()
             if self.health.due(state.step):  # every rank: the encoder's forwards are collective under ZeRO-3
                 t = time.perf_counter()
                 cka = self.health.run(self.engine.module.encoder)
                 win.exclude(time.perf_counter() - t)
                 if cka and dist.is_rank0():
                     self.tracker.log_metrics(cka, state.step)
+                    self.metrics_file.append(state.step, cka)  # a line of its own: the report's CKA curve
             grid_every = cfg.tracking.mask_grid_every
             if grid_every and state.step % grid_every == 0 and dist.is_rank0():
                 self._log_mask_grid(images)
@@ -229,7 +235,7 @@ class Trainer:
             # Every rank takes the same branch (the all-reduce in _log): decided on the step
             # count and the agreed stop request only.
             if state.step % cfg.train.log_every == 0 or ckpt_now or stop:
-                self._log(win, bar)
+                self._log(win)
                 if stop:
                     return self.stop_request.signal_name or "SIGTERM"
                 if ckpt_now:
@@ -237,7 +243,7 @@ class Trainer:
                 win.reset()  # after the save: checkpoint time is not billed to training steps
         return None
 
-    def _log(self, win: LogWindow, bar) -> None:
+    def _log(self, win: LogWindow) -> None:
         """Close the log window (its one packed all-reduce), then rank-0 logging. Raises TrainingDiverged."""
         self._update_plan_sizes()
 
@@ -271,7 +277,9 @@ class Trainer:
         if dist.is_rank0():
             self.loss_history.append({"step": self.state.step, "loss": w["loss"]})
             self.tracker.log_metrics(metrics, self.state.step)
-            bar.set_postfix(loss=f"{w['loss']:.4f}", img_s=f"{timed.img_per_s:.1f}", refresh=False)
+            per_step = self.meter.mean_step_seconds() or metrics["step_s"]
+            mem = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
+            self.progress.step(self.state.step, metrics, per_step * (self.total_steps - self.state.step), mem)
             self.metrics_file.append(self.state.step, metrics)
 
     def _update_plan_sizes(self) -> None:

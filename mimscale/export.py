@@ -3,14 +3,19 @@
     python -m mimscale.export --checkpoint runs/x --out exports/x [--no-decoder] [--dtype bf16] [--force]
 
 ``--checkpoint``: a tag (``checkpoints/stepN``), a ``checkpoints`` directory or a run's output_dir
-(the newest complete tag); any ZeRO stage, consolidated on the CPU. ``--out`` receives
-  - ``encoder.safetensors``: the encoder in timm ``VisionTransformer`` key names. mimscale's keys
+(the newest complete tag); any ZeRO stage, consolidated on the CPU. ``--out`` is timm's Hub layout,
+so ``timm.create_model("local-dir:<out>", pretrained=True)`` loads it strictly with the right
+mean/std, and the folder can be pushed to the Hugging Face Hub as is (``hf-hub:<repo>``):
+  - ``model.safetensors``: the encoder in timm ``VisionTransformer`` key names. mimscale's keys
     already are timm's; the one addition is ``pos_embed`` [1, 1 + L, D]: mimscale's is a fixed 2-D
     sin-cos buffer that checkpoints do not hold, timm's a learned parameter, so its values are written;
+  - ``config.json``: timm's own (written by timm's ``save_config_for_hf``): architecture,
+    num_features, model_args, pretrained_cfg with the ImageNet mean/std mimscale trains with,
+    bicubic, crop 0.875;
   - ``decoder.safetensors``: the MAE decoder's weights (keys of models/decoder.py) plus its fixed
     ``pos_embed`` [1, 1 + L, Dd] for convenience; ``mimscale.weights.load_decoder(out)`` rebuilds
     the ``MAEDecoder``;
-  - ``config.json``: the timm model name and kwargs, mimscale's model section
+  - ``mimscale.json``: mimscale's own metadata beside timm's: the model section
     (``mimscale.weights.load_encoder(out)`` reads it), the source checkpoint and step, the decoder's dims.
 mimscale.weights reads the checkpoint and checks the weights against the model; this module writes.
 The export is written to a temporary folder beside ``--out`` and renamed at the end, so a failed
@@ -27,13 +32,15 @@ from pathlib import Path
 from typing import Optional
 
 import safetensors.torch
+import timm
 import torch
+from timm.models._hub import save_config_for_hf
 
 from mimscale import weights
 from mimscale.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 from mimscale.models.registry import ENCODERS
 from mimscale.models.vit import sincos_pos_embed_2d
-from mimscale.weights import EXPORT_CONFIG, EXPORT_DECODER, EXPORT_ENCODER
+from mimscale.weights import EXPORT_CONFIG, EXPORT_DECODER, EXPORT_ENCODER, TIMM_CONFIG
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -66,6 +73,16 @@ def timm_section(model: dict) -> dict:
                   mlp_ratio=spec.mlp_ratio, num_classes=0, global_pool="token")
     overlay = dict(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD), input_size=[3, img, img], num_classes=0)
     return {"architecture": TIMM_ARCH[model["name"]], "timm_kwargs": kwargs, "pretrained_cfg_overlay": overlay}
+
+
+def write_timm_config(path: Path, model: dict) -> None:
+    """timm's Hub ``config.json`` for a model section, written by timm itself from the model it builds
+    (on the meta device: nothing allocated). Evaluation defaults: bicubic, center crop 0.875."""
+    section = timm_section(model)
+    with torch.device("meta"):
+        net = timm.create_model(section["architecture"], pretrained=False, **section["timm_kwargs"])
+    data = dict(mean=tuple(IMAGENET_MEAN), std=tuple(IMAGENET_STD), interpolation="bicubic", crop_pct=0.875)
+    save_config_for_hf(net, str(path), model_config={"pretrained_cfg": {"tag": "mimscale"}}, data_config=data)
 
 
 def decoder_section(run_model: dict) -> dict:
@@ -109,7 +126,7 @@ def write_export(out: str | Path, run_model: dict, encoder_state: dict, decoder_
                  dtype: str = "fp32", source: Optional[str] = None, step: Optional[int] = None, force: bool = False) -> dict:
     """Write an export from state dicts: ``encoder_state`` in ViTEncoder keys, ``decoder_state`` in
     MAEDecoder keys (None: no decoder). ``run_model``: the run's ``model`` config (name, img_size,
-    patch_size; decoder_dim/depth/heads, norm_pix_loss for the decoder). Returns config.json's content."""
+    patch_size; decoder_dim/depth/heads, norm_pix_loss for the decoder). Returns mimscale.json's content."""
     if run_model.get("name") not in ENCODERS:
         raise ValueError(f"model.name {run_model.get('name')!r} is not one of {', '.join(ENCODERS)}")
     if dtype not in DTYPES:
@@ -142,6 +159,7 @@ def write_export(out: str | Path, run_model: dict, encoder_state: dict, decoder_
             safetensors.torch.save_file(tensors, str(tmp / name), metadata={"format": "pt"})
             config["files"][name] = {"params": sum(v.numel() for k, v in tensors.items() if k != "pos_embed"),
                                      "bytes": (tmp / name).stat().st_size}
+        write_timm_config(tmp / TIMM_CONFIG, model)
         (tmp / EXPORT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         _publish(tmp, out)
     except BaseException:
@@ -153,7 +171,7 @@ def write_export(out: str | Path, run_model: dict, encoder_state: dict, decoder_
 def export_checkpoint(checkpoint: str | Path, out: str | Path, decoder: Optional[bool] = None, dtype: str = "fp32",
                       force: bool = False) -> dict:
     """Consolidate ``checkpoint`` and write the export to ``out``. ``decoder``: None exports it when the
-    run has one (C-MAE has none), True requires it, False leaves it out. Returns config.json's content."""
+    run has one (C-MAE has none), True requires it, False leaves it out. Returns mimscale.json's content."""
     out = Path(out)
     _check_out(out, force)  # before the (slow) consolidation
     if dtype not in DTYPES:
@@ -171,13 +189,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, decoder: Optional
                         force=force)
 
 
-def timm_snippet(config: dict, out: Path) -> str:
+def timm_snippet(out: Path) -> str:
     """The create_model call that rebuilds the exported encoder (to copy into other code)."""
-    overlay = ", ".join(f"{k}={v!r}" for k, v in config["pretrained_cfg_overlay"].items())
-    kwargs = ", ".join(f"{k}={v!r}" for k, v in config["timm_kwargs"].items())
-    return (f"model = timm.create_model({config['architecture']!r}, pretrained=True,\n"
-            f"    pretrained_cfg_overlay=dict(file={str(out.resolve() / EXPORT_ENCODER)!r}, {overlay}),\n"
-            f"    {kwargs})")
+    return f"model = timm.create_model({'local-dir:' + str(out.resolve())!r}, pretrained=True)"
 
 
 def summary(config: dict, out: Path) -> str:
@@ -186,9 +200,8 @@ def summary(config: dict, out: Path) -> str:
              f"{m['model']['img_size']}px/{m['model']['patch_size']}) to {out}"]
     for name, f in config["files"].items():
         lines.append(f"  {name:<20} {f['params']:>14,} params  {config['dtype']}  {f['bytes'] / 1e6:,.1f} MB")
-    lines.append(f"  {EXPORT_CONFIG}")
-    lines += ["timm (forward_features -> [B, 1 + L, D], the CLS token first):", "  import timm",
-              "  " + timm_snippet(config, out).replace("\n", "\n  ")]
+    lines.append(f"  {TIMM_CONFIG} (timm's), {EXPORT_CONFIG} (mimscale's)")
+    lines += ["timm (forward_features -> [B, 1 + L, D], the CLS token first):", "  import timm", "  " + timm_snippet(out)]
     return "\n".join(lines)
 
 

@@ -12,6 +12,7 @@ network, and NVIDIA GPUs through nvidia-ml-py, of rank 0's node), its config fil
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,14 +20,19 @@ from typing import Any, Optional
 
 import yaml
 
+from mimscale import methods
 from mimscale.config import flatten, to_dict
 from mimscale.export import export_checkpoint
+from mimscale.ownership import job_id
 
 # System metrics: a sample every 15 s, logged as the mean of 4 samples: one point a minute per
 # metric (MLflow's default, every 10 s, adds ~9k points a day per metric to a weeks-long run's
 # store). MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL / _SAMPLES_BEFORE_LOGGING in the environment win.
 SYSTEM_METRICS_ENV = {"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "15", "MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING": "4"}
 RESOLVED_CONFIG = "config.yaml"
+# Failed calls in a row before tracking is turned off, and the back-off between tries (doubling).
+MAX_FAILURES = int(os.environ.get("MIMSCALE_MLFLOW_MAX_FAILURES", 8))
+BACKOFF_S, BACKOFF_MAX_S = 5.0, 300.0
 
 
 def write_resolved_config(output_dir: str | Path, config: dict) -> Path:
@@ -42,6 +48,8 @@ class Tracker:
         self.active = False
         self.run_id: Optional[str] = None
         self.uri: Optional[str] = None
+        self.failures = 0  # failed calls in a row
+        self.retry_at = 0.0  # no call before this time (a back-off after a failure)
         if not enabled:
             return
         out = Path(output_dir).resolve()
@@ -81,28 +89,51 @@ class Tracker:
             self._fail("start", e)
 
     def _fail(self, what: str, e: Exception) -> None:
-        print(f"[mimscale] WARNING: MLflow {what} failed ({type(e).__name__}: {e}); training continues without tracking",
-              file=sys.stderr, flush=True)
-        self.active = False
+        """A failed call. One transient error (a server restart, a proxy timeout) must not end
+        tracking for a days-long run: the next calls try again, spaced by a back-off that doubles
+        (BACKOFF_S .. BACKOFF_MAX_S), and only MAX_FAILURES failures in a row turn tracking off.
+        metrics.jsonl holds every logged step either way. Failing to start is final at once."""
+        self.failures += 1
+        if what == "start" or self.failures >= MAX_FAILURES:
+            print(f"[mimscale] WARNING: MLflow {what} failed ({type(e).__name__}: {e})"
+                  + (f", {self.failures} times in a row" if self.failures > 1 else "")
+                  + "; training continues without tracking (metrics.jsonl has every step)", file=sys.stderr, flush=True)
+            self.active = False
+            return
+        wait = min(BACKOFF_MAX_S, BACKOFF_S * 2 ** (self.failures - 1))
+        self.retry_at = time.time() + wait
+        print(f"[mimscale] WARNING: MLflow {what} failed ({type(e).__name__}: {e}); retrying in {wait:.0f} s "
+              f"({self.failures} of {MAX_FAILURES} failures in a row before tracking is turned off)", file=sys.stderr, flush=True)
+
+    def _ready(self) -> bool:
+        """Active, and not inside a back-off after a failure (calls in it are skipped: their metrics stay in metrics.jsonl)."""
+        return self.active and time.time() >= self.retry_at
+
+    def _ok(self) -> None:
+        if self.failures:
+            print(f"[mimscale] MLflow answers again after {self.failures} failed calls", file=sys.stderr, flush=True)
+        self.failures = 0
 
     def log_params(self, params: dict[str, Any]) -> None:
-        if not self.active:
+        if not self._ready():
             return
         try:
             existing = self._mlflow.get_run(self.run_id).data.params
             fresh = {k: str(v)[:6000] for k, v in params.items() if k not in existing}
             if fresh:
                 self._mlflow.log_params(fresh)
+            self._ok()
         except Exception as e:
             self._fail("log_params", e)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if not self.active:
+        if not self._ready():
             return
         try:
             # Asynchronous: rank 0 must not hold every other rank at the next collective
             # while a remote server answers.
             self._mlflow.log_metrics(metrics, step=step, timestamp=int(time.time() * 1000), synchronous=False)
+            self._ok()
         except Exception as e:
             self._fail("log_metrics", e)
 
@@ -139,7 +170,7 @@ class Tracker:
             self.log_artifact(preset, "config/preset")
 
     def log_encoder(self, checkpoint: str | Path, export_dir: str | Path) -> Optional[Path]:
-        """Export ``checkpoint``'s encoder (timm safetensors + config.json, no decoder) to ``export_dir``
+        """Export ``checkpoint``'s encoder (timm's Hub layout: config.json + model.safetensors, no decoder) to ``export_dir``
         and log it as the artifacts ``encoder/``. Every rank's shards must be on disk (after the
         save's barrier). Any failure is a warning: the run's weights are in the checkpoint anyway."""
         if not self.active:
@@ -155,10 +186,11 @@ class Tracker:
         return Path(export_dir)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        if not self.active:
+        if not self._ready():
             return
         try:
             self._mlflow.set_tags(tags)
+            self._ok()
         except Exception as e:
             self._fail("set_tags", e)
 
@@ -173,10 +205,31 @@ class Tracker:
         self.active = False
 
 
+def code_version() -> str:
+    """The code a run trains with: the git commit of this checkout ("-dirty" with uncommitted
+    changes), else the image's MIMSCALE_VERSION (``make docker`` builds it in), else "unknown"."""
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
+        if commit.returncode == 0 and commit.stdout.strip():
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True,
+                                   text=True, timeout=10).stdout.strip()
+            return commit.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):  # no git in the image
+        pass
+    return os.environ.get("MIMSCALE_VERSION") or "unknown"
+
+
+def run_tags(cfg) -> dict[str, str]:
+    """What a run is, as MLflow tags to search and group by: method, model, preset, code, scheduler job."""
+    return {"mimscale.method": methods.of(cfg).name, "mimscale.model": cfg.model.name, "mimscale.preset": cfg.preset or "",
+            "mimscale.git_commit": code_version(), "mimscale.job_id": job_id()}
+
+
 def open_run(cfg, output_dir: Path, run_id: Optional[str], derived: dict, ds_raw: dict, preset: Optional[str],
              ds_config: Optional[str], tags: dict) -> "Tracker":
     """Rank 0's MLflow run for a training run (``run_id``: the one a resumed run continues), with
-    its params (the flattened config, ``ds.*`` and ``derived.*``), ``tags`` and config files: the
+    its params (the flattened config, ``ds.*`` and ``derived.*``), ``run_tags`` and ``tags``, and config files: the
     resolved config (also ``<output_dir>/config.yaml``, for export/eval of any tag), the ds_config
     and the preset as given."""
     name = cfg.tracking.run_name or f"{cfg.preset or 'mimscale'}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -186,8 +239,7 @@ def open_run(cfg, output_dir: Path, run_id: Optional[str], derived: dict, ds_raw
     params.update(flatten(ds_raw, "ds."))
     params.update({f"derived.{k}": v for k, v in derived.items()})
     tracker.log_params(params)
-    if tags:
-        tracker.set_tags(tags)
+    tracker.set_tags({**run_tags(cfg), **tags})
     resolved = write_resolved_config(output_dir, to_dict(cfg))
     tracker.log_run_config(resolved, preset, ds_config)
     return tracker

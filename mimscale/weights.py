@@ -6,8 +6,8 @@
     consolidated on the CPU by DeepSpeed's zero_to_fp32, lazily: only the submodules asked for are
     assembled (not a masker's, an EMA's or C-MAE's target copies). The model comes from the tag's
     ``config.yaml`` (older tags: the run's);
-  - ``export`` (``python -m mimscale.export``): its directory, its ``config.json``, or a weights
-    file with a ``config.json`` beside it. The model comes from ``config.json``'s ``mimscale.model``;
+  - ``export`` (``python -m mimscale.export``): its directory, its ``mimscale.json``, or a weights
+    file with a ``mimscale.json`` beside it. The model comes from ``mimscale.json``'s ``mimscale.model``;
   - ``file``: any other state-dict file, ``.safetensors`` or a torch pickle (``.pt``/``.pth``/
     ``.bin``), e.g. timm's, optionally nested under "model"/"state_dict"/"module". It names no model.
 No pickle read here runs code: each is loaded weights-only (mimscale.safe_load), and one that needs
@@ -36,9 +36,12 @@ from mimscale.models.decoder import MAEDecoder
 from mimscale.models.registry import ENCODERS
 from mimscale.models.vit import ViTEncoder
 
-EXPORT_CONFIG = "config.json"
-EXPORT_ENCODER = "encoder.safetensors"
+# An export (python -m mimscale.export) is a timm Hub folder (config.json and model.safetensors,
+# which timm.create_model("local-dir:<dir>", pretrained=True) loads) plus mimscale's own files.
+EXPORT_CONFIG = "mimscale.json"  # mimscale's metadata: the model section, source run, decoder; marks an export
+EXPORT_ENCODER = "model.safetensors"  # the encoder in timm's keys (timm's Hub weights file name)
 EXPORT_DECODER = "decoder.safetensors"
+TIMM_CONFIG = "config.json"  # timm's, written by timm
 EXTRACTOR_KEY = "masking.automae.extractor_checkpoint"  # how load_encoder_state's one caller names its path
 
 WRAPPERS = ("model", "state_dict", "module")  # dict keys training scripts nest their weights under
@@ -49,7 +52,7 @@ HEAD = ("head.", "fc_norm.", "head_drop.")  # a timm classifier's head: not part
 @dataclass(frozen=True)
 class Weights:
     """Where weights are. ``path``: the tag directory (checkpoint) or the weights file (export,
-    file). ``config``: the file naming the model (config.yaml, config.json); None when there is none."""
+    file). ``config``: the file naming the model (config.yaml, mimscale.json); None when there is none."""
 
     kind: str  # "checkpoint", "export" or "file"
     path: Path
@@ -68,9 +71,9 @@ def locate(path: str | Path, label: str = "checkpoint") -> Weights:
         raise FileNotFoundError(f"{label} {str(path)!r} does not exist (no such file or directory; expected a "
                                 "mimscale checkpoint, an export or a state-dict file)")
     if p.is_file():
-        if p.name == EXPORT_CONFIG:
-            return Weights("export", p.parent / EXPORT_ENCODER, p)
         beside = p.parent / EXPORT_CONFIG
+        if p.name in (EXPORT_CONFIG, TIMM_CONFIG) and beside.is_file():
+            return Weights("export", p.parent / EXPORT_ENCODER, beside)
         return Weights("export", p, beside) if beside.is_file() else Weights("file", p, None)
     if (p / EXPORT_CONFIG).is_file():
         return Weights("export", p / EXPORT_ENCODER, p / EXPORT_CONFIG)
@@ -87,7 +90,7 @@ def locate(path: str | Path, label: str = "checkpoint") -> Weights:
 
 
 def _model_config(src: Weights) -> dict:
-    """The raw ``model`` mapping of ``src``'s config file (a run's config.yaml, an export's config.json)."""
+    """The raw ``model`` mapping of ``src``'s config file (a run's config.yaml, an export's mimscale.json)."""
     if src.config is None:
         if src.kind == "file":
             raise FileNotFoundError(f"{src.path} has no {EXPORT_CONFIG} beside it: pass the export directory")

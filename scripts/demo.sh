@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # make demo [SOURCE=folder|wds|ffcv|synthetic] [METHOD=mae|amt|automae]: the method's tiny preset on 2 CPU
 # ranks (fp32, ZeRO-1). wds and ffcv first convert the shared ImageNet sample into runs/data/
-# (once; kept for reruns).
+# (once; kept for reruns). Ends with the run's pictures (python -m mimscale.report runs/demo).
 set -euo pipefail
 SOURCE=${1:-folder}
 SAMPLE=${2:-../shared/data/imagenet-sample}
@@ -30,4 +30,6 @@ esac
 rm -rf runs/demo
 PATH=$PWD/.venv/bin:$PATH CUDA_VISIBLE_DEVICES="" DS_ACCELERATOR=cpu deepspeed --num_gpus 2 mimscale/pretrain.py \
   --deepspeed_config ds_configs/cpu_fp32_zero1.json --config "$PRESET" \
-  --set output_dir=runs/demo --set resume=never "${data[@]}"
+  --set output_dir=runs/demo --set resume=never "${data[@]}" \
+  --set tracking.mask_grid_every=10 --set tracking.cka_every_epochs=0.2  # for the report's grids and CKA curve
+echo "pictures of the run (loss, throughput, CKA, mask grids): $($PY -m mimscale.report runs/demo)"

@@ -1,30 +1,75 @@
 #!/usr/bin/env bash
-# System packages mimscale needs beyond Python wheels, installed with apt when run as root:
+# System packages mimscale needs beyond Python wheels, installed with apt when run as root.
+#
+#   scripts/system_deps.sh <python> [FFCV]      FFCV: 1 | 0 | auto (default auto)
+#
+# Core (always):
 #   g++                      DeepSpeed JIT-builds its CPU communication op on a machine's first launch
 #   python3-venv, python3-dev  the venv module and Python.h for that build (a Debian python only;
 #                            pyenv/conda pythons ship both)
+#   libgl1                   opencv-python's cv2 loads libGL.so.1 on import
+# FFCV (the optional [ffcv] extra; data.source=ffcv):
 #   pkg-config, libopencv-dev, libturbojpeg0-dev   ffcv builds from source against them and links
 #                            them at run time
-#   libgl1                   opencv-python's cv2 loads libGL.so.1 on import
+# FFCV=auto takes the extra when its packages are there or can be installed (root), and otherwise
+# goes on without it, saying what to install for `make setup FFCV=1`. A non-root user with the core
+# packages in place therefore always gets a working install.
+#
+# Prints the pip extras to install ("dev" or "dev,ffcv") on stdout; messages go to stderr.
 set -euo pipefail
 PYTHON=${1:-python3.11}
-missing=()
-command -v g++ >/dev/null 2>&1 || missing+=(g++)
-if ! "$PYTHON" -c 'import venv, ensurepip' >/dev/null 2>&1; then missing+=(python3-venv); fi
-if ! "$PYTHON" -c 'import os, sysconfig, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; then
-  missing+=(python3-dev)
-fi
-command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
-if ! pkg-config --exists opencv4 2>/dev/null; then missing+=(libopencv-dev); fi
-if ! pkg-config --exists libturbojpeg 2>/dev/null; then missing+=(libturbojpeg0-dev); fi
-if ! ldconfig -p 2>/dev/null | grep -q 'libGL\.so\.1'; then missing+=(libgl1); fi
-if [ ${#missing[@]} -eq 0 ]; then
-  exit 0
-fi
-if [ "$(id -u)" -ne 0 ]; then
-  echo "mimscale: please install: ${missing[*]} (apt-get install -y ${missing[*]})" >&2
+FFCV=${2:-auto}
+case "$FFCV" in 0 | 1 | auto) ;; *) echo "mimscale: FFCV=$FFCV: use 1, 0 or auto" >&2; exit 2 ;; esac
+
+if ! command -v "$PYTHON" >/dev/null 2>&1; then
+  echo "mimscale: $PYTHON not found. mimscale needs Python 3.11: install it (apt-get install python3.11 python3.11-venv," >&2
+  echo "  or pyenv install 3.11) or point the Makefile at one: make setup PYTHON=/path/to/python3.11" >&2
   exit 1
 fi
-export DEBIAN_FRONTEND=noninteractive
-apt-get update -qq
-apt-get install -y --no-install-recommends "${missing[@]}"
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+  echo "mimscale: $PYTHON is Python $("$PYTHON" -c 'import platform; print(platform.python_version())'); mimscale's pinned" >&2
+  echo "  wheels (torch 2.14.1, DeepSpeed, FFCV) are tested on 3.11: make setup PYTHON=/path/to/python3.11" >&2
+  exit 1
+fi
+
+core=()
+command -v g++ >/dev/null 2>&1 || core+=(g++)
+if ! "$PYTHON" -c 'import venv, ensurepip' >/dev/null 2>&1; then core+=(python3-venv); fi
+if ! "$PYTHON" -c 'import os, sysconfig, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; then
+  core+=(python3-dev)
+fi
+if ! ldconfig -p 2>/dev/null | grep -q 'libGL\.so\.1'; then core+=(libgl1); fi
+
+ffcv=()
+if [ "$FFCV" != 0 ]; then
+  command -v pkg-config >/dev/null 2>&1 || ffcv+=(pkg-config)
+  if ! pkg-config --exists opencv4 2>/dev/null; then ffcv+=(libopencv-dev); fi
+  if ! pkg-config --exists libturbojpeg 2>/dev/null; then ffcv+=(libturbojpeg0-dev); fi
+fi
+
+root=0
+[ "$(id -u)" -eq 0 ] && root=1
+if [ "$root" -eq 0 ]; then
+  if [ ${#core[@]} -gt 0 ]; then
+    echo "mimscale: please install (as root): apt-get install -y ${core[*]}" >&2
+    exit 1
+  fi
+  if [ ${#ffcv[@]} -gt 0 ]; then
+    if [ "$FFCV" = 1 ]; then
+      echo "mimscale: FFCV=1 needs: apt-get install -y ${ffcv[*]} (as root), then make setup FFCV=1 again" >&2
+      exit 1
+    fi
+    echo "mimscale: installing without FFCV (optional, data.source=ffcv): it needs apt-get install -y ${ffcv[*]}" >&2
+    echo "  (as root); then make setup FFCV=1" >&2
+    echo "dev"
+    exit 0
+  fi
+fi
+
+missing=("${core[@]}" "${ffcv[@]}")
+if [ ${#missing[@]} -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >&2
+  apt-get install -y --no-install-recommends "${missing[@]}" >&2
+fi
+if [ "$FFCV" = 0 ]; then echo "dev"; else echo "dev,ffcv"; fi

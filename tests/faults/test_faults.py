@@ -156,7 +156,8 @@ def test_second_job_on_a_live_output_dir_and_a_changed_config_exit_2(tmp_path):
              "started": time.time(), "refreshed": time.time()}
     (out / "OWNER.lock").write_text(json.dumps(owner))
     ds1 = golden_ds_config(1, tmp_path / "z1.json")
-    cmd = [sys.executable, "mimscale/pretrain.py", *pretrain_args(ds1, out)]
+    # one process: the golden ds_config's micro 4 x accumulation 2 decides the batch (8), not the preset's 16 for 2 ranks
+    cmd = [sys.executable, "mimscale/pretrain.py", *pretrain_args(ds1, out, "train.global_batch=null")]
     r = run_group(cmd, timeout=120)
     assert r.returncode == 2 and "in use by job slurm_job_id=42 (host node-7, pid 1234" in r.stderr, r.stderr[-2000:]
 
@@ -166,7 +167,7 @@ def test_second_job_on_a_live_output_dir_and_a_changed_config_exit_2(tmp_path):
     (tag / "COMPLETE").write_text(json.dumps({"step": 2, "world_size": 1}))
     subprocess.run([sys.executable, "-c", "import sys, yaml; from mimscale.config import load_config, to_dict; "
                     "open(sys.argv[1], 'w').write(yaml.safe_dump(to_dict(load_config(sys.argv[2], sys.argv[3:]))))",
-                    str(tag / "config.yaml"), PRESET, *[a for a in pretrain_args(ds1, out)[4:] if a != "--set"]],
+                    str(tag / "config.yaml"), PRESET, *[a for a in pretrain_args(ds1, out, "train.global_batch=null")[4:] if a != "--set"]],
                    cwd=REPO, check=True, capture_output=True)
     r = run_group(cmd + ["--set", "train.steps=4", "--set", "resume=auto", "--set", "train.base_lr=0.5"], timeout=120)
     assert r.returncode == 2 and "train.base_lr: 0.012 -> 0.5" in r.stderr and "resume_changes=allow" in r.stderr, r.stderr[-2000:]

@@ -50,6 +50,10 @@ def zero3(tmp_path_factory):
     return {"ref": ref, "out": out, "first": first, "gen1": gen1, "log": r.stdout + r.stderr}
 
 
+# The three ZeRO-3 launches of the fixture (~130 s) run in make test-all. make test keeps AMT's
+# ZeRO-1/3 training with refreshes (tests/golden, exact), the ZeRO-3 attention pass (below) and the
+# store and refresh units (tests/unit/test_amt.py).
+@pytest.mark.slow
 def test_refreshes_cover_every_sample_once_and_switch_to_throwing(zero3):
     s = summary(zero3["ref"])
     assert [(r["generation"], r["step"], r["samples"], r["skipped"]) for r in s["amt_refreshes"]] == [(1, 4, N, 0), (2, 8, N, 0)]
@@ -75,6 +79,7 @@ def test_refreshes_cover_every_sample_once_and_switch_to_throwing(zero3):
     assert sorted(p.name for p in (zero3["ref"] / "amt").iterdir()) == ["maps-0002.f16", "maps-0002.json"]
 
 
+@pytest.mark.slow
 def test_mask_grid_reaches_mlflow(zero3):
     grids = sorted(p.name for p in (zero3["ref"] / "mask_grids").iterdir())
     assert grids == ["step00000006.png", "step00000012.png"]
@@ -86,6 +91,7 @@ def test_mask_grid_reaches_mlflow(zero3):
     assert img.size == (3 * 128, 4 * 128)  # the micro batch of 4 x (image | weights | plan), 32 px enlarged 4x
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_store_and_matches_uninterrupted(zero3):
     out, first = zero3["out"], zero3["first"]
     assert [r["generation"] for r in first["amt_refreshes"]] == [1] and first["steps"] == 6

@@ -44,6 +44,7 @@ def test_bench_step_amt_masks_and_throws(extra):
         assert d["refresh_s_per_img"] > 0 and d["refresh_pct_of_epoch"] > 0
 
 
+@pytest.mark.slow  # make test-all; the frozen extractor's loading is tests/unit/test_automae.py's and test_weights.py's
 @pytest.mark.parametrize("extractor", ["frozen"])  # stored, online, ema: tests/unit/test_automae.py
 def test_bench_step_automae_extractors(extractor):
     d = bench_step("--method", "automae", "--extractor", extractor)

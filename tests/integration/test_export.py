@@ -61,6 +61,9 @@ def test_mlflow_run_has_name_configs_summary_system_metrics_and_encoder(trained)
     run = client.get_run(s["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert re.fullmatch(rf"{TINY.stem}-\d{{8}}-\d{{6}}", run.info.run_name), run.info.run_name
+    tags = run.data.tags
+    assert (tags["mimscale.method"], tags["mimscale.model"], tags["mimscale.preset"]) == ("random", "vit_tiny", TINY.stem)
+    assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?|unknown", tags["mimscale.git_commit"]) and "mimscale.job_id" in tags
 
     def listing(path=None):
         return {a.path for a in client.list_artifacts(run.info.run_id, path)}
@@ -68,7 +71,7 @@ def test_mlflow_run_has_name_configs_summary_system_metrics_and_encoder(trained)
     assert {"config", "summary.json", "encoder"} <= listing()
     assert listing("config") == {"config/config.yaml", "config/z3.json", "config/preset"}
     assert listing("config/preset") == {f"config/preset/{TINY.name}"}
-    assert listing("encoder") == {"encoder/config.json", "encoder/encoder.safetensors"}  # no decoder in the artifact
+    assert listing("encoder") == {"encoder/config.json", "encoder/mimscale.json", "encoder/model.safetensors"}  # no decoder
 
     # the resolved config: written to output_dir and logged, the same as the checkpoint's copy
     resolved = yaml.safe_load((trained["out"] / "config.yaml").read_text())
@@ -90,9 +93,9 @@ def test_mlflow_run_has_name_configs_summary_system_metrics_and_encoder(trained)
     from mimscale.weights import load_encoder
 
     art = client.download_artifacts(run.info.run_id, "encoder", str(trained["root"] / "art"))
-    cfg = json.loads(open(os.path.join(art, "config.json")).read())
+    cfg = json.loads(open(os.path.join(art, "mimscale.json")).read())
     assert cfg["mimscale"]["step"] == STEPS and cfg["mimscale"]["source_checkpoint"] == str(trained["tag"].resolve())
-    weights = load_file(os.path.join(art, "encoder.safetensors"))
+    weights = load_file(os.path.join(art, "model.safetensors"))
     encoder, _ = load_encoder(trained["tag"])
     assert all(torch.equal(weights[k], v) for k, v in encoder.state_dict().items())
 
@@ -103,18 +106,16 @@ def test_timm_reproduces_the_checkpoints_encoder(trained, exported):
     from mimscale.weights import load_encoder
 
     exp, stdout = exported
-    cfg = json.loads((exp / "config.json").read_text())
-    assert cfg["architecture"] == "vit_tiny_patch16_224"
-    assert cfg["timm_kwargs"] == {"img_size": 32, "patch_size": 8, "embed_dim": 192, "depth": 12, "num_heads": 3,
-                                  "mlp_ratio": 4.0, "num_classes": 0, "global_pool": "token"}
+    hub = json.loads((exp / "config.json").read_text())  # timm's Hub config
+    assert hub["architecture"] == "vit_tiny_patch16_224" and hub["num_features"] == 192
+    assert {k: hub["model_args"][k] for k in ("patch_size", "embed_dim", "depth", "num_heads")} == \
+        {"patch_size": 8, "embed_dim": 192, "depth": 12, "num_heads": 3}
     # stdout is the summary alone (DeepSpeed's progress goes to stderr), with the line to copy
     assert stdout.startswith(f"exported {trained['tag'].resolve()} (step {STEPS}, vit_tiny 32px/8)")
-    assert "model = timm.create_model('vit_tiny_patch16_224', pretrained=True" in stdout
-    assert f"file={str((exp / 'encoder.safetensors').resolve())!r}" in stdout
+    assert f"model = timm.create_model('local-dir:{exp.resolve()}', pretrained=True)" in stdout
     encoder, _ = load_encoder(trained["tag"])  # consolidated from the checkpoint, not from the export
-    model = timm.create_model(cfg["architecture"], pretrained=True,
-                              pretrained_cfg_overlay=dict(file=str(exp / "encoder.safetensors")), **cfg["timm_kwargs"]).eval()
-    saved = load_file(str(exp / "encoder.safetensors"))
+    model = timm.create_model(f"local-dir:{exp}", pretrained=True).eval()  # as the summary says
+    saved = load_file(str(exp / "model.safetensors"))
     assert set(model.state_dict()) == set(saved)  # nothing missing, nothing unexpected
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -180,4 +181,4 @@ def test_bad_inputs_are_refused_by_name(trained, exported):
     assert r.returncode == 2 and "exists and is not empty: pass --force" in r.stderr
     assert {p.name: p.stat().st_mtime_ns for p in exp.iterdir()} == before
     cfg = export_checkpoint(tag, exp, decoder=False, force=True)
-    assert "decoder" not in cfg and sorted(p.name for p in exp.iterdir()) == ["config.json", "encoder.safetensors"]
+    assert "decoder" not in cfg and sorted(p.name for p in exp.iterdir()) == ["config.json", "mimscale.json", "model.safetensors"]

@@ -1,8 +1,11 @@
 """A method added through the registry alone trains end to end: block-wise masking (the README's
 example) through pretrain.py, one process, loss falling and the plan's sizes reported."""
+import pytest
+
 from tests.integration.launch import run, summary, write_ds_config
 
 
+@pytest.mark.slow  # make test-all; every registry entry builds and trains a step in tests/unit/test_methods.py
 def test_blockwise_trains_through_pretrain(tmp_path):
     ds = write_ds_config(tmp_path / "z1.json", 1, micro=8, accum=1)
     out = tmp_path / "run"

@@ -36,6 +36,9 @@ def zero2(tmp_path_factory) -> dict:
     return {"ds": ds, "out": out, "summary": summary(out)}
 
 
+# make test-all: ZeRO-2 training and exact resume are also the reference and resumes of
+# tests/integration/test_elastic.py, and exact resume under ZeRO-1 is the fault suite's
+@pytest.mark.slow
 def test_loss_falls_under_zero2(zero2):
     s = zero2["summary"]
     assert s["steps"] == STEPS and s["world_size"] == 2 and s["zero_stage"] == 2
@@ -47,6 +50,7 @@ def test_loss_falls_under_zero2(zero2):
     assert s["img_per_s"] > 0 and 0 < s["mfu"] < 1
 
 
+@pytest.mark.slow
 def test_resume_from_a_mid_run_checkpoint_matches_uninterrupted_zero2(zero2, tmp_path):
     """A run resumed from the reference's step-4 checkpoint (resume=<tag>, an output_dir of its own)
     repeats the reference's steps 5..8 exactly. (train.stop_after then resume=auto: the FFCV run in

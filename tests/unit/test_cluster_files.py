@@ -256,6 +256,8 @@ def test_manifest_pods_run_the_entrypoint_with_valid_trainer_arguments(kind):
         out_mount = next(p for p in mounts if run["cfg"].output_dir.startswith(p + "/"))
         assert "persistentVolumeClaim" in volumes[mounts[out_mount]["name"]] and not mounts[out_mount].get("readOnly")
         assert env["MIMSCALE_OUTPUT_DIR"] == run["cfg"].output_dir  # the entrypoint reads the run's summary there
+        # the job's name, from the pod's labels: the MLflow tag mimscale.job_id and the lock's job identity
+        assert re.fullmatch(r"metadata\.labels\['[\w./-]+/job-name'\]", env["MIMSCALE_JOB_ID"]["fieldRef"]["fieldPath"])
         assert volumes[mounts["/dev/shm"]["name"]]["emptyDir"]["medium"] == "Memory"
         # tracking and NCCL settings, and time to checkpoint after SIGTERM
         assert "MLFLOW_TRACKING_URI" in env and env["NCCL_DEBUG"]

@@ -294,15 +294,15 @@ def test_checkpoint_identity_follows_the_weights(tmp_path):
     enc = tiny_encoder()
     export = tmp_path / "export"
     export.mkdir()
-    (export / "config.json").write_text(json.dumps({"mimscale": {"model": {"name": "vit_tiny", "img_size": 32, "patch_size": 8}}}))
-    save_file(enc.state_dict(), str(export / "encoder.safetensors"))
+    (export / "mimscale.json").write_text(json.dumps({"mimscale": {"model": {"name": "vit_tiny", "img_size": 32, "patch_size": 8}}}))
+    save_file(enc.state_dict(), str(export / "model.safetensors"))
     a = open_checkpoint(str(export))
     assert a.default_cache == export / "eval_cache" and a.model["img_size"] == 32
     loaded = a.load()
     x = normalize(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8))
     with torch.no_grad():
         assert torch.equal(loaded(x), enc(x))
-    os.utime(export / "encoder.safetensors", ns=(1, 1))  # rewritten weights: a new identity
+    os.utime(export / "model.safetensors", ns=(1, 1))  # rewritten weights: a new identity
     assert open_checkpoint(str(export)).identity != a.identity
 
 

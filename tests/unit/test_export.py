@@ -31,31 +31,32 @@ def trained():
     return enc, dec, torch.randn(2, 3, 96, 96)
 
 
-def _timm(cfg: dict, out, overlay: bool) -> torch.nn.Module:
-    extra = cfg["pretrained_cfg_overlay"] if overlay else {}
-    return timm.create_model(cfg["architecture"], pretrained=True,
-                             pretrained_cfg_overlay=dict(file=str(out / "encoder.safetensors"), **extra),
-                             **cfg["timm_kwargs"]).eval()
+def _timm(out) -> torch.nn.Module:
+    """timm's own Hub loader on the export folder: config.json + model.safetensors, loaded strictly."""
+    return timm.create_model(f"local-dir:{out}", pretrained=True).eval()
 
 
 def test_timm_reproduces_the_encoder(trained, tmp_path):
     enc, dec, x = trained
     out = tmp_path / "exp"
     cfg = export.write_export(out, RUN_MODEL, enc.state_dict(), dec.state_dict(), source="unit", step=7)
-    assert cfg == json.loads((out / "config.json").read_text())
+    assert cfg == json.loads((out / "mimscale.json").read_text())  # mimscale's metadata, beside timm's config.json
     assert cfg["architecture"] == "vit_small_patch16_224" and cfg["mimscale"]["step"] == 7
     assert cfg["mimscale"]["model"] == {"name": "vit_small", "img_size": 96, "patch_size": 12}
-    saved = load_file(str(out / "encoder.safetensors"))
+    hub = json.loads((out / "config.json").read_text())  # timm's Hub config, written by timm
+    assert hub["architecture"] == "vit_small_patch16_224" and hub["num_features"] == 384 and hub["num_classes"] == 0
+    assert hub["model_args"]["patch_size"] == 12 and hub["model_args"]["embed_dim"] == 384
+    assert hub["pretrained_cfg"]["mean"] == [0.485, 0.456, 0.406] and hub["pretrained_cfg"]["std"] == [0.229, 0.224, 0.225]
+    saved = load_file(str(out / "model.safetensors"))
     assert saved["pos_embed"].shape == (1, 1 + 64, 384) and torch.equal(saved["pos_embed"], enc.pos_embed)
     with torch.no_grad():
         want = enc(x)  # [2, 65, 384]
-        for overlay in (False, True):  # the plain file overlay, and with the config's mean/std/num_classes
-            model = _timm(cfg, out, overlay)
-            # every timm weight comes from the file, and the file has nothing timm does not take
-            assert set(model.state_dict()) == set(saved)
-            assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
-            got = model.forward_features(x)
-            assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5, rtol=0)
+        model = _timm(out)
+        # every timm weight comes from the file, and the file has nothing timm does not take
+        assert set(model.state_dict()) == set(saved)
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
+        got = model.forward_features(x)
+        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5, rtol=0)
         # the pooled feature is the CLS token after the final norm
         assert torch.allclose(model.forward_head(got, pre_logits=True), want[:, 0], atol=1e-5, rtol=0)
         data = timm.data.resolve_model_data_config(model)
@@ -84,12 +85,12 @@ def test_bf16_export_loads_in_timm(trained, tmp_path):
     enc, _, x = trained
     out = tmp_path / "bf16"
     cfg = export.write_export(out, RUN_MODEL, enc.state_dict(), dtype="bf16")
-    saved = load_file(str(out / "encoder.safetensors"))
+    saved = load_file(str(out / "model.safetensors"))
     assert cfg["dtype"] == "bf16" and {v.dtype for v in saved.values()} == {torch.bfloat16}
     assert not (out / "decoder.safetensors").exists() and "decoder" not in cfg
-    assert cfg["files"]["encoder.safetensors"]["params"] == sum(p.numel() for p in enc.parameters())
+    assert cfg["files"]["model.safetensors"]["params"] == sum(p.numel() for p in enc.parameters())
     with torch.no_grad():
-        got = _timm(cfg, out, overlay=True).forward_features(x)
+        got = _timm(out).float().forward_features(x)
         assert (got - enc(x)).abs().max() < 0.1  # bf16 weights: close, not equal
 
 
@@ -128,7 +129,7 @@ def test_out_is_refused_unless_forced_and_failures_leave_nothing(trained, tmp_pa
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
     export.write_export(out, RUN_MODEL, enc.state_dict(), force=True)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "encoder.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "mimscale.json", "model.safetensors"]
     assert [p.name for p in tmp_path.iterdir()] == ["exp"]
 
 
@@ -145,3 +146,38 @@ def test_every_preset_maps_onto_its_timm_model(name):
     assert all(theirs[k].shape == v.shape for k, v in ours.items())
     grid = 224 // ENCODERS[name].patch_size
     assert theirs["pos_embed"].shape == (1, 1 + grid * grid, ENCODERS[name].dim)
+
+
+def test_timm_fine_tunes_an_export_with_its_own_training_utilities(trained, tmp_path):
+    """What `timm train.py --model local-dir:<export> --pretrained --num-classes N` does, two steps on
+    CPU: create_model with a new head, the data config from the export (mimscale's mean/std,
+    bicubic, crop 0.875), create_optimizer_v2 with layer decay."""
+    import numpy as np
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+    from timm.optim import create_optimizer_v2
+
+    enc, _, _ = trained
+    out = tmp_path / "exp"
+    export.write_export(out, RUN_MODEL, enc.state_dict())
+    model = timm.create_model(f"local-dir:{out}", pretrained=True, num_classes=10)
+    # the backbone is the export's, the head is new
+    assert torch.equal(model.state_dict()["blocks.0.attn.qkv.weight"], enc.state_dict()["blocks.0.attn.qkv.weight"])
+    data = resolve_data_config({}, model=model)
+    assert (tuple(data["mean"]), tuple(data["std"])) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert (data["interpolation"], data["crop_pct"], tuple(data["input_size"])) == ("bicubic", 0.875, (3, 96, 96))
+    transform = create_transform(**data, is_training=True)
+    rng = np.random.default_rng(0)
+    x = torch.stack([transform(Image.fromarray(rng.integers(0, 255, (120, 150, 3), dtype=np.uint8))) for _ in range(4)])
+    y = torch.tensor([0, 3, 5, 9])
+    opt = create_optimizer_v2(model, opt="adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.65)
+    assert len({g["lr_scale"] for g in opt.param_groups}) > 2  # one scale per depth: layer decay took the export's blocks
+    before = model.head.weight.detach().clone()
+    model.train()
+    for _ in range(2):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        assert torch.isfinite(loss)
+    assert not torch.equal(model.head.weight, before)

@@ -97,8 +97,8 @@ def test_a_state_dict_file_given_by_path_is_refused(tmp_path):
     marker = tmp_path / "ran"
     f = poison(tmp_path / "timm.pth", marker, wrap=lambda p: {"model": {"cls_token": torch.zeros(1, 1, 192), "x": p}})
     refused(lambda: weights.load_encoder_state(f), f, marker)  # AutoMAE's frozen extractor, eval
-    (tmp_path / "config.json").write_text(json.dumps({"mimscale": {"model": {"name": "vit_tiny", "img_size": 32}}}))
-    refused(lambda: weights.load_encoder(f), f, marker)  # a weights file with an export's config.json beside it
+    (tmp_path / "mimscale.json").write_text(json.dumps({"mimscale": {"model": {"name": "vit_tiny", "img_size": 32}}}))
+    refused(lambda: weights.load_encoder(f), f, marker)  # a weights file with an export's mimscale.json beside it
 
 
 # --- genuine DeepSpeed checkpoints -----------------------------------------------------------

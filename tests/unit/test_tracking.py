@@ -110,3 +110,62 @@ def test_config_artifacts_no_system_metrics_and_a_failed_encoder_export_only_war
     listed = {a.path for a in client.list_artifacts(out["run"], "config")}
     assert listed == {"config/config.yaml", "config/zero3.json", "config/preset"}
     assert [a.path for a in client.list_artifacts(out["run"], "config/preset")] == ["config/preset/config.yaml"]
+
+
+def test_run_tags_name_method_model_preset_code_and_job(monkeypatch, tmp_path):
+    from mimscale import tracking
+    from tests.conftest import tiny_config
+
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    tags = tracking.run_tags(tiny_config("amt"))
+    assert (tags["mimscale.method"], tags["mimscale.model"], tags["mimscale.job_id"]) == ("amt", "vit_tiny", "slurm_job_id=4242")
+    assert "mimscale.preset" in tags
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.dirname(tracking.__file__)),
+                          capture_output=True, text=True)
+    if head.returncode == 0:  # a checkout: its commit
+        assert tags["mimscale.git_commit"].split("-")[0] == head.stdout.strip()
+    # in an image without git: the version make docker built in
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setenv("MIMSCALE_VERSION", "0.3.1-4-gabc")
+    assert tracking.code_version() == "0.3.1-4-gabc"
+
+
+def test_a_transient_outage_is_retried_and_only_a_persistent_one_turns_tracking_off(monkeypatch, capsys):
+    from mimscale import tracking
+
+    class FlakyMLflow:
+        def __init__(self, failures):
+            self.failures, self.logged = failures, []
+
+        def log_metrics(self, metrics, step, timestamp, synchronous):
+            if self.failures:
+                self.failures -= 1
+                raise ConnectionError("503 from the proxy")
+            self.logged.append(step)
+
+    monkeypatch.setattr(tracking, "BACKOFF_S", 0.0)
+    monkeypatch.setattr(tracking, "MAX_FAILURES", 4)
+
+    def tracker(failures):
+        t = tracking.Tracker(False, ".", "exp", "run")
+        t.active, t.run_id, t._mlflow = True, "r", FlakyMLflow(failures)
+        return t
+
+    t = tracker(failures=3)  # three failures in a row, then the server answers
+    for step in range(1, 7):
+        t.log_metrics({"loss": 1.0}, step)
+    assert t.active and t._mlflow.logged == [4, 5, 6] and t.failures == 0
+    err = capsys.readouterr().err
+    assert err.count("retrying in") == 3 and "answers again after 3 failed calls" in err
+
+    t = tracker(failures=100)  # down for good: off after MAX_FAILURES calls in a row, said once
+    for step in range(1, 10):
+        t.log_metrics({"loss": 1.0}, step)
+    assert not t.active and t._mlflow.logged == []
+    assert capsys.readouterr().err.count("training continues without tracking") == 1
+
+    monkeypatch.setattr(tracking, "BACKOFF_S", 60.0)  # inside a back-off, calls are skipped, not sent
+    t = tracker(failures=1)
+    t.log_metrics({"loss": 1.0}, 1)
+    t.log_metrics({"loss": 1.0}, 2)
+    assert t.active and t._mlflow.failures == 0 and t._mlflow.logged == []

@@ -80,16 +80,16 @@ def test_locate_tells_checkpoints_exports_and_files(run, trained, tmp_path):
 
     exp = tmp_path / "exp"
     export.write_export(exp, RUN_MODEL, trained[0].state_dict())
-    for path in (exp, exp / "config.json", exp / "encoder.safetensors"):
+    for path in (exp, exp / "mimscale.json", exp / "config.json", exp / "model.safetensors"):  # config.json: timm's
         src = weights.locate(path)
-        assert (src.kind, src.path, src.config, src.stamp) == ("export", exp / "encoder.safetensors", exp / "config.json",
-                                                               exp / "encoder.safetensors")
+        assert (src.kind, src.path, src.config, src.stamp) == ("export", exp / "model.safetensors", exp / "mimscale.json",
+                                                               exp / "model.safetensors")
         assert weights.model_section(src) == MODEL
 
     plain = tmp_path / "plain.pt"
     torch.save(trained[0].state_dict(), plain)
     assert weights.locate(plain) == weights.Weights("file", plain, None)
-    with pytest.raises(FileNotFoundError, match="has no config.json beside it"):
+    with pytest.raises(FileNotFoundError, match="has no mimscale.json beside it"):
         weights.model_section(weights.locate(plain))
     with pytest.raises(FileNotFoundError, match=r"--checkpoint '.*nowhere' does not exist \(no such file"):
         weights.locate(tmp_path / "nowhere", "--checkpoint")
@@ -110,7 +110,7 @@ def test_every_kind_reads_to_the_encoders_own_state(run, trained, tmp_path):
     torch.save({"state_dict": {"module": {f"model.{k}": v for k, v in want.items()}}}, tmp_path / "nested.pth")
     torch.save({k: v.half() for k, v in want.items()}, tmp_path / "half.bin")  # read back in fp32
     export.write_export(tmp_path / "exp", RUN_MODEL, want)
-    for path in ("timm.safetensors", "wrapped.pt", "nested.pth", "exp", "exp/encoder.safetensors", run):
+    for path in ("timm.safetensors", "wrapped.pt", "nested.pth", "exp", "exp/model.safetensors", run):
         got = weights.load_encoder_state(tmp_path / path)
         assert _same(got, want), path
         assert {v.dtype for v in got.values()} == {torch.float32}
@@ -160,18 +160,18 @@ def test_load_encoder_refuses_what_does_not_fit_by_name(run, trained, tmp_path):
     enc, _ = trained
     exp = tmp_path / "exp"
     export.write_export(exp, RUN_MODEL, enc.state_dict())
-    save_file({k: v for k, v in enc.state_dict().items() if k != "norm.bias"}, str(exp / "encoder.safetensors"))
-    with pytest.raises(ValueError, match=r"encoder weights in .*encoder.safetensors lack 1 of .*\['norm.bias'\]"):
+    save_file({k: v for k, v in enc.state_dict().items() if k != "norm.bias"}, str(exp / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"encoder weights in .*model.safetensors lack 1 of .*\['norm.bias'\]"):
         weights.load_encoder(exp)
-    save_file(enc.state_dict(), str(exp / "encoder.safetensors"))
-    cfg = json.loads((exp / "config.json").read_text())
+    save_file(enc.state_dict(), str(exp / "model.safetensors"))
+    cfg = json.loads((exp / "mimscale.json").read_text())
     cfg["mimscale"]["model"] = dict(MODEL, patch_size=4)
-    (exp / "config.json").write_text(json.dumps(cfg))
+    (exp / "mimscale.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"do not fit the model in the config: .*\(192, 3, 8, 8\) != \(192, 3, 4, 4\)"):
         weights.load_encoder(exp)
     cfg["mimscale"]["model"] = dict(MODEL, name="vit_nope")
-    (exp / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=r"config.json: model.name 'vit_nope' is not one of vit_tiny"):
+    (exp / "mimscale.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"mimscale.json: model.name 'vit_nope' is not one of vit_tiny"):
         weights.load_encoder(exp)
 
 
