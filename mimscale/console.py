@@ -83,6 +83,8 @@ class Progress:
             print(line, file=self.console, flush=True)
 
     def _write_file(self, text: str) -> None:
+        if self.file is None:  # closed: the console still gets the line
+            return
         try:
             self.file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
         except OSError:  # a full disk must not stop training

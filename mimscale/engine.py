@@ -190,11 +190,11 @@ class Trainer:
         stall = DataStallWatch(cfg.data.stall_seconds, f"data.source={cfg.data.source} {cfg.data.path}".rstrip(), self.rank)
         with stall:
             stopped = self._loop(it, end, win, stall)
-        self.progress.close()
         self.stop_request.drain()
         if stopped:
             self.progress.note(f"[mimscale] {stopped} received: saving a checkpoint at step {state.step} and exiting")
             self.save()
+        self.progress.close()
         self.stopped = stopped
         return self.finish(stopped)
 

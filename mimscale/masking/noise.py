@@ -43,6 +43,9 @@ class SampleNoise:
         self.draws += 1
         return torch.Generator(device=device).manual_seed(key)
 
+    # Not traced by torch.compile: the key changes every step, and a traced draw would be guarded on
+    # it (a recompile per step); the draw itself is one kernel either way.
+    @torch.compiler.disable
     def rand(self, batch: int, *shape: int, device=None) -> torch.Tensor:
         """[batch, *shape] float32 uniforms in [0, 1): this micro batch's rows of a [G, *shape] draw."""
         if not self.keyed:

@@ -44,6 +44,15 @@ def test_on_a_terminal_the_bar_carries_the_loss_and_the_file_still_gets_lines(tm
     assert "step 5/100 (5.0%)" in (tmp_path / "train.log").read_text()
 
 
+def test_a_line_after_close_still_reaches_the_console(tmp_path):
+    out = io.StringIO()
+    p = Progress(tmp_path, 10, 0, active=True, console=out, tty=False)
+    p.close()
+    p.note("[mimscale] SIGTERM received: saving a checkpoint")  # e.g. a stop handled after the loop
+    p.step(3, METRICS, None)
+    assert "SIGTERM received" in out.getvalue() and "step 3/10" in out.getvalue()
+
+
 def test_other_ranks_write_nothing(tmp_path):
     out = io.StringIO()
     p = Progress(tmp_path / "run", 10, 0, active=False, console=out, tty=False)
