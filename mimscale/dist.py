@@ -123,3 +123,17 @@ def shutdown() -> None:
 def log0(*args) -> None:
     if is_rank0():
         print(*args, file=sys.stderr, flush=True)
+
+
+@torch.no_grad()
+def gather_rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Every rank's ``t`` [B, ...] (the same B on every rank) concatenated in rank order ->
+    ([world * B, ...], this rank's first row). No gradient flows back through the gathered rows
+    (C-MAE gathers its target keys, which have none). A world of one returns ``t`` itself."""
+    import torch.distributed as tdist
+
+    if not tdist.is_initialized() or tdist.get_world_size() == 1:
+        return t, 0
+    parts = [torch.empty_like(t) for _ in range(tdist.get_world_size())]
+    tdist.all_gather(parts, t.contiguous())
+    return torch.cat(parts), tdist.get_rank() * t.shape[0]

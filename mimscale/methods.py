@@ -27,7 +27,7 @@ from mimscale.models.decoder import MAEDecoder
 from mimscale.models.mim import MIMModel
 from mimscale.models.registry import ENCODERS
 from mimscale.models.vit import ViTEncoder
-from mimscale.objectives.cmae import CMAEObjective
+from mimscale.objectives.cmae import POOLS, VIEWS, CMAEObjective
 from mimscale.objectives.rmae import RMAEObjective
 from mimscale.weights import load_encoder_state
 
@@ -65,9 +65,14 @@ class RMAEConfig:
 class CMAEConfig:
     temperature: float = 0.2  # InfoNCE softmax temperature (the paper's)
     momentum: float = 0.996  # EMA of the target encoder, projector and mask token, per optimizer step
-    proj_hidden: int = 2048  # projector and predictor: 2-layer MLPs with GELU
-    proj_dim: int = 256
+    proj_hidden: int = 2048  # projector and predictor: 2-layer MLPs with GELU (the paper's appendix)
+    proj_dim: int = 768
     color_jitter: bool = True  # SimSiam's colour augmentation, drawn per view
+    # independent: T2's mask drawn on its own (complementary masks identify the pair by position
+    # alone, see objectives/cmae.py); complementary: T2 = not T1 (the paper's Eq. 6)
+    views: Literal[VIEWS] = "independent"
+    mask_token: bool = True  # masked positions enter the encoder as a learned token (the paper's default)
+    pool: Literal[POOLS] = "cls"  # the view's code: the CLS token (MoCo v3) or the mean patch token
 
 
 @dataclass
@@ -129,13 +134,15 @@ def _rmae_flops(cfg, visible: int, masked: int) -> float:
 
 
 def _cmae_flops(cfg, visible: int, masked: int) -> float:
-    """Two online views (forward + backward) and two target views (forward), each on all L."""
+    """Two online views (forward + backward) and two target views (forward), each on all L tokens
+    (V without mask tokens); projector and predictor on one code per view."""
     spec, patch = _spec(cfg)
     L = visible + masked
     c = cfg.masking.cmae
-    enc = 2.0 * L * patch * patch * 3 * spec.dim + spec.depth * block_flops(1 + L, spec.dim, spec.mlp_ratio)
-    heads = 2.0 * L * (spec.dim * c.proj_hidden + c.proj_hidden * c.proj_dim)  # projector
-    online = enc + heads + 2.0 * L * 2 * c.proj_hidden * c.proj_dim  # + predictor
+    tokens = L if c.mask_token else visible
+    enc = 2.0 * L * patch * patch * 3 * spec.dim + spec.depth * block_flops(1 + tokens, spec.dim, spec.mlp_ratio)
+    heads = 2.0 * (spec.dim * c.proj_hidden + c.proj_hidden * c.proj_dim)  # projector
+    online = enc + heads + 2.0 * 2 * c.proj_hidden * c.proj_dim  # + predictor
     return 2 * (3.0 * online + enc + heads)
 
 
@@ -205,6 +212,12 @@ def _check_blockwise(cfg) -> None:
 
 
 # ---------------------------------------------------------------- builders
+def _cmae_objective(cfg, encoder) -> nn.Module:
+    c = cfg.masking.cmae
+    return CMAEObjective(encoder, c.proj_hidden, c.proj_dim, c.temperature, c.color_jitter, views=c.views,
+                         mask_token=c.mask_token, pool=c.pool, mask_ratio=cfg.masking.mask_ratio)
+
+
 def _automae_masker(cfg, encoder) -> Masker:
     m, a = cfg.masking, cfg.masking.automae
     frozen = load_encoder_state(a.extractor_checkpoint) if a.extractor == "frozen" else None
@@ -237,8 +250,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            objective=lambda cfg, enc, dec: RMAEObjective(enc, dec, lam=cfg.masking.rmae.lam, norm_pix=cfg.model.norm_pix_loss)),
     Method("cmae", section=("cmae", CMAEConfig), check=_check_cmae, flops=_cmae_flops, needs_decoder=False,
            masker=lambda cfg, enc: RandomMasking(enc.num_patches, cfg.masking.mask_ratio),
-           objective=lambda cfg, enc, dec: CMAEObjective(enc, cfg.masking.cmae.proj_hidden, cfg.masking.cmae.proj_dim,
-                                                         cfg.masking.cmae.temperature, cfg.masking.cmae.color_jitter),
+           objective=lambda cfg, enc, dec: _cmae_objective(cfg, enc),
            hooks=lambda cfg, ctx: EMAHooks(ctx.engine.module.objective.ema_pairs(), cfg.masking.cmae.momentum)),
     # BEiT's block-wise masking: the README's example of adding a method
     Method("blockwise", section=("blockwise", BlockwiseConfig), check=_check_blockwise,

@@ -42,7 +42,7 @@ class MIMModel(nn.Module):
         plan = self.masker(x, meta)
         self.last_plan = plan
         if self.objective is not None:
-            loss, terms = self.objective(x, plan)
+            loss, terms = self.objective(x, plan, meta)  # meta: its keyed noise (C-MAE's second view)
         else:
             dtype = self.encoder.patch_embed.proj.weight.dtype  # bf16 under a bf16 engine
             latent = self.encoder(x.to(dtype), plan.visible, plan.token_scale)

@@ -34,8 +34,8 @@ class RMAEObjective(nn.Module):
         """The second view's plan: T2's patches visible, T1's masked."""
         return MaskPlan(visible=plan.masked, masked=plan.visible, thrown=plan.thrown, num_patches=plan.num_patches)
 
-    def forward(self, x: torch.Tensor, plan: MaskPlan) -> tuple[torch.Tensor, dict]:
-        """x [B, 3, H, W] normalized fp32; plan from the masker (random masking)."""
+    def forward(self, x: torch.Tensor, plan: MaskPlan, meta: dict | None = None) -> tuple[torch.Tensor, dict]:
+        """x [B, 3, H, W] normalized fp32; plan from the masker (random masking); meta unused (no draws)."""
         enc, dec = self._encoder, self._decoder
         xin = x.to(enc.patch_embed.proj.weight.dtype)
         pred_12 = dec(enc(xin, plan.visible), plan)  # [B, M, P]

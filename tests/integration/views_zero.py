@@ -34,6 +34,39 @@ def gathered(params) -> list[torch.Tensor]:
         return [p.detach().clone().float() for p in params]
 
 
+def cmae_keys_replay(ref):
+    """C-MAE's negatives are every rank's keys: the single-process reference first records each
+    rank's target keys (same seeds, so the same views), then gives rank r's forward all of them,
+    with r's rows first at r * B, as the engine's all-gather does. Returns ``select(r)``."""
+    obj = ref.objective
+    keys: dict[int, list[torch.Tensor]] = {}
+    current = {"rank": 0}
+
+    def record(k):
+        keys.setdefault(current["rank"], []).append(k.detach().clone())
+        return k, 0
+
+    obj.gather_keys = record
+    with torch.no_grad():
+        for r in range(dist.world_size()):
+            current["rank"] = r
+            torch.manual_seed(100 + r)
+            ref(*batch(r))
+    calls = iter(())
+
+    def replay(k):
+        view = next(calls)
+        return torch.cat([keys[q][view] for q in range(dist.world_size())]), current["rank"] * k.shape[0]
+
+    def select(r: int) -> None:
+        nonlocal calls
+        current["rank"] = r
+        calls = iter(range(2))
+        obj.gather_keys = replay
+
+    return select
+
+
 def check(method: str, stage: int) -> dict:
     model = tiny_model(method)  # built after torch.manual_seed(0)
     ref = copy.deepcopy(model)
@@ -49,8 +82,11 @@ def check(method: str, stage: int) -> dict:
     got = {n: (g.detach().clone().float() if g is not None else None) for n, g in got.items()}
     params = [(n, p) for n, p in ref.named_parameters() if p.requires_grad]
     expect = {n: torch.zeros_like(p) for n, p in params}
+    replay = cmae_keys_replay(ref) if method == "cmae" else None
     for r in range(dist.world_size()):
         torch.manual_seed(100 + r)
+        if replay is not None:
+            replay(r)
         total, _ = ref(*batch(r))
         for (n, _), g in zip(params, torch.autograd.grad(total, [p for _, p in params], allow_unused=True)):
             if g is not None:

@@ -82,6 +82,19 @@ def test_base_preset_is_the_paper_recipe():
         load_ds_config(REPO / "ds_configs" / "gpu_bf16_zero1.json", 64, cfg.train.global_batch)
 
 
+def test_relaxmim_presets_are_the_papers_recipes():
+    """RelaxMIM (Kong & Zhang 2023) section 5 and appendix: R-MAE base lr 3e-4, C-MAE 1.5e-4 with
+    momentum 0.996, temperature 0.2 and 2048/768-d heads; both 1024 images, 20 warm-up of 100 epochs."""
+    r = load_config(REPO / "mimscale" / "configs" / "rmae_vit_base.yaml")
+    c = load_config(REPO / "mimscale" / "configs" / "cmae_vit_base.yaml")
+    for cfg, lr in ((r, 3e-4), (c, 1.5e-4)):
+        assert (cfg.model.name, cfg.masking.mask_ratio, cfg.train.global_batch) == ("vit_base", 0.75, 1024)
+        assert (cfg.train.epochs, cfg.train.warmup_epochs, cfg.train.base_lr) == (100, 20, lr)
+    assert (r.masking.method, r.masking.rmae.lam) == ("rmae", 1.0)
+    k = c.masking.cmae
+    assert (c.masking.method, k.temperature, k.momentum, k.proj_hidden, k.proj_dim) == ("cmae", 0.2, 0.996, 2048, 768)
+
+
 def test_defaults_validate():
     cfg = load_config()
     assert cfg == Config()
