@@ -15,13 +15,15 @@ from torch import nn
 
 from mimscale.errors import ConfigError
 from mimscale.flops import block_flops, mim_flops_per_image
-from mimscale.hooks.amt_refresh import AMTRefresh
+from mimscale.hooks.amt_refresh import NORMALIZE_MODES, AMTRefresh
 from mimscale.hooks.base import LoopContext, LoopHooks
 from mimscale.hooks.ema import EMAHooks
+from mimscale.masking import extractor as frozen_extractor
 from mimscale.masking.amt import AMTMasking
 from mimscale.masking.automae import EXTRACTORS, AutoMAEMasking
 from mimscale.masking.base import Masker
 from mimscale.masking.blockwise import BlockwiseMasking
+from mimscale.masking.extractor import ATTENTION
 from mimscale.masking.random import RandomMasking
 from mimscale.models.decoder import MAEDecoder
 from mimscale.models.mim import MIMModel
@@ -29,7 +31,7 @@ from mimscale.models.registry import ENCODERS
 from mimscale.models.vit import ViTEncoder
 from mimscale.objectives.cmae import POOLS, VIEWS, CMAEObjective
 from mimscale.objectives.rmae import RMAEObjective
-from mimscale.weights import load_encoder_state
+from mimscale.weights import extractor_state
 
 
 # ---------------------------------------------------------------- the methods' config sections
@@ -42,6 +44,9 @@ class AMTConfig:
     first_refresh: str = "40"
     refresh_every: str = "40"
     refresh_batch: int = 0  # images per attention forward; 0: 4 x the micro batch
+    # mean_then_minmax: the paper's Algorithm 1 (heads' CLS attention averaged, then scaled to
+    # [0, 1]); minmax_then_mean: each head scaled first (up to 0.49 apart per patch)
+    normalize: Literal[tuple(NORMALIZE_MODES)] = "mean_then_minmax"
 
 
 Extractor = Literal[EXTRACTORS]
@@ -50,7 +55,14 @@ Extractor = Literal[EXTRACTORS]
 @dataclass
 class AutoMAEConfig:
     extractor: Extractor = "online"  # online | ema | frozen | stored (AMT's store, on masking.amt's schedule)
-    extractor_checkpoint: str = ""  # frozen: timm/mimscale state dict (.safetensors/.pt) or a mimscale checkpoint dir
+    # frozen: a local weights file (.safetensors/.pt; timm's or mimscale's keys), a mimscale
+    # checkpoint or export; never downloaded
+    extractor_checkpoint: str = ""
+    # frozen: the checkpoint's timm model name (e.g. vit_small_patch16_224 for DINO-S); empty: the
+    # architecture of the checkpoint's own model section, else of model.name
+    extractor_model: str = ""
+    extractor_img_size: int = 0  # frozen: the extractor's input size; 0: the timm model's own (else the encoder's)
+    attention: Literal[tuple(ATTENTION)] = "raw"  # raw: softmax rows (the paper's); stretched: per-head min-max
     ema_decay: float = 0.999  # ema: per optimizer step
     lam: float = 0.2  # weight of the generator's adversarial loss
     throw_ratio: float = 0.0  # > 0: the generator's order also picks thrown patches (as AMT)
@@ -185,6 +197,8 @@ def _check_automae(cfg) -> None:
         raise ConfigError(f"config key 'masking.automae.ema_decay' = {u.ema_decay} must be in [0, 1)")
     if u.lam < 0:
         raise ConfigError(f"config key 'masking.automae.lam' = {u.lam} must be >= 0")
+    if u.extractor_img_size < 0:
+        raise ConfigError(f"config key 'masking.automae.extractor_img_size' = {u.extractor_img_size} must be >= 0 (0: the model's own)")
 
 
 def _check_rmae(cfg) -> None:
@@ -218,10 +232,21 @@ def _cmae_objective(cfg, encoder) -> nn.Module:
                          mask_token=c.mask_token, pool=c.pool, mask_ratio=cfg.masking.mask_ratio)
 
 
+def _frozen_extractor(cfg, encoder) -> nn.Module:
+    """AutoMAE's frozen extractor: a timm ViT with the checkpoint's weights (masking/extractor.py).
+    Without a timm name its architecture is the checkpoint's own model section, else model.name's."""
+    a = cfg.masking.automae
+    state, section = extractor_state(a.extractor_checkpoint)
+    section = section or {"name": cfg.model.name, "img_size": cfg.model.img_size, "patch_size": cfg.model.patch_size}
+    spec = ENCODERS[section["name"]]
+    return frozen_extractor.build(state, a.extractor_checkpoint, a.extractor_model, spec, section["patch_size"] or spec.patch_size,
+                                  section["img_size"], encoder.grid, encoder.patch_size, a.attention, a.extractor_img_size)
+
+
 def _automae_masker(cfg, encoder) -> Masker:
     m, a = cfg.masking, cfg.masking.automae
-    frozen = load_encoder_state(a.extractor_checkpoint) if a.extractor == "frozen" else None
-    return AutoMAEMasking(encoder, m.mask_ratio, a.throw_ratio, a.lam, a.extractor, frozen)
+    frozen = _frozen_extractor(cfg, encoder) if a.extractor == "frozen" else None
+    return AutoMAEMasking(encoder, m.mask_ratio, a.throw_ratio, a.lam, a.extractor, frozen, a.attention)
 
 
 def _automae_hooks(cfg, ctx: LoopContext) -> Optional[LoopHooks]:

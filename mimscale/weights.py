@@ -42,7 +42,7 @@ EXPORT_CONFIG = "mimscale.json"  # mimscale's metadata: the model section, sourc
 EXPORT_ENCODER = "model.safetensors"  # the encoder in timm's keys (timm's Hub weights file name)
 EXPORT_DECODER = "decoder.safetensors"
 TIMM_CONFIG = "config.json"  # timm's, written by timm
-EXTRACTOR_KEY = "masking.automae.extractor_checkpoint"  # how load_encoder_state's one caller names its path
+EXTRACTOR_KEY = "masking.automae.extractor_checkpoint"  # how extractor_state's one caller names its path
 
 WRAPPERS = ("model", "state_dict", "module")  # dict keys training scripts nest their weights under
 PREFIXES = ("module.", "model.")  # key prefixes of DDP / DeepSpeed / EMA wrappers
@@ -179,17 +179,26 @@ def strip(state: dict) -> dict:
     return bare
 
 
-def encoder_state(src: Weights) -> dict[str, torch.Tensor]:
-    """The encoder's tensors of ``src`` in fp32, unchecked. A ``pos_embed`` (timm's learned one, an
-    export's copy of the sin-cos) is dropped: ViTEncoder's is a fixed buffer that it rebuilds."""
+def _vit_tensors(src: Weights) -> dict[str, torch.Tensor]:
+    """Every tensor of ``src``'s ViT in fp32 (timm's keys, a classifier head dropped), unchecked."""
     state = consolidate(src.path)["encoder"] if src.kind == "checkpoint" else strip(dict(read_file(src.path)))
-    state.pop("pos_embed", None)
     return {k: v.float() for k, v in state.items() if torch.is_tensor(v) and not k.startswith(HEAD)}
 
 
-def load_encoder_state(path: str | Path, label: str = EXTRACTOR_KEY) -> dict[str, torch.Tensor]:
-    """The encoder's tensors from any path ``locate`` takes (AutoMAE's frozen extractor reads them)."""
-    return encoder_state(locate(path, label))
+def encoder_state(src: Weights) -> dict[str, torch.Tensor]:
+    """The encoder's tensors of ``src`` in fp32, unchecked. A ``pos_embed`` (timm's learned one, an
+    export's copy of the sin-cos) is dropped: ViTEncoder's is a fixed buffer that it rebuilds."""
+    state = _vit_tensors(src)
+    state.pop("pos_embed", None)
+    return state
+
+
+def extractor_state(path: str | Path, label: str = EXTRACTOR_KEY) -> tuple[dict[str, torch.Tensor], Optional[dict]]:
+    """AutoMAE's frozen extractor: the ViT's tensors at any path ``locate`` takes, its ``pos_embed``
+    KEPT (a learned one is part of what the checkpoint computes), and the model section when the
+    path names one (a mimscale checkpoint or export; None for a bare state-dict file)."""
+    src = locate(path, label)
+    return _vit_tensors(src), (model_section(src) if src.config is not None else None)
 
 
 def checked_state(state: dict, reference: torch.nn.Module, what: str, source: Optional[Path] = None) -> dict:

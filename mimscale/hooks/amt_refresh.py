@@ -27,6 +27,10 @@ from mimscale.data.streams import open_full_pass
 from mimscale.hooks.base import LoopContext, LoopHooks
 from mimscale.masking.amt_store import AttentionStore, prune
 
+# masking.amt.normalize -> ViTEncoder's cls_attention mode: Algorithm 1 of the AMT paper (average
+# the heads' CLS attention, then min-max over patches) or min-max per head before the average
+NORMALIZE_MODES = {"mean_then_minmax": "amt", "minmax_then_mean": "amt_per_head"}
+
 
 def parse_when(text: str, total_epochs: float) -> float:
     """A refresh time in epochs: ``"40"`` (epochs) or ``"10%"`` (of the run's epochs)."""
@@ -122,6 +126,7 @@ class AMTRefresh(LoopHooks):
         dtype = encoder.patch_embed.proj.weight.dtype
         lockstep = t.zero_stage == 3
         batch_size = cfg.refresh_batch or 4 * t.micro_batch
+        mode = NORMALIZE_MODES[cfg.normalize]  # which order of head average and min-max (models/vit.py)
         loader = open_full_pass(t.cfg.data, t.source, t.cfg.model.img_size, batch_size, t.rank, t.world, t.cfg.train.seed)
         it, done = iter(loader), False
         written = skipped = 0
@@ -137,12 +142,12 @@ class AMTRefresh(LoopHooks):
                 n = 0 if done else len(batch["index"])
                 if n:
                     images = batch["image"].to(t.device, non_blocking=True)
-                    maps = encoder(model.normalize(images).to(dtype), cls_attention=True)  # [B, L] fp32
+                    maps = encoder(model.normalize(images).to(dtype), cls_attention=mode)  # [B, L] fp32
                     store.write(batch["index"], maps)
                     written += n
                     first = int(batch["index"][0]) if first < 0 else first
                 elif lockstep:  # keep this rank's parameter all-gathers in step with the others
-                    encoder(torch.zeros(1, 3, t.cfg.model.img_size, t.cfg.model.img_size, device=t.device, dtype=dtype), cls_attention=True)
+                    encoder(torch.zeros(1, 3, t.cfg.model.img_size, t.cfg.model.img_size, device=t.device, dtype=dtype), cls_attention=mode)
                 if not done:
                     skipped += int(batch.get("skipped", 0))
         store.flush()

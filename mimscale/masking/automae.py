@@ -2,18 +2,21 @@
 against a discriminator and jointly with the MAE, in the same step, loss and backward.
 
 Per batch, on the device (shapes for B images, H heads, a g x g patch grid, L = g*g):
-  1. maps [B, C, g, g], no grad, from the extractor (C = H, or 1 for ``stored``):
+  1. maps [B, C, g, g], no grad, from the extractor (C = its heads, or 1 for ``stored``): per head
+     the raw softmax of the last block's CLS query over the patch keys (rows sum to 1; the paper's
+     input), or each head min-max stretched (``attention='stretched'``):
        online  the encoder being trained, on the same crop (CLS-attention mode of ViTEncoder)
        ema     an EMA copy of that encoder (a submodule: partitioned and gathered like the rest)
-       frozen  a pretrained encoder loaded from a checkpoint (a frozen submodule)
+       frozen  any pretrained timm ViT (masking/extractor.py; DINO-S for a ViT-B, as the paper's best)
        stored  AMT's attention store (whole-image maps refreshed on AMT's schedule), aligned
                with the crop: almost no extra compute
   2. m = gumbel_softmax(G(maps)) [B, L], rows summing to 1; pseudo "real" masks [B, L].
   3. ONE discriminator call on [real, sg(m), m] -> LSGAN terms routed so that D learns only from
      L_D and G only from lambda L_G (see automae_parts.lsgan_terms).
   4. b_st = straight-through top-K(m), K = visible count; s = U(0,1) + 0.5 b_st; in descending
-     order of s: masked, then thrown (``throw_ratio``), then visible. Tokens are scaled by
-     s + sg(1 - s) (value 1, gradient x), so the reconstruction loss trains G as well.
+     order of s: masked, then thrown (``throw_ratio``), then visible. The embedded tokens
+     (position included, as the paper) are scaled by s + sg(1 - s) (value 1, gradient x), so the
+     reconstruction loss trains G as well.
 """
 from __future__ import annotations
 
@@ -27,38 +30,36 @@ from mimscale.masking import noise as sample_noise
 from mimscale.masking.amt_ops import align_maps
 from mimscale.masking.automae_parts import Discriminator, MaskGenerator, gumbel_mask, lsgan_terms, pseudo_masks, straight_through_topk
 from mimscale.masking.base import Masker, MaskPlan, plan_sizes
+from mimscale.masking.extractor import ATTENTION, FrozenExtractor
 
 EXTRACTORS = ("online", "ema", "frozen", "stored")
 
 
 class AutoMAEMasking(Masker):
     def __init__(self, encoder: nn.Module, mask_ratio: float = 0.75, throw_ratio: float = 0.0, lam: float = 0.2,
-                 extractor: str = "online", frozen_state: Optional[dict] = None):
+                 extractor: str = "online", frozen: Optional[FrozenExtractor] = None, attention: str = "raw"):
         super().__init__()
         if extractor not in EXTRACTORS:
             raise ValueError(f"masking.automae.extractor {extractor!r}: allowed values: {', '.join(EXTRACTORS)}")
+        if attention not in ATTENTION:
+            raise ValueError(f"masking.automae.attention {attention!r}: allowed values: {', '.join(ATTENTION)}")
         self.num_patches = encoder.num_patches
         self.grid = encoder.grid
         self.num_visible, self.num_masked, self.num_thrown = plan_sizes(self.num_patches, mask_ratio, throw_ratio)
         self.lam = lam
         self.extractor = extractor
-        heads = encoder.spec.heads
-        self.generator = MaskGenerator(1 if extractor == "stored" else heads)
+        self.attention_mode = ATTENTION[attention]
+        if extractor == "frozen":
+            if frozen is None:
+                raise ValueError("masking.automae.extractor=frozen needs masking.automae.extractor_checkpoint")
+            self.frozen = frozen  # a frozen submodule (masking/extractor.py)
+        heads = {"stored": 1, "frozen": frozen.heads if frozen is not None else 0}.get(extractor, encoder.spec.heads)
+        self.generator = MaskGenerator(heads)
         self.discriminator = Discriminator(self.grid)
         # Not a submodule: the online extractor is the model's own encoder (registered once, in MIMModel).
         object.__setattr__(self, "_online", encoder)
         if extractor == "ema":
             self.ema = copy.deepcopy(encoder).requires_grad_(False)
-        elif extractor == "frozen":
-            self.frozen = copy.deepcopy(encoder).requires_grad_(False)
-            if frozen_state is None:
-                raise ValueError("masking.automae.extractor=frozen needs masking.automae.extractor_checkpoint")
-            want = list(self.frozen.state_dict())
-            missing = [k for k in want if k not in frozen_state]
-            if missing:
-                raise ValueError(f"the frozen extractor's checkpoint lacks {len(missing)} of the encoder's weights, e.g. "
-                                 f"{missing[:3]} (is it a ViT of model.name's size?)")
-            self.frozen.load_state_dict({k: frozen_state[k] for k in want})
         self.last_weights: Optional[torch.Tensor] = None  # m of the last batch [B, L] (for the mask grid)
 
     def initial_sizes(self) -> tuple[int, int, int]:
@@ -74,9 +75,11 @@ class AutoMAEMasking(Masker):
                 return torch.zeros(B, 1, g, g, device=images.device)
             sg = int(round(stored.shape[1] ** 0.5))
             return align_maps(stored.view(B, sg, sg), meta["box"], meta["flip"], g).view(B, 1, g, g)
-        net = {"online": self._online, "ema": getattr(self, "ema", None), "frozen": getattr(self, "frozen", None)}[self.extractor]
+        if self.extractor == "frozen":
+            return self.frozen(images)  # [B, H', g, g], resized to this grid if its own differs
+        net = self._online if self.extractor == "online" else self.ema
         dtype = net.patch_embed.proj.weight.dtype
-        return net(images.to(dtype), cls_attention="heads").view(B, -1, g, g)
+        return net(images.to(dtype), cls_attention=self.attention_mode).view(B, -1, g, g)
 
     def forward(self, images: torch.Tensor, meta: dict) -> MaskPlan:
         B, g, L = images.shape[0], self.grid, self.num_patches

@@ -96,49 +96,80 @@ class ViTEncoder(nn.Module):
         hidden [B, K] patch indices whose tokens are replaced by ``mask_token`` [D] before the
         position embedding is added (C-MAE's masked views keep all L positions; MAE drops them).
         Returns [B, 1 + V, D]: the CLS token followed by the visible tokens in ``visible`` order;
-        with ``cls_attention`` True: [B, L] float32, "heads": [B, H, L] (see ``_cls_attention``).
+        with ``cls_attention`` True (AMT's map) or a mode of ``cls_attention_map``: [B, L] or [B, H, L] float32.
 
         The attention map is a mode of forward, not a method of its own, so that it runs inside
         this module's call: under ZeRO-3 DeepSpeed gathers a module's parameters in its forward
         hooks, and ``cls_token`` belongs to this module."""
         x = self.patch_embed(images)  # [B, L, D]
-        if token_scale is not None:
-            x = x * token_scale.unsqueeze(-1).to(x.dtype)
         if hidden is not None:
             fill = mask_token.to(x.dtype).reshape(1, 1, -1).expand(x.shape[0], hidden.shape[1], -1)
             x = x.scatter(1, hidden.unsqueeze(-1).expand(-1, -1, x.shape[-1]), fill)
         x = x + self.pos_embed[:, 1:].to(x.dtype)
+        if token_scale is not None:  # AutoMAE scales the embedded tokens, position included (its paper)
+            x = x * token_scale.unsqueeze(-1).to(x.dtype)
         if visible is not None:
             x = gather_tokens(x, visible)  # [B, V, D]
         cls = (self.cls_token + self.pos_embed[:, :1].to(self.cls_token.dtype)).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
         if cls_attention:
-            return self._cls_attention(x, per_head=cls_attention == "heads")
+            return self._cls_attention(x, "amt" if cls_attention is True else cls_attention)
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)
 
-    def _cls_attention(self, x: torch.Tensor, per_head: bool = False) -> torch.Tensor:
-        """AMT's per-patch weight from tokens x [B, 1 + L, D]: the last block's attention of the
-        CLS query over the L patch keys, min-max normalized per head over patches, averaged over
-        heads -> [B, L] float32 in [0, 1] (``per_head``: [B, H, L], before the average; AutoMAE).
-
-        Only the CLS row q_cls . K^T is formed (not the N x N matrix), and the last block's value
-        path and MLP are skipped. The softmax runs over the patch keys only: including the CLS key
-        would scale each head's row by a constant, which the min-max removes."""
+    def _cls_attention(self, x: torch.Tensor, mode: str = "amt") -> torch.Tensor:
+        """The last block's attention of the CLS query over the patch keys, from tokens x [B, 1 + L, D]
+        (``cls_attention_map``); the last block's value path and MLP are skipped."""
         for blk in self.blocks[:-1]:
             x = blk(x)
-        last = self.blocks[-1]
-        attn = last.attn
-        h = last.norm1(x)
-        B, N, D = h.shape
-        heads = attn.num_heads
-        qkv = attn.qkv(h)  # [B, N, 3D]; a module call, so ZeRO-3 gathers its weight
-        q = qkv[:, 0, :D].reshape(B, heads, 1, D // heads)  # the CLS query
-        k = qkv[:, 1:, D:2 * D].reshape(B, N - 1, heads, D // heads).transpose(1, 2)  # [B, H, L, hd]
-        q, k = attn.q_norm(q), attn.k_norm(k)
-        logits = (q.float() @ k.float().transpose(-1, -2)).squeeze(2) * attn.scale  # [B, H, L]
-        a = logits.softmax(dim=-1)
-        lo, hi = a.amin(dim=-1, keepdim=True), a.amax(dim=-1, keepdim=True)
-        a = (a - lo) / (hi - lo).clamp_min(1e-12)
-        return a if per_head else a.mean(dim=1)
+        return cls_attention_map(self.blocks[-1], x, 1, mode)
+
+
+ATTENTION_MODES = ("amt", "amt_per_head", "heads", "heads_stretched")
+
+
+def cls_attention_logits(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A timm ``Block``'s attention logits of the first (CLS) query over every key, from its input
+    tokens x [B, N, D] -> [B, H, N] float32. Only the CLS row q_cls . K^T is formed, not N x N;
+    the block's modules are called (norm1, qkv, q/k norms), so ZeRO-3 gathers their weights."""
+    attn = block.attn
+    h = block.norm1(x)
+    B, N, D = h.shape
+    heads = attn.num_heads
+    qkv = attn.qkv(h)  # [B, N, 3D]
+    q = qkv[:, :1, :D].reshape(B, 1, heads, D // heads).transpose(1, 2)  # [B, H, 1, hd]: the CLS query
+    k = qkv[:, :, D:2 * D].reshape(B, N, heads, D // heads).transpose(1, 2)  # [B, H, N, hd]
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    return (q.float() @ k.float().transpose(-1, -2)).squeeze(2) * attn.scale  # [B, H, N]
+
+
+def _minmax(a: torch.Tensor) -> torch.Tensor:
+    """Stretch each row of a [..., L] to [0, 1] over its last dimension."""
+    lo, hi = a.amin(dim=-1, keepdim=True), a.amax(dim=-1, keepdim=True)
+    return (a - lo) / (hi - lo).clamp_min(1e-12)
+
+
+def cls_attention_map(block: nn.Module, x: torch.Tensor, prefix: int = 1, mode: str = "amt") -> torch.Tensor:
+    """Per-patch weights from a last block's CLS attention; x [B, prefix + L, D], ``prefix`` the
+    CLS (and register) tokens before the L patches.
+
+    amt              AMT's Algorithm 1: the softmax over all keys (as the attention computes it),
+                     the CLS row's patch part averaged over heads, then min-max over patches ->
+                     [B, L] in [0, 1]
+    amt_per_head     min-max each head first, then average (mimscale's order before; an option)
+    heads            AutoMAE's generator input: per head, the softmax of the CLS query over the
+                     patch keys alone (the paper's q_cls K_patches^T), rows summing to 1 -> [B, H, L]
+    heads_stretched  the same, each head min-max stretched to [0, 1] (an option)
+    """
+    logits = cls_attention_logits(block, x)  # [B, H, prefix + L]
+    if mode == "amt":
+        return _minmax(logits.softmax(dim=-1)[..., prefix:].mean(dim=1))
+    if mode == "amt_per_head":
+        return _minmax(logits.softmax(dim=-1)[..., prefix:]).mean(dim=1)
+    a = logits[..., prefix:].softmax(dim=-1)  # [B, H, L]
+    if mode == "heads":
+        return a
+    if mode == "heads_stretched":
+        return _minmax(a)
+    raise ValueError(f"attention mode {mode!r}: allowed values: {', '.join(ATTENTION_MODES)}")

@@ -159,33 +159,3 @@ def test_param_groups_put_the_discriminator_without_decay():
     assert {id(p) for p in groups["discriminator"]["params"]} == d_ids and groups["discriminator"]["weight_decay"] == 0.0
     assert not any(id(p) in d_ids for g in ("decay", "no_decay") for p in groups[g]["params"])
     assert isinstance(model.masker, AutoMAEMasking)
-
-
-def test_frozen_extractor_loads_a_timm_checkpoint_and_matches_timm(tmp_path):
-    """A timm VisionTransformer's state dict (learned pos_embed, head: dropped) loads into the
-    frozen extractor, whose blocks then compute what timm's do."""
-    import timm
-    from safetensors.torch import save_file
-
-    from mimscale.weights import load_encoder_state
-
-    torch.manual_seed(0)
-    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=10).eval()
-    path = tmp_path / "vit.safetensors"
-    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(path))
-    state = load_encoder_state(path)
-    assert "pos_embed" not in state and not any(k.startswith("head.") for k in state)
-    model = _model("masking.automae.extractor=frozen", f"masking.automae.extractor_checkpoint={path}")
-    frozen = model.masker.frozen
-    assert not any(p.requires_grad for p in frozen.parameters())
-    for name, p in frozen.named_parameters():
-        torch.testing.assert_close(p, vit.state_dict()[name], msg=name)
-    x = torch.randn(2, 17, 192)  # tokens through the blocks: the same layers, the same weights
-    with torch.no_grad():
-        ours, theirs = x, x
-        for a, b in zip(frozen.blocks, vit.blocks):
-            ours, theirs = a(ours), b(theirs)
-    torch.testing.assert_close(ours, theirs)
-    torch.save({"model": {"encoder.norm.weight": torch.ones(3)}}, tmp_path / "bad.pt")
-    with pytest.raises(ValueError, match="lacks"):
-        _model("masking.automae.extractor=frozen", f"masking.automae.extractor_checkpoint={tmp_path / 'bad.pt'}")

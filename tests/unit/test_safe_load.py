@@ -96,7 +96,7 @@ def test_deepspeed_loads_forces_weights_only_and_puts_torch_load_back(tmp_path):
 def test_a_state_dict_file_given_by_path_is_refused(tmp_path):
     marker = tmp_path / "ran"
     f = poison(tmp_path / "timm.pth", marker, wrap=lambda p: {"model": {"cls_token": torch.zeros(1, 1, 192), "x": p}})
-    refused(lambda: weights.load_encoder_state(f), f, marker)  # AutoMAE's frozen extractor, eval
+    refused(lambda: weights.extractor_state(f), f, marker)  # AutoMAE's frozen extractor, eval
     (tmp_path / "mimscale.json").write_text(json.dumps({"mimscale": {"model": {"name": "vit_tiny", "img_size": 32}}}))
     refused(lambda: weights.load_encoder(f), f, marker)  # a weights file with an export's mimscale.json beside it
 
@@ -163,7 +163,7 @@ def test_a_poisoned_shard_is_refused_by_consolidation(genuine, tmp_path, which):
     marker = tmp_path / "ran"
     f = poison(tag / ("mp_rank_00_model_states.pt" if which == "model_states" else OPTIM), marker,
                wrap=lambda p: {"optimizer_state_dict": p, "buffer_names": p})
-    refused(lambda: weights.load_encoder_state(tmp_path), f, marker)  # the run's folder, as AutoMAE's extractor
+    refused(lambda: weights.extractor_state(tmp_path), f, marker)  # the run's folder, as AutoMAE's extractor
     assert torch.load is torch.serialization.load
 
 

@@ -97,6 +97,12 @@ def test_locate_tells_checkpoints_exports_and_files(run, trained, tmp_path):
         weights.locate(tmp_path)
 
 
+def _encoder_tensors(path):
+    """What AutoMAE's frozen extractor reads, less the position embedding (ViTEncoder has none to compare)."""
+    state, _ = weights.extractor_state(path)
+    return {k: v for k, v in state.items() if k != "pos_embed"}
+
+
 def test_every_kind_reads_to_the_encoders_own_state(run, trained, tmp_path):
     """timm's file (learned pos_embed, head: dropped), wrapped and prefixed pickles, an export and a
     checkpoint (consolidated, the decoder and masker left out) give the same encoder tensors."""
@@ -111,14 +117,17 @@ def test_every_kind_reads_to_the_encoders_own_state(run, trained, tmp_path):
     torch.save({k: v.half() for k, v in want.items()}, tmp_path / "half.bin")  # read back in fp32
     export.write_export(tmp_path / "exp", RUN_MODEL, want)
     for path in ("timm.safetensors", "wrapped.pt", "nested.pth", "exp", "exp/model.safetensors", run):
-        got = weights.load_encoder_state(tmp_path / path)
+        got = _encoder_tensors(tmp_path / path)
         assert _same(got, want), path
         assert {v.dtype for v in got.values()} == {torch.float32}
-    half = weights.load_encoder_state(tmp_path / "half.bin")
+    learned, section = weights.extractor_state(tmp_path / "timm.safetensors")
+    torch.testing.assert_close(learned["pos_embed"], vit.pos_embed.detach())  # the extractor keeps timm's own
+    assert section is None and weights.extractor_state(tmp_path / "exp")[1]["name"] == RUN_MODEL["name"]
+    half = _encoder_tensors(tmp_path / "half.bin")
     assert all(torch.equal(half[k], v.half().float()) for k, v in want.items())
     assert not torch.distributed.is_initialized()  # consolidation is file reading: no process group
     with pytest.raises(FileNotFoundError, match=r"masking.automae.extractor_checkpoint '.*gone.pt' does not exist"):
-        weights.load_encoder_state(tmp_path / "gone.pt")
+        _encoder_tensors(tmp_path / "gone.pt")
 
 
 def test_export_round_trip_from_a_checkpoint(run, trained, tmp_path):
@@ -180,7 +189,7 @@ def test_broken_checkpoints_are_named(run, trained, tmp_path):
     write_zero2(tmp_path / "bare" / "checkpoints" / "step00000001", params, config=False)
     with pytest.raises(FileNotFoundError, match=r"has no config.yaml \(nor has its run folder"):
         weights.load_encoder(tmp_path / "bare")
-    assert _same(weights.load_encoder_state(tmp_path / "bare"), trained[0].state_dict())  # no model needed
+    assert _same(_encoder_tensors(tmp_path / "bare"), trained[0].state_dict())  # no model needed
     lost = tmp_path / "lost" / "step00000001"
     write_zero2(lost, params)
     (lost / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
@@ -190,4 +199,4 @@ def test_broken_checkpoints_are_named(run, trained, tmp_path):
     write_zero2(cut, params)
     (cut / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"truncated")
     with pytest.raises(ValueError, match=r"checkpoint .*step00000001 could not be consolidated"):
-        weights.load_encoder_state(cut)
+        _encoder_tensors(cut)
