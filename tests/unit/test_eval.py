@@ -245,16 +245,18 @@ def test_plot_writes_a_png(tmp_path):
 
 
 # ---------------------------------------------------------------- features and cache
-def test_extract_features_pools_the_normalized_whole_images_in_index_order(folder):
+def test_extract_features_pools_the_normalized_eval_crops_in_index_order(folder):
     enc = tiny_encoder()
     feats, labels = extract_features(enc, folder, "val", pool="mean", batch=5, num_workers=0)
     assert feats.shape == (24, 192) and feats.dtype == torch.float32
     assert labels.tolist() == [c for c in range(4) for _ in range(6)]
-    img = torch.from_numpy(np.array(Image.open(folder / "val" / "c2" / "003.png").convert("RGB"))).permute(2, 0, 1)
+    # the eval transform at S = 32: short side to round(32 / 0.875) = 37 (bicubic), center 32 x 32 at (2, 2)
+    pil = Image.open(folder / "val" / "c2" / "003.png").convert("RGB").resize((37, 37), Image.BICUBIC).crop((2, 2, 34, 34))
+    img = torch.from_numpy(np.array(pil)).permute(2, 0, 1)
     mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1) * 255
     std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1) * 255
     with torch.no_grad():
-        ref = enc(((img.float() - mean) / std)[None])[0, 1:].mean(0)  # 32x32 already: the resize is the identity
+        ref = enc(((img.float() - mean) / std)[None])[0, 1:].mean(0)
     assert torch.allclose(feats[2 * 6 + 3], ref, atol=1e-5)
     cls, _ = extract_features(enc, folder, "val", pool="cls", num_workers=0)
     with torch.no_grad():
