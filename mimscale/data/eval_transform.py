@@ -9,7 +9,9 @@ pipeline gives:
   - resize: the short side becomes R, the long side int(R * long / short) (torchvision truncates);
     PIL's bicubic filter, which widens its support when it shrinks (anti-aliased);
   - crop: left = round((w - S) / 2), top = round((h - S) / 2) (torchvision's CenterCrop).
-Images are decoded by PIL at full size and converted to RGB (grayscale, CMYK, palette, PNG, ...).
+Images are decoded at full size (never a reduced IDCT: its pixels differ): plain RGB / YCbCr /
+gray JPEGs by simplejpeg (libjpeg-turbo, the same pixels as PIL's decode and about twice as fast;
+the tests compare them), anything else by PIL, converted to RGB (CMYK, palette, PNG, ...).
 
 Used by every evaluation pass (probe and kNN features, CKA images, the in-training CKA check):
 the folder and synthetic full pass (``full_pass.WholeImages`` with a ``crop_pct``), the WebDataset
@@ -22,6 +24,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import simplejpeg
 from PIL import Image
 
 from mimscale.data.crop import Crop, UnreadableImage
@@ -78,6 +81,15 @@ def center_crop(data, size: int, crop_pct: float = CROP_PCT) -> Crop:
             raise ValueError(f"pixels {data.shape} {data.dtype}: expected [H, W, 3] uint8 RGB")
         image, box = transform_image(Image.fromarray(data), size, crop_pct)
         return Crop(image, box, False, False)
+    if data[:2] == b"\xff\xd8":
+        try:
+            colorspace = simplejpeg.decode_jpeg_header(data)[2]
+            if colorspace in ("RGB", "YCbCr", "Gray"):  # strict: warnings send the file to PIL, which decides
+                pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+                image, box = transform_image(Image.fromarray(pixels), size, crop_pct)
+                return Crop(image, box, False, False)
+        except ValueError:
+            pass
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()

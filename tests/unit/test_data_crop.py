@@ -401,3 +401,13 @@ def test_eval_transform_converts_odd_modes_and_rejects_unreadable_bytes():
     assert center_crop(_encode(cmyk, quality=95), 32).converted
     with pytest.raises(UnreadableImage):
         center_crop(b"\xff\xd8" + np.random.default_rng(2).bytes(3000), 32)
+
+
+def test_eval_transform_decodes_real_jpegs_to_pils_pixels():
+    """simplejpeg's full-size decode (the fast path) gives PIL's pixels, colour and gray ImageNet files alike."""
+    for path in [*_real_jpegs(40), _real_gray()]:
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as img:
+            ref = np.asarray(img.convert("RGB").resize(resized_shape(*img.size, 256), Image.BICUBIC))
+        left, top = center_offset(ref.shape[1], ref.shape[0], 224)
+        assert np.array_equal(center_crop(data, 224).image, ref[top:top + 224, left:left + 224]), path.name
