@@ -23,10 +23,11 @@ from mimscale.eval.probe import linear_probe
 @torch.no_grad()
 def block_features(encoder, split, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """-> ([depth, N, D] mean-pooled block outputs, labels [N])."""
+    from mimscale.data.eval_transform import CROP_PCT
     from mimscale.data.streams import open_full_pass
 
     feats, labels = [], []
-    for b in open_full_pass(split.cfg, split.source, encoder.img_size, batch, 0, 1, 0):
+    for b in open_full_pass(split.cfg, split.source, encoder.img_size, batch, 0, 1, 0, crop_pct=CROP_PCT):
         if len(b["image"]) == 0:
             continue
         outs, _ = walk_blocks(encoder, normalize(b["image"]), reduce=lambda t: t[:, 1:].mean(dim=1))

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from mimscale import dist
+from mimscale.data.eval_transform import CROP_PCT
 from mimscale.data.sources import FolderSource, SyntheticSource
 from mimscale.data.streams import open_full_pass
 from mimscale.eval.cka import health_check, pick_whole_images
@@ -22,12 +23,12 @@ RATIOS = (0.25, 0.5, 0.75)
 
 
 def fixed_images(data_cfg, source, img_size: int, count: int, seed: int) -> torch.Tensor:
-    """The same ``count`` whole images [N, 3, S, S] uint8 on every rank and every resume:
-    seeded random indices of an indexable source (synthetic, folder), else the first batch of a
-    single-rank whole-image pass (wds, ffcv)."""
+    """The same ``count`` images [N, 3, S, S] uint8 on every rank and every resume, through the
+    evaluation transform (as ``python -m mimscale.eval cka``): seeded random indices of an
+    indexable source (synthetic, folder), else the first batch of a single-rank full pass (wds, ffcv)."""
     if isinstance(source, (SyntheticSource, FolderSource)):
-        return pick_whole_images(source, img_size, count, seed)
-    images = next(iter(open_full_pass(data_cfg, source, img_size, count, 0, 1, seed)))["image"]
+        return pick_whole_images(source, img_size, count, seed, CROP_PCT)
+    images = next(iter(open_full_pass(data_cfg, source, img_size, count, 0, 1, seed, crop_pct=CROP_PCT)))["image"]
     if len(images) < 2:
         raise ValueError(f"CKA needs at least 2 images, the first whole-image batch has {len(images)}")
     return images

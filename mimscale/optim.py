@@ -1,10 +1,14 @@
-"""AdamW with MAE's parameter groups, and the per-step warmup + half-cycle cosine schedule."""
+"""AdamW with MAE's parameter groups, LARS as MAE's linear probe uses it, and the per-step warmup +
+half-cycle cosine schedule."""
 from __future__ import annotations
 
 import math
 
 import torch
+from timm.optim import Lars
 from torch import nn
+
+LARS_TRUST = 1e-3  # MAE's (and MoCo v3's) LARS trust coefficient
 
 # Parameters that never get weight decay: biases, norm weights (1-D), tokens, position embeddings.
 NO_DECAY_NAMES = ("cls_token", "mask_token", "pos_embed")
@@ -38,6 +42,22 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9
     temporaries per step, which on CPU costs more than the update itself."""
     groups = [g for g in param_groups(model, weight_decay) if g["params"]]
     return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused)
+
+
+def build_lars(model: nn.Module, lr: float, momentum: float = 0.9) -> Lars:
+    """LARS as MAE's linear probe runs it (MAE's util/lars.py, from MoCo v3), built on timm's Lars:
+    SGD with momentum whose matrices (and convs: ndim > 1) step by g * trust * ||w|| / ||g||, while
+    biases and norm parameters (ndim <= 1) are not adapted, as MAE excludes them. No weight decay
+    (MAE's probe uses 0; with decay timm's trust ratio divides by ||g|| + wd ||w||, MAE's by
+    ||g + wd w||, so the two would differ). eps 0: timm's ratio is then exactly MAE's, a zero
+    weight or gradient norm giving ratio 1 in both. The momentum buffer starts at the first
+    (adapted) gradient, MAE's at 0 + that gradient: the same."""
+    adapt, plain = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (adapt if p.ndim > 1 else plain).append(p)
+    groups = [{"params": adapt, "always_adapt": True}, {"params": plain, "always_adapt": False}]
+    return Lars([g for g in groups if g["params"]], lr=lr, momentum=momentum, weight_decay=0.0, trust_coeff=LARS_TRUST, eps=0.0)
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:

@@ -2,12 +2,14 @@
 
 Folder and synthetic sources are indexable by a global sample index (0..N-1, stable across runs
 and world sizes) and return either encoded bytes (``read``) or, for synthetic data, an RGB array
-(``array``). ``FfcvFile`` only counts its samples: FFCV's own loader reads them. (The WebDataset
-source, ``ShardIndex``, lives with its reader in wds_loader.py.)
+(``array``). ``FfcvFile`` counts its samples for FFCV's own loader (training, AMT's whole-image
+pass), and reads them one by one for the evaluation pass (``read``: the stored JPEG bytes or raw
+pixels, which ``mimscale.data.eval_transform`` resizes and crops). (The WebDataset source,
+``ShardIndex``, lives with its reader in wds_loader.py.)
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -91,10 +93,17 @@ class SyntheticSource:
 
 @dataclass
 class FfcvFile:
-    """A .beton written by ``python -m data_prep.ffcv`` (fields image, label, index)."""
+    """A .beton written by ``python -m data_prep.ffcv`` (fields image, label, index).
+
+    Indexable by .beton position (0..N-1) for the evaluation pass: ``read(pos)`` gives the stored
+    image (JPEG bytes, or raw pixels [H, W, 3] uint8 for a raw-mode sample), ``label(pos)`` and
+    ``global_index(pos)`` (the ``index`` field: the sample's global index, which differs from the
+    position when data_prep left a bad file out). The tables and the file's memory map are built
+    on first use, in the process that reads (a DataLoader worker)."""
 
     path: Path
     num_samples: int
+    _tables: dict = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def open(cls, path: str | Path) -> "FfcvFile":
@@ -111,6 +120,55 @@ class FfcvFile:
 
     def __len__(self) -> int:
         return self.num_samples
+
+    def __getstate__(self) -> dict:  # a memory map does not travel to a spawned worker: it rebuilds its own
+        return {"path": self.path, "num_samples": self.num_samples, "_tables": None}
+
+    def _read_tables(self) -> dict:
+        if self._tables is None:
+            from ffcv.reader import Reader
+
+            reader = Reader(str(self.path))
+            meta, names = reader.metadata, reader.field_names
+            image = meta[f"f{names.index('image')}"]  # (mode, width, height, data_ptr) per position
+            alloc = reader.alloc_table  # (sample_id, ptr, size) of every stored region
+            order = np.argsort(alloc["ptr"])
+            self._tables = {
+                "mode": np.asarray(image["mode"]), "width": np.asarray(image["width"]),
+                "height": np.asarray(image["height"]), "ptr": np.asarray(image["data_ptr"]),
+                "label": np.asarray(meta[f"f{names.index('label')}"], dtype=np.int64),
+                "index": np.asarray(meta[f"f{names.index('index')}"], dtype=np.int64),
+                "ptrs": np.asarray(alloc["ptr"][order]), "sizes": np.asarray(alloc["size"][order]),
+                "file": np.memmap(self.path, dtype=np.uint8, mode="r"),
+            }
+        return self._tables
+
+    def name(self, pos: int) -> str:
+        return f"{self.path}:{pos}"
+
+    def label(self, pos: int) -> int:
+        return int(self._read_tables()["label"][pos])
+
+    def global_index(self, pos: int) -> int:
+        return int(self._read_tables()["index"][pos])
+
+    def read(self, pos: int):
+        """The stored image of position ``pos``: JPEG bytes (FFCV's mode jpg), or pixels [H, W, 3]
+        uint8 (mode raw). A region's size is found as FFCV's own reader finds it: the allocation
+        whose pointer is the sample's data pointer."""
+        t = self._read_tables()
+        ptr = int(t["ptr"][pos])
+        at = int(np.searchsorted(t["ptrs"], ptr))
+        if at >= len(t["ptrs"]) or int(t["ptrs"][at]) != ptr:
+            raise OSError(f"{self.path}: position {pos} points at {ptr}, which no allocation starts at (a damaged .beton)")
+        data = t["file"][ptr:ptr + int(t["sizes"][at])]
+        if int(t["mode"][pos]) == _FFCV_RAW:
+            h, w = int(t["height"][pos]), int(t["width"][pos])
+            return np.array(data[:h * w * 3]).reshape(h, w, 3)
+        return data.tobytes()
+
+
+_FFCV_RAW = 1  # ffcv.fields.rgb_image.IMAGE_MODES["raw"] (jpg is 0), kept here so reading needs no numba import
 
 
 def indexed_source(data_cfg, seed: int = 0):

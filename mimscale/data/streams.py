@@ -9,8 +9,8 @@ collects the cursors so a checkpoint can record where each stream of this rank s
 Imports inside mimscale.data point down only (no cycle, none hidden in a function):
 
     streams -> loader     -> sampler, workers, sources -> imagenet, crop
-            -> full_pass  -> workers, sources, crop
-            -> wds_loader -> workers, crop
+            -> full_pass  -> workers, sources, crop, eval_transform -> crop
+            -> wds_loader -> workers, crop, eval_transform
             -> ffcv_loader -> sampler, ffcv_decode     (imported in ``_ffcv_loader``, see there)
     normalize (device side) and imagenet (the listing) import no other mimscale module.
 """
@@ -113,13 +113,20 @@ def open_stream(data_cfg, source, img_size: int, micro_batch: int, rank: int, wo
     return loader
 
 
-def open_full_pass(data_cfg, source, img_size: int, batch_size: int, rank: int, world_size: int, seed: int = 0) -> Iterable[dict]:
-    """This rank's share of one whole-image pass (batches and shares: see ``mimscale.data.full_pass``)."""
+def open_full_pass(data_cfg, source, img_size: int, batch_size: int, rank: int, world_size: int, seed: int = 0,
+                   crop_pct: Optional[float] = None) -> Iterable[dict]:
+    """This rank's share of one full pass (batches and shares: see ``mimscale.data.full_pass``).
+    ``crop_pct`` None: whole images resized to S x S (AMT's refresh); a float: the evaluation
+    transform of ``mimscale.data.eval_transform`` (every evaluation caller passes one)."""
     workers = data_cfg.num_workers
     if data_cfg.source == "wds":
-        return whole_image_stream(source, img_size, batch_size, rank, world_size, seed, workers)
+        return whole_image_stream(source, img_size, batch_size, rank, world_size, seed, workers, crop_pct)
+    if data_cfg.source == "ffcv" and crop_pct is not None:
+        # FFCV's pipeline resizes with OpenCV's INTER_AREA on a box, not PIL's bicubic: the eval pass
+        # reads the .beton's stored bytes itself and applies eval_transform after the decode.
+        return whole_image_loader(source, img_size, batch_size, rank, world_size, seed, workers, crop_pct)
     if data_cfg.source == "ffcv":
         ffcv = _ffcv_loader()
         return ffcv.build_ffcv_loader(str(source.path), img_size, batch_size, rank, world_size, seed, scale=None,
                                       num_workers=max(1, workers), mode="eval")
-    return whole_image_loader(source, img_size, batch_size, rank, world_size, seed, workers)
+    return whole_image_loader(source, img_size, batch_size, rank, world_size, seed, workers, crop_pct)

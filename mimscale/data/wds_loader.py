@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from mimscale.data.crop import UnreadableImage, crop_bytes
+from mimscale.data.eval_transform import center_crop, check_crop_pct
 from mimscale.data.workers import worker_init
 
 MANIFEST_FORMAT = "mimscale-wds/1"
@@ -138,9 +139,12 @@ class ShardStream(IterableDataset):
 
     def __init__(self, index: ShardIndex, size: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  scale=(0.2, 1.0), hflip: float = 0.5, shuffle_buffer: int = 2000, mode: str = "train",
-                 cursors: Optional[dict[int, int]] = None, stream_offset: int = 0, max_bad_in_a_row: int = 64):
+                 cursors: Optional[dict[int, int]] = None, stream_offset: int = 0, max_bad_in_a_row: int = 64,
+                 crop_pct: Optional[float] = None):
         if mode not in ("train", "eval"):
             raise ValueError(f"mode {mode!r}: allowed values: train, eval")
+        if crop_pct is not None and mode != "eval":
+            raise ValueError("crop_pct (the evaluation transform) needs mode='eval'")
         self.index = index
         self.size = size
         self.batch_size = batch_size
@@ -148,6 +152,8 @@ class ShardStream(IterableDataset):
         self.world = world_size
         self.seed = seed
         self.scale = None if scale is None else tuple(scale)  # None: whole images (crop.py)
+        # the evaluation transform (eval_transform.py) instead of a crop; None: ``scale`` decides
+        self.crop_pct = None if crop_pct is None else check_crop_pct(crop_pct)
         self.hflip = hflip
         self.buffer = max(1, shuffle_buffer)
         self.mode = mode
@@ -188,8 +194,10 @@ class ShardStream(IterableDataset):
     # ---------------------------------------------------------------- decoding
     def _decode(self, rec: dict, key: list[int]):
         meta = json.loads(rec["json"])
-        rng = np.random.default_rng(key)
-        crop = crop_bytes(rec["jpg"], rng, self.size, self.scale, self.hflip)
+        if self.crop_pct is not None:
+            crop = center_crop(rec["jpg"], self.size, self.crop_pct)
+        else:
+            crop = crop_bytes(rec["jpg"], np.random.default_rng(key), self.size, self.scale, self.hflip)
         return crop, int(meta["index"]), int(rec["cls"])
 
     def __iter__(self) -> Iterator[dict]:
@@ -258,9 +266,11 @@ def build_wds_loader(index: ShardIndex, data_cfg, img_size: int, micro_batch: in
 
 
 def whole_image_stream(index: ShardIndex, img_size: int, batch_size: int, rank: int, world_size: int, seed: int = 0,
-                       num_workers: int = 0) -> DataLoader:
-    """This rank's share of one whole-image pass (see mimscale/data/full_pass.py): eval mode, each
-    shard read once by one (rank, worker) slot, whole images resized to img_size, no flip."""
-    stream = ShardStream(index, img_size, batch_size, rank, world_size, seed, scale=None, hflip=0.0, mode="eval")
+                       num_workers: int = 0, crop_pct: Optional[float] = None) -> DataLoader:
+    """This rank's share of one full pass (see mimscale/data/full_pass.py): eval mode, each shard
+    read once by one (rank, worker) slot, no flip; ``crop_pct`` None: whole images resized to
+    img_size (AMT), else the evaluation transform (mimscale/data/eval_transform.py)."""
+    stream = ShardStream(index, img_size, batch_size, rank, world_size, seed, scale=None, hflip=0.0, mode="eval",
+                         crop_pct=crop_pct)
     return DataLoader(stream, batch_size=None, num_workers=num_workers, worker_init_fn=worker_init if num_workers else None,
                       generator=torch.Generator().manual_seed(seed))

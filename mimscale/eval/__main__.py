@@ -1,11 +1,12 @@
 """Evaluate a pretrained encoder: linear probe, weighted kNN, occlusion-invariance CKA.
 
-    python -m mimscale.eval probe --checkpoint runs/x --data /data/cifar10 [--pool cls|mean] [--json]
+    python -m mimscale.eval probe --checkpoint runs/x --data /data/cifar10 [--recipe fast|mae] [--pool cls|mean] [--json]
     python -m mimscale.eval knn   --checkpoint runs/x --data /data/cifar10 [--k 20] [--json]
     python -m mimscale.eval cka   --checkpoint runs/x --data /data/cifar10 [--plot cka.png] [--json]
     deepspeed --num_gpus 8 --module mimscale.eval probe ...   # every rank extracts its share
 
-``--checkpoint random:vit_tiny:32:4`` evaluates an untrained encoder (seeded by --seed). Features
+Images: short side resized to round(S / --crop-pct) (bicubic, 0.875), S x S center crop
+(mimscale.data.eval_transform). ``--checkpoint random:vit_tiny:32:4`` evaluates an untrained encoder (seeded by --seed). Features
 are cached (``--cache``, default ``<checkpoint>/eval_cache``): probe and knn on the same checkpoint
 and data extract them once. Exit status 2 for a bad argument, naming it.
 """
@@ -26,12 +27,13 @@ import json  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mimscale import dist  # noqa: E402
+from mimscale.data.eval_transform import CROP_PCT, check_crop_pct  # noqa: E402
 from mimscale.data.imagenet import LayoutError, list_split  # noqa: E402
 from mimscale.data.sources import FolderSource  # noqa: E402
 from mimscale.eval.cka import DEFAULT_RATIOS, check_ratios, cka_by_block, pick_whole_images, plot, summarize  # noqa: E402
 from mimscale.eval.features import ListedImages, OptionError, eval_splits, log, open_checkpoint, split_features  # noqa: E402
 from mimscale.eval.knn import knn_classify  # noqa: E402
-from mimscale.eval.probe import linear_probe  # noqa: E402
+from mimscale.eval.probe import RECIPES, linear_probe  # noqa: E402
 
 
 def _positive(kind, allow_zero: bool = False):
@@ -55,6 +57,13 @@ def _ratios(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"{text!r}: {e} (expected comma-separated drop ratios in [0, 1), e.g. 0.1,0.5,0.9)") from None
 
 
+def _crop_pct(text: str) -> float:
+    try:
+        return check_crop_pct(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mimscale.eval", description=__doc__.split("\n")[0])
     p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
@@ -68,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--workers", type=_positive(int, allow_zero=True), default=4, help="DataLoader workers (folder, wds) / FFCV threads")
     common.add_argument("--threads", type=_positive(int, allow_zero=True), default=0, help="torch threads per rank (0: cores / local ranks)")
     common.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    common.add_argument("--crop-pct", type=_crop_pct, default=CROP_PCT,
+                        help="eval transform: short side resized to round(S / crop_pct) (bicubic), center crop S (default 0.875)")
 
     feat = argparse.ArgumentParser(add_help=False)
     feat.add_argument("--data", help="ImageFolder root with train/ and val/ (or test/); wds: the shard folder")
@@ -78,10 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
     feat.add_argument("--cache", help="feature cache folder (default <checkpoint>/eval_cache; random: a temp folder)")
 
     pr = sub.add_parser("probe", parents=[common, feat], help="linear probe (BatchNorm + Linear on frozen features)")
-    pr.add_argument("--epochs", type=_positive(int), default=50)
-    pr.add_argument("--lr", type=_positive(float), default=1e-3, help="AdamW peak lr (cosine to 0)")
-    pr.add_argument("--wd", type=_positive(float, allow_zero=True), default=0.0, help="AdamW weight decay")
-    pr.add_argument("--probe-batch", type=_positive(int), default=256)
+    pr.add_argument("--recipe", choices=tuple(RECIPES), default="fast",
+                    help="fast: AdamW, batch 256, 50 epochs; mae: MAE's LARS protocol (batch 16384, 90 epochs, 10 warm-up)")
+    pr.add_argument("--epochs", type=_positive(int), default=None, help="default: the recipe's (fast 50, mae 90)")
+    pr.add_argument("--lr", type=_positive(float), default=None,
+                    help="peak lr, not scaled (default: fast 1e-3; mae --blr x batch / 256); cosine to 0")
+    pr.add_argument("--blr", type=_positive(float), default=None, help="mae: base lr scaled by batch / 256 (default 0.1)")
+    pr.add_argument("--warmup-epochs", type=_positive(int, allow_zero=True), default=None, help="default: fast 0, mae 10")
+    pr.add_argument("--wd", type=_positive(float, allow_zero=True), default=None, help="weight decay (fast only; default 0)")
+    pr.add_argument("--probe-batch", type=_positive(int), default=None,
+                    help="default: fast 256, mae 16384 (both clamped to the training set's size)")
 
     kn = sub.add_parser("knn", parents=[common, feat], help="weighted kNN on L2-normalized features")
     kn.add_argument("--k", type=_positive(int), default=20)
@@ -115,7 +132,7 @@ def run_features_task(args) -> tuple[int, str]:
         dist.init_distributed()
     try:
         feats = split_features(ckpt, pool=args.pool, cache=args.cache, batch=args.batch, seed=args.seed, device=dist.device(),
-                               splits=splits)
+                               splits=splits, crop_pct=args.crop_pct)
     except OptionError as e:  # an unwritable cache folder: the same on every rank
         return _fail(e)
     if world > 1:
@@ -126,12 +143,16 @@ def run_features_task(args) -> tuple[int, str]:
         log(f"evaluating on {splits[1].split}/ (no val/ split)")
     fit_device = dist.device()
     if args.task == "probe":
-        res = linear_probe(feats.train_f, feats.train_y, feats.val_f, feats.val_y, feats.classes, epochs=args.epochs,
-                           batch=args.probe_batch, lr=args.lr, weight_decay=args.wd, seed=args.seed, device=fit_device)
+        try:
+            res = linear_probe(feats.train_f, feats.train_y, feats.val_f, feats.val_y, feats.classes, recipe=args.recipe,
+                               epochs=args.epochs, batch=args.probe_batch, lr=args.lr, base_lr=args.blr,
+                               warmup_epochs=args.warmup_epochs, weight_decay=args.wd, seed=args.seed, device=fit_device)
+        except ValueError as e:  # a setting the recipe does not take (named by resolve_recipe)
+            return _fail(OptionError(f"--recipe {args.recipe}", str(e)))
     else:
         res = knn_classify(feats.train_f, feats.train_y, feats.val_f, feats.val_y, feats.classes, k=args.k,
                            T=args.temperature, device=fit_device)
-    res.update(pool=feats.pool, checkpoint=feats.checkpoint, model=feats.model, val_split=feats.val_split,
+    res.update(pool=feats.pool, crop_pct=feats.crop_pct, checkpoint=feats.checkpoint, model=feats.model, val_split=feats.val_split,
                skipped=feats.skipped, dim=int(feats.train_f.shape[1]))
     if args.json:
         return 0, json.dumps(res)
@@ -159,7 +180,7 @@ def run_cka(args) -> tuple[int, str]:
     else:
         source = ListedImages(listing)
     size = ckpt.model["img_size"]
-    images = pick_whole_images(source, size, args.images, args.seed)  # [N, 3, S, S] uint8
+    images = pick_whole_images(source, size, args.images, args.seed, args.crop_pct)  # [N, 3, S, S] uint8
     encoder = ckpt.load()
     ratios = args.ratios or DEFAULT_RATIOS
     result = cka_by_block(encoder, images, ratios, args.seed, tokens=args.tokens, batch=args.batch, device=dist.device())
@@ -169,7 +190,7 @@ def run_cka(args) -> tuple[int, str]:
         log(f"plot written to {args.plot}")
     if args.json:
         return 0, json.dumps({"checkpoint": args.checkpoint, "model": ckpt.model, "images": len(images), "split": args.split,
-                              "tokens": args.tokens, "seed": args.seed, "cka": {f"{r:g}": v for r, v in result.items()},
+                              "tokens": args.tokens, "seed": args.seed, "crop_pct": args.crop_pct, "cka": {f"{r:g}": v for r, v in result.items()},
                               "mean": {f"{r:g}": float(np.mean(v)) for r, v in result.items()}, "plot": args.plot})
     return 0, (f"linear CKA, full vs occluded images, per block ({args.checkpoint}, {len(images)} images, tokens {args.tokens})\n"
                + summarize(result))

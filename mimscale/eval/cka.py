@@ -28,6 +28,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 import torch
 
+from mimscale.data.eval_transform import CROP_PCT
 from mimscale.data.full_pass import WholeImages
 from mimscale.eval.features import normalize
 from mimscale.models.vit import gather_tokens
@@ -184,12 +185,14 @@ def health_check(encoder, images: torch.Tensor, ratios: Sequence[float] = (0.25,
     return out
 
 
-def pick_whole_images(source, size: int, count: int, seed: int) -> torch.Tensor:
-    """``count`` whole images [N, 3, size, size] uint8 of an indexable source (len, read/array,
-    name, label: folder, synthetic, a listing), at seeded random indices, in index order. An
+def pick_whole_images(source, size: int, count: int, seed: int, crop_pct: float = CROP_PCT) -> torch.Tensor:
+    """``count`` images [N, 3, size, size] uint8 of an indexable source (len, read/array, name,
+    label: folder, synthetic, a listing) through the evaluation transform (short side resized to
+    round(size / crop_pct), bicubic, center crop; mimscale.data.eval_transform), at seeded random
+    indices, in index order. An
     unreadable file is replaced by the next index of the permutation, so N = min(count, readable
     images) and the CLI, the quality benchmark and the in-training check measure on equal N."""
-    whole = WholeImages(source, size)
+    whole = WholeImages(source, size, crop_pct)
     picked: dict[int, torch.Tensor] = {}
     for i in np.random.default_rng(seed).permutation(len(source)):
         s = whole[int(i)]

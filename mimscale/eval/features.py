@@ -11,12 +11,13 @@
   ``mimscale.data.imagenet.list_split`` so the val labels follow train's class order (or
   ``synsets.txt``) and a flat ImageNet ``val/`` with its CSV works too. ``wds``: a shard folder
   with ``train-manifest.json`` and ``val-`` (or ``test-``) ``manifest.json``. ``ffcv``: two .beton
-  files. Every split is read by ``mimscale.data.full_pass``: whole images resized to the model's
-  S x S, no flip, each sample exactly once across ranks.
+  files. Every split is read by ``mimscale.data.full_pass`` with the evaluation transform
+  (``mimscale.data.eval_transform``): the short side resized to round(S / crop_pct) (bicubic,
+  crop_pct 0.875 by default) and the S x S center kept, no flip, each sample exactly once across ranks.
 - **Features.** ``encoder(x)`` [B, 1 + L, D] (after the final norm) on inputs normalized as in
   training, pooled to [B, D]: the CLS token (``cls``) or the mean of the patch tokens (``mean``).
   Both pools come out of the same forward, so both are cached at once.
-- **Cache.** One file per (checkpoint identity, data identity, split, pool, img_size) in the cache
+- **Cache.** One file per (checkpoint identity, data identity, split, pool, img_size, transform) in the cache
   folder (default ``<checkpoint>/eval_cache``, or a per-user temp folder for ``random:``). A rerun
   on the same checkpoint and data loads it and builds no encoder.
 - **Ranks.** Under the deepspeed launcher each rank extracts its share and writes it to the cache
@@ -39,6 +40,7 @@ import torch
 
 from mimscale import dist
 from mimscale.config import DataConfig
+from mimscale.data.eval_transform import CROP_PCT, check_crop_pct
 from mimscale.data.imagenet import LayoutError, list_split
 from mimscale.data.normalize import normalize_uint8
 from mimscale.data.sources import FfcvFile
@@ -50,7 +52,7 @@ from mimscale.weights import build_encoder, load_encoder, locate, model_section
 POOLS = ("cls", "mean")
 SOURCES = ("folder", "wds", "ffcv")
 VAL_SPLITS = ("val", "test")  # the first one present is the evaluation split
-CACHE_FORMAT = 1  # bump when what a cache file holds changes
+CACHE_FORMAT = 2  # bump when what a cache file holds changes (2: the eval transform, not squashed images)
 
 
 class OptionError(ValueError):
@@ -231,15 +233,16 @@ def pool_tokens(tokens: torch.Tensor, pool: str) -> torch.Tensor:
 
 @torch.no_grad()  # not inference_mode: a probe later trains on these tensors
 def extract_share(encoder, split: SplitData, img_size: int, batch: int = 128, rank: int = 0, world: int = 1, seed: int = 0,
-                  device=None, pools=POOLS) -> dict:
-    """This rank's share of one full pass -> {"index" [n] int64, "label" [n] int64, "skipped": int,
-    <pool>: [n, D] float32 for each pool} (CPU tensors, in the order the pass produced them)."""
+                  device=None, pools=POOLS, crop_pct: float = CROP_PCT) -> dict:
+    """This rank's share of one full pass (images [B, 3, S, S] through the evaluation transform)
+    -> {"index" [n] int64, "label" [n] int64, "skipped": int, <pool>: [n, D] float32 for each pool}
+    (CPU tensors, in the order the pass produced them)."""
     device = torch.device(device or "cpu")
     encoder = encoder.to(device)
     dtype = encoder.patch_embed.proj.weight.dtype
     out = {"index": [], "label": [], **{p: [] for p in pools}}
     skipped = 0
-    for b in open_full_pass(split.cfg, split.source, img_size, batch, rank, world, seed):
+    for b in open_full_pass(split.cfg, split.source, img_size, batch, rank, world, seed, crop_pct=check_crop_pct(crop_pct)):
         skipped += int(b.get("skipped", 0))
         if not len(b["index"]):
             continue
@@ -270,23 +273,28 @@ def _in_index_order(parts: list[dict], pools) -> dict:
 
 
 def extract_features(encoder, data, split: str = "train", *, pool: str = "cls", source: str = "folder", batch: int = 128,
-                     num_workers: int = 2, device=None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                     num_workers: int = 2, device=None, seed: int = 0, crop_pct: float = CROP_PCT) -> tuple[torch.Tensor, torch.Tensor]:
     """In-process extraction, no cache: (feats [N, D] float32, labels [N] int64) in global-index
     order. ``data``: an ImageFolder root / shard folder / .beton (with ``split``), or a SplitData.
-    Images are resized to ``encoder.img_size``."""
+    Images go through the evaluation transform to ``encoder.img_size`` (``crop_pct``)."""
     if pool not in POOLS:
         raise OptionError("--pool", f"{pool!r}: allowed values: {', '.join(POOLS)}")
     sd = data if isinstance(data, SplitData) else open_split(data, split, source, num_workers)
-    share = extract_share(encoder, sd, encoder.img_size, batch, 0, 1, seed, device, pools=(pool,))
+    share = extract_share(encoder, sd, encoder.img_size, batch, 0, 1, seed, device, pools=(pool,), crop_pct=crop_pct)
     res = _in_index_order([share], (pool,))
     return res[pool], res["label"]
 
 
 # --------------------------------------------------------------------------- cache, all ranks
-def cache_file(cache_dir: Path, ckpt: Checkpoint, split: SplitData, pool: str) -> tuple[Path, dict]:
+def transform_identity(crop_pct: float) -> str:
+    """The evaluation transform as the cache records it: features of another transform are not reused."""
+    return f"resize-short-bicubic+center-crop|crop_pct={check_crop_pct(crop_pct):g}"
+
+
+def cache_file(cache_dir: Path, ckpt: Checkpoint, split: SplitData, pool: str, crop_pct: float = CROP_PCT) -> tuple[Path, dict]:
     """(file, identity) of one cache entry; the identity is stored in the file and checked on load."""
     ident = {"format": CACHE_FORMAT, "checkpoint": ckpt.identity, "data": split.identity, "split": split.split,
-             "pool": pool, "img_size": ckpt.model["img_size"]}
+             "pool": pool, "img_size": ckpt.model["img_size"], "transform": transform_identity(crop_pct)}
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
     return Path(cache_dir) / f"{split.split}-{pool}-{digest}.pt", ident
 
@@ -303,12 +311,12 @@ def _atomic_save(obj, path: Path) -> None:
 
 
 def cached_split(ckpt: Checkpoint, split: SplitData, pool: str, cache_dir, get_encoder: Callable, *, batch: int = 128,
-                 rank: int = 0, world: int = 1, device=None, seed: int = 0) -> Optional[dict]:
+                 rank: int = 0, world: int = 1, device=None, seed: int = 0, crop_pct: float = CROP_PCT) -> Optional[dict]:
     """{"feats" [N, D] float32, "labels" [N] int64, "index" [N], "skipped"} on rank 0, None on the
     others. Every rank must call it (the ranks meet at barriers when there is something to extract).
     ``get_encoder()`` is called (once per split at most) only when the entry is not cached."""
     cache_dir = Path(cache_dir)
-    path, ident = cache_file(cache_dir, ckpt, split, pool)
+    path, ident = cache_file(cache_dir, ckpt, split, pool, crop_pct)
     dist.barrier()  # no rank checks the cache while another is still writing this invocation's entries
     if path.is_file():  # every rank takes the same branch: the file was complete before the barrier
         if rank != 0:
@@ -323,7 +331,7 @@ def cached_split(ckpt: Checkpoint, split: SplitData, pool: str, cache_dir, get_e
     except OSError as e:
         raise OptionError("--cache", f"cannot create {cache_dir} ({e.strerror}): pass a writable --cache folder") from None
     encoder = get_encoder()
-    share = extract_share(encoder, split, ckpt.model["img_size"], batch, rank, world, seed, device)
+    share = extract_share(encoder, split, ckpt.model["img_size"], batch, rank, world, seed, device, crop_pct=crop_pct)
     digest = path.stem.split("-", 2)[-1]  # in the part names: parts of different jobs never mix
 
     def part(r: int) -> Path:
@@ -339,7 +347,7 @@ def cached_split(ckpt: Checkpoint, split: SplitData, pool: str, cache_dir, get_e
     merged = _in_index_order(parts, POOLS)
     result = None
     for p in POOLS:  # both pools came out of the same forward: cache both
-        p_path, p_ident = cache_file(cache_dir, ckpt, split, p)
+        p_path, p_ident = cache_file(cache_dir, ckpt, split, p, crop_pct)
         entry = {"identity": p_ident, "feats": merged[p], "labels": merged["label"], "index": merged["index"],
                  "skipped": merged["skipped"]}
         _atomic_save(entry, p_path)
@@ -365,17 +373,23 @@ class EvalFeatures:
     model: dict
     pool: str
     skipped: int = 0
+    crop_pct: float = CROP_PCT  # the evaluation transform's (mimscale.data.eval_transform)
     class_names: Optional[list[str]] = field(default=None, repr=False)
 
 
 def split_features(checkpoint, data=None, *, pool: str = "cls", source: str = "folder", train_data=None, val_data=None,
                    cache=None, batch: int = 128, num_workers: int = 2, seed: int = 0, device=None,
-                   splits: Optional[tuple[SplitData, SplitData]] = None) -> Optional[EvalFeatures]:
+                   splits: Optional[tuple[SplitData, SplitData]] = None, crop_pct: float = CROP_PCT) -> Optional[EvalFeatures]:
     """Features of the train and val (or test) splits, from the cache or extracted (see the module
     docstring). ``checkpoint``: a spec string or an ``open_checkpoint`` result; ``splits``: an
     ``eval_splits`` result (else built from data/source/train_data/val_data). Call it on every rank
     of a launched job (process group initialized when there is more than one); returns the
-    features on rank 0 and None on the others."""
+    features on rank 0 and None on the others. ``crop_pct``: the evaluation transform's
+    (``mimscale.data.eval_transform``), part of the cache identity."""
+    try:
+        crop_pct = check_crop_pct(crop_pct)
+    except ValueError as e:
+        raise OptionError("--crop-pct", str(e)) from None
     if pool not in POOLS:
         raise OptionError("--pool", f"{pool!r}: allowed values: {', '.join(POOLS)}")
     if batch < 1:
@@ -396,7 +410,7 @@ def split_features(checkpoint, data=None, *, pool: str = "cls", source: str = "f
             encoder.append(ckpt.load())
         return encoder[0]
 
-    kw = dict(batch=batch, rank=rank, world=world, device=device, seed=seed)
+    kw = dict(batch=batch, rank=rank, world=world, device=device, seed=seed, crop_pct=crop_pct)
     tr = cached_split(ckpt, train, pool, cache_dir, get_encoder, **kw)
     va = cached_split(ckpt, val, pool, cache_dir, get_encoder, **kw)
     if rank != 0:
@@ -407,4 +421,4 @@ def split_features(checkpoint, data=None, *, pool: str = "cls", source: str = "f
     else:  # ffcv keeps no class list: the labels present say how many there are at least
         classes = int(torch.cat([tr["labels"], va["labels"], torch.tensor([-1])]).max()) + 1
     return EvalFeatures(tr["feats"], tr["labels"], va["feats"], va["labels"], classes, val.split, ckpt.spec, ckpt.model, pool,
-                        tr["skipped"] + va["skipped"], names)
+                        tr["skipped"] + va["skipped"], crop_pct, names)

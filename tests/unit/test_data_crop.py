@@ -1,5 +1,5 @@
 """mimscale.data.crop: RandomResizedCrop geometry, the box vs the pixels, reduced decodes, flips,
-odd and unreadable files."""
+odd and unreadable files; mimscale.data.eval_transform: the evaluation resize + center crop."""
 from __future__ import annotations
 
 import io
@@ -13,6 +13,7 @@ from PIL import Image
 
 import mimscale.data.crop as crop_mod
 from mimscale.data.crop import RATIO, UnreadableImage, crop_array, crop_bytes, sample_box
+from mimscale.data.eval_transform import center_crop, center_offset, resize_size, resized_shape
 
 SAMPLE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "imagenet-sample" / "train"
 GRAY_REAL = "n02096051/n02096051_Airedale.JPEG"  # a real grayscale ("L") ImageNet JPEG
@@ -346,3 +347,67 @@ def test_crop_bytes_corrupt_scan_data_is_unreadable():
         real[p] = int(rng.integers(0, 256))
     with pytest.raises(UnreadableImage):
         crop_bytes(bytes(real), np.random.default_rng(0), 224, scale=(1.0, 1.0))
+
+
+# ----------------------------------------------------------------------------------------------
+# the evaluation transform (mimscale.data.eval_transform): short side to round(S / crop_pct),
+# bicubic, center S x S. References are PIL's own resize + crop with the numbers written out.
+
+
+def test_eval_transform_of_a_300x200_image_is_pils_resize_then_center_crop():
+    """224 / 0.875 = 256: 300x200 -> 384x256, center 224 x 224 at (80, 16); portrait alike."""
+    for (w, h), resized, offset in (((300, 200), (384, 256), (80, 16)), ((200, 300), (256, 384), (16, 80))):
+        arr = _waves(w, h, period=23)
+        img = Image.fromarray(arr)
+        ref = np.asarray(img.resize(resized, Image.BICUBIC).crop((*offset, offset[0] + 224, offset[1] + 224)))
+        from_array = center_crop(arr, 224)
+        assert from_array.image.shape == (224, 224, 3) and from_array.image.dtype == np.uint8
+        assert np.array_equal(from_array.image, ref)
+        assert from_array.box == (offset[0] / resized[0], offset[1] / resized[1],
+                                  (offset[0] + 224) / resized[0], (offset[1] + 224) / resized[1])
+        assert not from_array.flip and not from_array.converted
+        png = _encode(img, "PNG")  # lossless: the decoded pixels are arr's
+        assert np.array_equal(center_crop(png, 224).image, ref) and center_crop(png, 224).converted
+        jpg = _encode(img, quality=90)
+        decoded = Image.open(io.BytesIO(jpg)).convert("RGB")
+        from_jpeg = center_crop(jpg, 224)
+        assert np.array_equal(from_jpeg.image, np.asarray(decoded.resize(resized, Image.BICUBIC).crop(
+            (*offset, offset[0] + 224, offset[1] + 224))))
+        assert not from_jpeg.converted
+
+
+def test_eval_transform_sizes_follow_torchvision():
+    """Resize(R) truncates the long side; CenterCrop rounds its offsets; crop_pct 1 keeps the short side."""
+    assert resize_size(224) == 256 and resize_size(32) == 37 and resize_size(224, 1.0) == 224 and resize_size(384, 0.75) == 512
+    assert resized_shape(97, 61, 37) == (58, 37)  # 37 * 97 / 61 = 58.8 -> 58
+    assert resized_shape(61, 97, 37) == (37, 58)
+    assert center_offset(58, 37, 32) == (13, 2)  # round(2.5) = 2, as torchvision's int(round(...))
+    arr = _gradient(97, 61)
+    ref = np.asarray(Image.fromarray(arr).resize((58, 37), Image.BICUBIC).crop((13, 2, 45, 34)))
+    assert np.array_equal(center_crop(arr, 32).image, ref)
+    whole_short = center_crop(arr, 61, crop_pct=1.0)  # no resize: the central 61 x 61
+    assert np.array_equal(whole_short.image, arr[:, 18:79])
+    for bad in (0, 1.5, -0.1, "x"):
+        with pytest.raises(ValueError, match="crop_pct"):
+            center_crop(arr, 32, crop_pct=bad)
+
+
+def test_eval_transform_converts_odd_modes_and_rejects_unreadable_bytes():
+    gray = Image.fromarray(_gradient(80, 60)[..., 0])
+    out = center_crop(_encode(gray, quality=95), 32)
+    assert out.image.shape == (32, 32, 3) and not out.converted  # a gray JPEG is a plain one
+    assert np.array_equal(out.image[..., 0], out.image[..., 2])
+    cmyk = Image.fromarray(_gradient(80, 60)).convert("CMYK")
+    assert center_crop(_encode(cmyk, quality=95), 32).converted
+    with pytest.raises(UnreadableImage):
+        center_crop(b"\xff\xd8" + np.random.default_rng(2).bytes(3000), 32)
+
+
+def test_eval_transform_decodes_real_jpegs_to_pils_pixels():
+    """simplejpeg's full-size decode (the fast path) gives PIL's pixels, colour and gray ImageNet files alike."""
+    for path in [*_real_jpegs(40), _real_gray()]:
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as img:
+            ref = np.asarray(img.convert("RGB").resize(resized_shape(*img.size, 256), Image.BICUBIC))
+        left, top = center_offset(ref.shape[1], ref.shape[0], 224)
+        assert np.array_equal(center_crop(data, 224).image, ref[top:top + 224, left:left + 224]), path.name

@@ -3,6 +3,7 @@ feature extraction and its cache, and the CLI (in process; the 2-rank launch is 
 tests/integration/test_eval.py)."""
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -15,11 +16,14 @@ import pytest
 import torch
 from PIL import Image
 
-from mimscale.eval.__main__ import main
+from mimscale.data.eval_transform import CROP_PCT, center_crop
+from mimscale.data.streams import open_full_pass
+from mimscale.eval.__main__ import build_parser, main
 from mimscale.eval.cka import cka_by_block, drop_masks, health_check, linear_cka, plot, summarize, walk_blocks
 from mimscale.eval.features import (
     Checkpoint,
     OptionError,
+    cache_file,
     cached_split,
     eval_splits,
     extract_features,
@@ -29,7 +33,8 @@ from mimscale.eval.features import (
     split_features,
 )
 from mimscale.eval.knn import knn_classify
-from mimscale.eval.probe import linear_probe
+from mimscale.eval.probe import RECIPES, linear_probe, probe_head, resolve_recipe
+from mimscale.optim import build_lars
 from mimscale.weights import build_encoder
 
 REPO = Path(__file__).resolve().parents[2]
@@ -245,16 +250,18 @@ def test_plot_writes_a_png(tmp_path):
 
 
 # ---------------------------------------------------------------- features and cache
-def test_extract_features_pools_the_normalized_whole_images_in_index_order(folder):
+def test_extract_features_pools_the_normalized_eval_crops_in_index_order(folder):
     enc = tiny_encoder()
     feats, labels = extract_features(enc, folder, "val", pool="mean", batch=5, num_workers=0)
     assert feats.shape == (24, 192) and feats.dtype == torch.float32
     assert labels.tolist() == [c for c in range(4) for _ in range(6)]
-    img = torch.from_numpy(np.array(Image.open(folder / "val" / "c2" / "003.png").convert("RGB"))).permute(2, 0, 1)
+    # the eval transform at S = 32: short side to round(32 / 0.875) = 37 (bicubic), center 32 x 32 at (2, 2)
+    pil = Image.open(folder / "val" / "c2" / "003.png").convert("RGB").resize((37, 37), Image.BICUBIC).crop((2, 2, 34, 34))
+    img = torch.from_numpy(np.array(pil)).permute(2, 0, 1)
     mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1) * 255
     std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1) * 255
     with torch.no_grad():
-        ref = enc(((img.float() - mean) / std)[None])[0, 1:].mean(0)  # 32x32 already: the resize is the identity
+        ref = enc(((img.float() - mean) / std)[None])[0, 1:].mean(0)
     assert torch.allclose(feats[2 * 6 + 3], ref, atol=1e-5)
     cls, _ = extract_features(enc, folder, "val", pool="cls", num_workers=0)
     with torch.no_grad():
@@ -286,6 +293,23 @@ def test_cache_is_reused_without_building_the_encoder(folder, tmp_path):
     # another seed is another encoder: another entry
     cached_split(open_checkpoint(RANDOM, seed=4), split, "cls", tmp_path, open_checkpoint(RANDOM, seed=4).load, batch=8)
     assert len(list(tmp_path.iterdir())) == 4
+
+
+def test_the_eval_transform_is_part_of_the_cache_identity(folder, tmp_path):
+    """Features of another crop_pct, or of the old squashed images (cache format 1), are not reused."""
+    ckpt = open_checkpoint(RANDOM)
+    split = open_split(folder, "val", num_workers=0)
+    default, ident = cache_file(tmp_path, ckpt, split, "cls")
+    assert ident["format"] == 2 and ident["transform"] == "resize-short-bicubic+center-crop|crop_pct=0.875"
+    assert cache_file(tmp_path, ckpt, split, "cls", 0.875) == (default, ident)
+    other, other_ident = cache_file(tmp_path, ckpt, split, "cls", 1.0)
+    assert other != default and other_ident["transform"].endswith("crop_pct=1")
+    a = split_features(ckpt, folder, cache=tmp_path, num_workers=0, batch=32)
+    b = split_features(ckpt, folder, cache=tmp_path, num_workers=0, batch=32, crop_pct=1.0)
+    assert (a.crop_pct, b.crop_pct) == (0.875, 1.0) and not torch.equal(a.val_f, b.val_f)
+    assert len(list(tmp_path.glob("val-*.pt"))) == 4  # two transforms x two pools
+    with pytest.raises(OptionError, match="--crop-pct"):
+        split_features(ckpt, folder, cache=tmp_path, num_workers=0, crop_pct=0.0)
 
 
 def test_checkpoint_identity_follows_the_weights(tmp_path):
@@ -423,3 +447,186 @@ def test_split_features_returns_both_splits_and_class_count(folder, tmp_path):
     f = split_features(RANDOM, folder, cache=tmp_path, num_workers=0, batch=16)
     assert f.train_f.shape == (48, 192) and f.val_f.shape == (24, 192) and f.classes == 4 and f.val_split == "val"
     assert f.class_names == ["c0", "c1", "c2", "c3"] and f.checkpoint == RANDOM
+
+
+# ---------------------------------------------------------------- one eval transform on every source
+ODD_SIZES = [(48, 40), (40, 56), (61, 97), (33, 33), (100, 36)]  # (W, H): landscape, portrait, square, very wide
+
+
+def write_odd_folder(root: Path, per_class: int = 3, classes: int = 2) -> tuple[Path, dict[int, np.ndarray]]:
+    """<root>/train/c<k>/<i>.jpg of non-square sizes -> (root, {global index: decoded RGB pixels})."""
+    rng = np.random.default_rng(7)
+    pixels, index = {}, 0
+    for c in range(classes):
+        (root / "train" / f"c{c}").mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            w, h = ODD_SIZES[index % len(ODD_SIZES)]
+            path = root / "train" / f"c{c}" / f"{i:03d}.jpg"
+            Image.fromarray(class_image(c + 2, rng, 128)).resize((w, h), Image.BICUBIC).save(path, quality=95)
+            pixels[index] = np.array(Image.open(path).convert("RGB"))
+            index += 1
+    return root, pixels
+
+
+def _full_pass(split, size=32, crop_pct=CROP_PCT, rank=0, world=1) -> dict[int, tuple[np.ndarray, int]]:
+    """{global index: (image [S, S, 3] uint8, label)} of one full pass of this rank."""
+    out = {}
+    for b in open_full_pass(split.cfg, split.source, size, 4, rank, world, 0, crop_pct=crop_pct):
+        for img, i, y in zip(b["image"], b["index"].tolist(), b["label"].tolist()):
+            assert i not in out
+            out[i] = (img.permute(1, 2, 0).numpy(), y)
+    return out
+
+
+def test_folder_and_wds_passes_give_the_eval_transform_of_each_image(tmp_path):
+    from data_prep.wds import write_shards
+
+    root, pixels = write_odd_folder(tmp_path / "odd")
+    write_shards(root, "train", tmp_path / "wds", shard_size=2, workers=1, progress=False)
+    folder = _full_pass(open_split(root, "train", "folder", num_workers=0))
+    wds = _full_pass(open_split(tmp_path / "wds", "train", "wds", num_workers=0))
+    assert sorted(folder) == sorted(wds) == list(range(6))
+    for i, arr in pixels.items():
+        expected = center_crop(arr, 32).image  # the decoded file through the one transform
+        assert np.array_equal(folder[i][0], expected), i
+        assert np.array_equal(wds[i][0], expected), i  # the shards keep the JPEG bytes as they are
+        assert folder[i][1] == wds[i][1] == i // 3
+    # AMT's pass (crop_pct None) still squashes the whole image: a different picture of a non-square image
+    whole = _full_pass(open_split(root, "train", "folder", num_workers=0), crop_pct=None)
+    assert not np.array_equal(whole[0][0], folder[0][0])
+
+
+def test_ffcv_eval_pass_reads_the_stored_pixels_through_the_eval_transform(tmp_path):
+    """.beton positions -> the index field's global indices; raw-mode pixels give exactly the folder's
+    crops, JPEG mode those of FFCV's re-encode (its stored bytes); two ranks cover each sample once."""
+    pytest.importorskip("ffcv")
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    root, pixels = write_odd_folder(tmp_path / "odd")
+    folder = _full_pass(open_split(root, "train", "folder", num_workers=0))
+
+    class Samples:
+        def __len__(self):
+            return len(pixels)
+
+        def __getitem__(self, pos):
+            return pixels[pos], pos // 3, pos + 10  # global index != position
+
+    for mode in ("raw", "jpg"):
+        beton = tmp_path / f"{mode}.beton"
+        fields = {"image": RGBImageField(write_mode=mode, jpeg_quality=95), "label": IntField(), "index": IntField()}
+        DatasetWriter(str(beton), fields, num_workers=1).from_indexed_dataset(Samples())
+        split = open_split(beton, "train", "ffcv", num_workers=0)
+        got = {}
+        for rank in range(2):
+            part = _full_pass(split, rank=rank, world=2)
+            assert not set(part) & set(got)
+            got.update(part)
+        assert sorted(got) == [p + 10 for p in range(6)]
+        for pos in range(6):
+            image, label = got[pos + 10]
+            assert label == pos // 3
+            if mode == "raw":
+                assert np.array_equal(image, folder[pos][0]), pos
+            else:  # FFCV re-encoded the pixels: its stored JPEG is this sample's image, through the same transform
+                stored = np.array(Image.open(io.BytesIO(split.source.read(pos))).convert("RGB"))
+                assert stored.shape == pixels[pos].shape and np.abs(stored.astype(int) - pixels[pos]).mean() < 8, pos
+                assert np.array_equal(image, center_crop(split.source.read(pos), 32).image), pos
+
+
+# ---------------------------------------------------------------- probe recipes and kNN defaults
+def test_mae_recipe_is_maes_linear_probing_protocol():
+    r = RECIPES["mae"]
+    assert (r.optimizer, r.epochs, r.batch, r.base_lr, r.warmup_epochs, r.weight_decay) == ("lars", 90, 16384, 0.1, 10, 0.0)
+    big = resolve_recipe("mae", 1_281_167)
+    assert (big["batch"], big["lr"], big["epochs"], big["warmup_epochs"]) == (16384, pytest.approx(6.4), 90, 10)
+    small = resolve_recipe("mae", 1000)  # the batch is clamped to the set, and the lr follows it
+    assert small["batch"] == 1000 and small["lr"] == pytest.approx(0.1 * 1000 / 256)
+    assert resolve_recipe("mae", 5000, batch=512)["lr"] == pytest.approx(0.2)
+    assert resolve_recipe("mae", 5000, batch=512, base_lr=1.0)["lr"] == pytest.approx(2.0)
+    explicit = resolve_recipe("mae", 5000, batch=512, lr=3.0)
+    assert explicit["lr"] == 3.0 and explicit["base_lr"] is None
+    fast = resolve_recipe("fast", 5000)
+    assert (fast["optimizer"], fast["batch"], fast["lr"], fast["epochs"], fast["warmup_epochs"]) == ("adamw", 256, 1e-3, 50, 0)
+    for kw, name in ((dict(weight_decay=0.05), "weight_decay"), (dict(epochs=5), "warmup_epochs"), (dict(batch=0), "batch")):
+        with pytest.raises(ValueError, match=name):
+            resolve_recipe("mae", 100, **kw)
+    with pytest.raises(ValueError, match="base_lr"):
+        resolve_recipe("fast", 100, base_lr=0.1)
+    with pytest.raises(ValueError, match="recipe"):
+        resolve_recipe("dino", 100)
+
+
+def test_probe_head_is_a_batchnorm_without_affine_then_a_small_linear():
+    head = probe_head(768, 1000, torch.Generator().manual_seed(0))
+    bn, fc = head
+    assert isinstance(bn, torch.nn.BatchNorm1d) and not bn.affine and bn.eps == 1e-6
+    assert list(bn.parameters()) == [] and bn.weight is None and bn.bias is None
+    assert fc.weight.shape == (1000, 768) and fc.weight.std().item() == pytest.approx(0.01, rel=0.02)
+    assert torch.equal(fc.bias, torch.zeros(1000))
+
+
+def test_lars_adapts_matrices_by_their_trust_ratio_and_steps_biases_plainly():
+    """||W|| = 6, ||g_W|| = 1: W moves by lr * 0.001 * 6 * g_W; the bias by lr * g_b (SGD); then momentum 0.9."""
+    lin = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        lin.weight.fill_(3.0)
+        lin.bias.fill_(1.0)
+    opt = build_lars(lin, lr=2.0)
+    assert [g["always_adapt"] for g in opt.param_groups] == [True, False]
+    assert all(g["weight_decay"] == 0 and g["momentum"] == 0.9 for g in opt.param_groups)
+    for step, (w_expected, b_expected) in enumerate(((3.0 - 2.0 * 0.006 * 0.5, 1.0 - 2.0 * 0.25),
+                                                     (None, None))):
+        lin.weight.grad = torch.full((2, 2), 0.5)
+        lin.bias.grad = torch.full((2,), 0.25)
+        w_before, b_before = lin.weight.detach().clone(), lin.bias.detach().clone()
+        opt.step()
+        if step == 0:
+            assert torch.allclose(lin.weight, torch.full((2, 2), w_expected))
+            assert torch.allclose(lin.bias, torch.full((2,), b_expected))
+            first_w, first_b = w_before - lin.weight.detach(), b_before - lin.bias.detach()
+        else:  # the momentum buffer: 0.9 x the last adapted step + this one (trust ratio of the moved W)
+            trust = 0.001 * w_before.norm() / 1.0
+            assert torch.allclose(w_before - lin.weight.detach(), 0.9 * first_w + 2.0 * trust * 0.5, atol=1e-7)
+            assert torch.allclose(b_before - lin.bias.detach(), 0.9 * first_b + 2.0 * 0.25)
+
+
+def test_mae_recipe_learns_a_separable_problem_at_maes_imagenet_lr():
+    """lr 6.4 (MAE's at batch 16384) at batch 64: separable clusters are learned; at a vanishing lr the
+    head stays at chance (this head init is not already right by luck)."""
+    tf, ty = clusters(1024, 8, 32, seed=1)
+    vf, vy = clusters(256, 8, 32, seed=2)
+    kw = dict(recipe="mae", epochs=20, batch=64, warmup_epochs=2, seed=2)
+    learned = linear_probe(tf, ty, vf, vy, 8, base_lr=25.6, **kw)
+    assert learned["probe_top1"] > 0.95 and learned["lr"] == pytest.approx(6.4)
+    assert (learned["recipe"], learned["optimizer"], learned["batch"], learned["epochs"]) == ("mae", "lars", 64, 20)
+    assert linear_probe(tf, ty, vf, vy, 8, lr=1e-9, **kw)["probe_top1"] < 0.4
+
+
+def test_knn_defaults_are_dinos():
+    import inspect
+
+    params = inspect.signature(knn_classify).parameters
+    assert (params["k"].default, params["T"].default) == (20, 0.07)
+    args = build_parser().parse_args(["knn", "--checkpoint", RANDOM, "--data", "x"])
+    assert (args.k, args.temperature, args.crop_pct) == (20, 0.07, 0.875)
+    probe = build_parser().parse_args(["probe", "--checkpoint", RANDOM, "--data", "x"])
+    assert (probe.recipe, probe.crop_pct, probe.epochs, probe.lr, probe.probe_batch) == ("fast", 0.875, None, None, None)
+
+
+def test_cli_probe_mae_recipe_and_crop_pct(folder, tmp_path, capsys):
+    """The README's ``--recipe mae`` and ``--crop-pct`` options, end to end; bad settings exit 2 naming them."""
+    common = ["--checkpoint", RANDOM, "--data", str(folder), "--workers", "0", "--cache", str(tmp_path), "--json"]
+    code, out, err = run_cli(capsys, "probe", *common, "--recipe", "mae", "--crop-pct", "1.0")
+    assert code == 0, err
+    res = json.loads(out)
+    assert (res["recipe"], res["optimizer"], res["epochs"], res["warmup_epochs"], res["crop_pct"]) == ("mae", "lars", 90, 10, 1.0)
+    assert res["batch"] == 48 and res["lr"] == pytest.approx(0.1 * 48 / 256)  # 16384 clamped to the 48 training images
+    code, out, err = run_cli(capsys, "knn", *common, "--crop-pct", "1.0")
+    assert code == 0 and "from the cache" in err and json.loads(out)["crop_pct"] == 1.0
+    code, _, err = run_cli(capsys, "probe", *common, "--blr", "0.1")
+    assert code == 2 and "--recipe fast" in err and "base_lr" in err
+    with pytest.raises(SystemExit) as e:
+        main(["probe", *common, "--crop-pct", "1.5"])
+    assert e.value.code == 2 and "--crop-pct" in capsys.readouterr().err
