@@ -1,17 +1,22 @@
 """AutoMAE's inputs as the paper has them: the frozen extractor is timm's own ViT (its attention
 equals timm's on the same image, its learned position embedding kept), the generator gets raw
 softmax rows, and the token scale multiplies the embedded tokens (position included)."""
+from pathlib import Path
+
 import pytest
 import timm
 import torch
 from safetensors.torch import save_file
 
-from mimscale.config import ConfigError
+from mimscale import methods
+from mimscale.config import ConfigError, load_config
 from mimscale.masking import extractor as frozen_extractor
 from mimscale.masking.automae import AutoMAEMasking
 from mimscale.models.registry import ENCODERS
 from mimscale.models.vit import ViTEncoder, cls_attention_map
 from tests.conftest import tiny_model
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def timm_cls_rows(net, images: torch.Tensor) -> torch.Tensor:
@@ -164,3 +169,18 @@ def test_amt_map_follows_algorithm_1_and_the_old_order_is_an_option():
     assert (got - per_head).abs().max() > 1e-3  # the two orders differ
     with pytest.raises(ValueError, match="allowed values: amt, amt_per_head, heads, heads_stretched"):
         cls_attention_map(enc.blocks[-1], torch.randn(1, 17, 192), 1, "nope")
+
+
+@pytest.mark.parametrize("preset,heads", [("automae_vit_base.yaml", 12), ("automae_dino_s_vit_base.yaml", 6)])
+def test_the_papers_extractor_presets_build(preset, heads, tmp_path):
+    """The two main settings of the paper, each with a checkpoint of its shape (random weights
+    standing in for MAE-800's and DINO-S's): a ViT-B/16 encoder's masker, maps [B, H, 14, 14]."""
+    cfg = load_config(REPO / "mimscale" / "configs" / preset)
+    a = cfg.masking.automae
+    torch.manual_seed(0)
+    path = _save(timm.create_model(a.extractor_model, pretrained=False, num_classes=0), tmp_path / "w.safetensors")
+    cfg = load_config(REPO / "mimscale" / "configs" / preset, [f"masking.automae.extractor_checkpoint={path}"])
+    encoder = ViTEncoder(ENCODERS[cfg.model.name], img_size=cfg.model.img_size)
+    masker = methods.get("automae").masker(cfg, encoder)
+    maps = masker.extract(torch.randn(1, 3, 224, 224), {})
+    assert maps.shape == (1, heads, 14, 14) and masker.generator.conv1.in_channels == heads
