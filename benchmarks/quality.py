@@ -84,6 +84,8 @@ def base_sets(args, data: dict, out: Path) -> list[str]:
     return [f"output_dir={out}", "resume=never", "model.name=vit_tiny", f"model.img_size={data['img_size']}",
             f"model.patch_size={data['patch_size']}", "model.decoder_dim=128", "model.decoder_depth=2",
             "model.decoder_heads=4", "data.source=folder", f"data.path={data['pretrain']}", "data.num_workers=1",
+            # the batch is the benchmark's (the tiny preset's recipe says 16; the ds_config here says micro = batch)
+            f"train.global_batch={args.batch}",
             f"train.base_lr={args.base_lr}", "train.weight_decay=0.05", f"train.seed={args.seed}",
             "train.log_every=1", "tracking.enabled=false", "tracking.mask_grid_every=0",
             # SimMIM's mask unit, 2 x 2 patches at any patch size (read by simmim and amt_simmim only)
