@@ -1,7 +1,7 @@
 """Quality benchmark: the same small ViT pretrained by each method for the same compute, then probed.
 
     python -m benchmarks.quality --data <ImageFolder root | .tar.gz of one> \
-        --methods random_init,mae,amt,automae,rmae,cmae --budget <minutes per method> [--quick] --json
+        --methods random_init,mae,amt,automae,rmae,cmae,simmim,amt_simmim --budget <minutes per method> [--quick] --json
 
 For every method: a short calibration run measures its step time on this machine (and, for AMT,
 one attention refresh over the pretraining set), then the real run gets as many steps as fit in
@@ -28,8 +28,9 @@ from benchmarks.quality_data import prepare
 from mimscale import methods
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("random_init", "mae", "amt", "automae", "rmae", "cmae")
+METHODS = ("random_init", "mae", "amt", "automae", "rmae", "cmae", "simmim", "amt_simmim")
 AMT_FIRST, AMT_EVERY = 0.25, 1.0  # shares of the run
+AMT_BASE = {"amt": "mae", "amt_simmim": "simmim"}  # AMT on a base: the base's masking until the refresh
 # Per-method overrides of the shared config; everything else is identical across methods.
 METHOD_SETS = {
     "mae": [methods.select("random"), "masking.mask_ratio=0.75"],
@@ -43,6 +44,12 @@ METHOD_SETS = {
     # heads scaled to the tiny model; a faster EMA for runs of a few hundred steps
     "cmae": [methods.select("cmae"), "masking.mask_ratio=0.75", "masking.cmae.proj_hidden=512",
              "masking.cmae.proj_dim=128", "masking.cmae.momentum=0.99"],
+    # SimMIM's ratio on mask units of 2 x 2 patches (base_sets: 8 px at CIFAR's patch 4, as 32 px
+    # over ViT-B's 16); AMT's SimMIM setting on those units, refreshed as "amt"
+    "simmim": [methods.select("simmim"), "masking.mask_ratio=0.6"],
+    "amt_simmim": [methods.select("amt_simmim"), "masking.mask_ratio=0.6", "masking.amt.mask_ratio=0.44",
+                   "masking.amt.throw_ratio=0.26", f"masking.amt.first_refresh={AMT_FIRST:.0%}",
+                   f"masking.amt.refresh_every={AMT_EVERY:.0%}"],
 }
 # quick: the whole pipeline in under 5 minutes on 2 cores, a smoke run: every method gets the same
 # few steps (no calibration; too short to compare methods). full: calibrated budgets, under 60 minutes.
@@ -77,8 +84,12 @@ def base_sets(args, data: dict, out: Path) -> list[str]:
     return [f"output_dir={out}", "resume=never", "model.name=vit_tiny", f"model.img_size={data['img_size']}",
             f"model.patch_size={data['patch_size']}", "model.decoder_dim=128", "model.decoder_depth=2",
             "model.decoder_heads=4", "data.source=folder", f"data.path={data['pretrain']}", "data.num_workers=1",
+            # the batch is the benchmark's (the tiny preset's recipe says 16; the ds_config here says micro = batch)
+            f"train.global_batch={args.batch}",
             f"train.base_lr={args.base_lr}", "train.weight_decay=0.05", f"train.seed={args.seed}",
-            "train.log_every=1", "tracking.enabled=false", "tracking.mask_grid_every=0"]
+            "train.log_every=1", "tracking.enabled=false", "tracking.mask_grid_every=0",
+            # SimMIM's mask unit, 2 x 2 patches at any patch size (read by simmim and amt_simmim only)
+            f"masking.simmim.mask_patch_size={2 * data['patch_size']}"]
 
 
 def pretrain(args, method: str, data: dict, steps: int, out: Path, extra: list[str], timeout: float) -> dict:
@@ -111,19 +122,20 @@ def step_seconds(run_dir: Path) -> float:
 def plan_steps(args, method: str, data: dict, mode: dict, out: Path) -> tuple[int, dict]:
     """Steps that fit in the budget, from a calibration run of this method.
 
-    AMT's calibration refreshes once, at step 0 (``first_refresh=0``; ``refresh_every`` 100% puts
-    no second one inside the run), so its steps are timed on the throw plan and one refresh is
-    timed over the whole pretraining set. The real run refreshes once, at AMT_FIRST of its steps,
-    and masks at random (MAE's step cost, when MAE was calibrated in this benchmark) before that."""
+    AMT's calibration (amt, amt_simmim) refreshes once, at step 0 (``first_refresh=0``;
+    ``refresh_every`` 100% puts no second one inside the run), so its steps are timed on the throw
+    plan and one refresh is timed over the whole pretraining set. The real run refreshes once, at
+    AMT_FIRST of its steps, and masks at random before that (its base's step cost: MAE's or SimMIM's,
+    when the base was calibrated in this benchmark)."""
     calib = out / "calibration"
-    extra = ["masking.amt.first_refresh=0"] if method == "amt" else []
+    extra = ["masking.amt.first_refresh=0"] if method in AMT_BASE else []
     s = pretrain(args, method, data, mode["calib_steps"], calib, extra, timeout=1800)
     step_s = step_seconds(calib)
     args.calibrated[method] = step_s
     refresh_s = sum(r["seconds"] for r in s.get("amt_refreshes", []))
     budget_s = args.budget * 60
-    if method == "amt":
-        before = args.calibrated.get("mae", step_s)  # random masking until the refresh
+    if method in AMT_BASE:
+        before = args.calibrated.get(AMT_BASE[method], step_s)  # the base's random masking until the refresh
         per_step = AMT_FIRST * before + (1 - AMT_FIRST) * step_s
         steps = max(4, int((budget_s - refresh_s) / per_step))
     else:

@@ -32,6 +32,19 @@ def mim_flops_per_image(enc_dim: int, enc_depth: int, img_size: int, patch: int,
     return 3.0 * fwd if train else fwd
 
 
+
+def simmim_flops_per_image(enc_dim: int, enc_depth: int, img_size: int, patch: int, visible: int, masked: int,
+                           mlp_ratio: float = 4.0, train: bool = True) -> float:
+    """FLOPs per image of one SimMIM step: patch embedding (over all L patches), encoder on
+    1 + V + M tokens (masked patches enter as mask tokens; thrown ones (AMT) not at all), and the
+    linear head (D -> p*p*3) on every one of the V + M output tokens. No decoder."""
+    L = (img_size // patch) ** 2
+    pix = patch * patch * 3
+    fwd = 2.0 * L * pix * enc_dim
+    fwd += enc_depth * block_flops(1 + visible + masked, enc_dim, mlp_ratio)
+    fwd += 2.0 * (visible + masked) * enc_dim * pix
+    return 3.0 * fwd if train else fwd
+
 # Dense bf16 tensor-core peaks, FLOP/s per GPU (vendor data sheets; SXM parts unless named).
 GPU_PEAK_BF16 = (
     ("H200", 989e12),

@@ -14,15 +14,16 @@ from typing import Callable, Literal, Optional
 from torch import nn
 
 from mimscale.errors import ConfigError
-from mimscale.flops import block_flops, mim_flops_per_image
+from mimscale.flops import block_flops, mim_flops_per_image, simmim_flops_per_image
 from mimscale.hooks.amt_refresh import NORMALIZE_MODES, AMTRefresh
 from mimscale.hooks.base import LoopContext, LoopHooks
 from mimscale.hooks.ema import EMAHooks
 from mimscale.masking import extractor as frozen_extractor
 from mimscale.masking.amt import AMTMasking
 from mimscale.masking.automae import EXTRACTORS, AutoMAEMasking
-from mimscale.masking.base import Masker
+from mimscale.masking.base import Masker, plan_sizes
 from mimscale.masking.blockwise import BlockwiseMasking
+from mimscale.masking.coarse import CoarseMasking
 from mimscale.masking.extractor import ATTENTION
 from mimscale.masking.random import RandomMasking
 from mimscale.models.decoder import MAEDecoder
@@ -31,12 +32,16 @@ from mimscale.models.registry import ENCODERS
 from mimscale.models.vit import ViTEncoder
 from mimscale.objectives.cmae import POOLS, VIEWS, CMAEObjective
 from mimscale.objectives.rmae import RMAEObjective
+from mimscale.objectives.simmim import SimMIMObjective
 from mimscale.weights import extractor_state
 
 
 # ---------------------------------------------------------------- the methods' config sections
 @dataclass
 class AMTConfig:
+    # amt and amt_simmim both read these keys (one AMT, one refresh schedule, whichever the base).
+    # The defaults are the paper's MAE setting; its SimMIM setting is r = 0.44, t = 0.26, which
+    # amt_simmim's presets set (amt_simmim_vit_base.yaml).
     mask_ratio: float = 0.45  # r: first rL of the attention-weighted order are masked
     throw_ratio: float = 0.40  # t: the next tL are thrown (in no encoder, decoder or loss)
     # When to refresh the attention store: epochs ("40") or a share of the run ("10%").
@@ -85,6 +90,14 @@ class CMAEConfig:
     views: Literal[VIEWS] = "independent"
     mask_token: bool = True  # masked positions enter the encoder as a learned token (the paper's default)
     pool: Literal[POOLS] = "cls"  # the view's code: the CLS token (MoCo v3) or the mean patch token
+
+
+@dataclass
+class SimMIMConfig:
+    # Side of SimMIM's square mask unit in pixels (the paper's 32: 2 x 2 patches of a ViT-B/16). A
+    # multiple of the patch size that divides model.img_size; simmim masks masking.mask_ratio of
+    # the units at random, amt_simmim plans AMT on this unit grid.
+    mask_patch_size: int = 32
 
 
 @dataclass
@@ -143,6 +156,12 @@ def _rmae_flops(cfg, visible: int, masked: int) -> float:
     _, patch = _spec(cfg)
     second = reconstruction_flops(cfg, masked, visible)
     return reconstruction_flops(cfg, visible, masked) + second + 3.0 * 2.0 * masked * cfg.model.decoder_dim * patch * patch * 3
+
+
+def _simmim_flops(cfg, visible: int, masked: int) -> float:
+    """SimMIM (and AMT on it): the encoder on visible + masked (mask) tokens, the linear head."""
+    spec, patch = _spec(cfg)
+    return simmim_flops_per_image(spec.dim, spec.depth, cfg.model.img_size, patch, visible, masked, spec.mlp_ratio)
 
 
 def _cmae_flops(cfg, visible: int, masked: int) -> float:
@@ -217,6 +236,37 @@ def _check_cmae(cfg) -> None:
             raise ConfigError(f"config key '{key}' = {v} must be > 0")
 
 
+def _check_simmim(cfg) -> None:
+    """masking.simmim (read by simmim and amt_simmim): a mask unit that tiles the image in whole
+    patches, and unit-grid plans that keep some units visible and some masked."""
+    mps = cfg.masking.simmim.mask_patch_size
+    key = "masking.simmim.mask_patch_size"
+    if mps <= 0:
+        raise ConfigError(f"config key '{key}' = {mps} must be > 0")
+    name = of(cfg).name
+    if name not in ("simmim", "amt_simmim"):
+        return  # another method: the unit is unused, so any positive size stays valid
+    _, patch = _spec(cfg)
+    img = cfg.model.img_size
+    if mps % patch or img % mps:
+        raise ConfigError(f"config key '{key}' = {mps} must be a multiple of the patch size {patch} and divide "
+                          f"model.img_size {img} (e.g. {2 * patch} when {img} is a multiple of it)")
+    units = (img // mps) ** 2
+    try:
+        plan_sizes(units, cfg.masking.mask_ratio)
+    except ValueError:
+        raise ConfigError(f"config keys 'masking.mask_ratio' = {cfg.masking.mask_ratio} and '{key}' = {mps}: "
+                          f"random masking of {units} units leaves none visible or none masked (a smaller unit gives more units)") from None
+    if name == "amt_simmim":
+        a = cfg.masking.amt
+        try:
+            plan_sizes(units, a.mask_ratio, a.throw_ratio)
+        except ValueError:
+            raise ConfigError(f"config keys 'masking.amt.mask_ratio' + 'masking.amt.throw_ratio' = {a.mask_ratio} + "
+                              f"{a.throw_ratio} and '{key}' = {mps}: AMT's plan over {units} units leaves none "
+                              "visible or none masked") from None
+
+
 def _check_blockwise(cfg) -> None:
     b = cfg.masking.blockwise
     if b.min_block < 1:
@@ -247,6 +297,27 @@ def _automae_masker(cfg, encoder) -> Masker:
     m, a = cfg.masking, cfg.masking.automae
     frozen = _frozen_extractor(cfg, encoder) if a.extractor == "frozen" else None
     return AutoMAEMasking(encoder, m.mask_ratio, a.throw_ratio, a.lam, a.extractor, frozen, a.attention)
+
+
+def _unit_grid(cfg, encoder) -> tuple[int, int]:
+    """(unit grid side, patches per unit side) of SimMIM's masking.simmim.mask_patch_size units."""
+    k = cfg.masking.simmim.mask_patch_size // encoder.patch_size
+    return encoder.grid // k, k
+
+
+def _simmim_masker(cfg, encoder) -> Masker:
+    """SimMIM's random masking of masking.mask_ratio of the units (as its MaskGenerator)."""
+    g, k = _unit_grid(cfg, encoder)
+    return CoarseMasking(RandomMasking(g * g, cfg.masking.mask_ratio), encoder.grid, k)
+
+
+def _amt_simmim_masker(cfg, encoder) -> Masker:
+    """AMT planned on SimMIM's unit grid, as the AMT authors' SimMIM code (each unit's weight is
+    the mean of the attention map over it; whole units are masked, thrown or visible); random
+    unit masking at masking.mask_ratio until the first refresh (plain SimMIM)."""
+    g, k = _unit_grid(cfg, encoder)
+    a = cfg.masking.amt
+    return CoarseMasking(AMTMasking(g * g, a.mask_ratio, a.throw_ratio, warmup_ratio=cfg.masking.mask_ratio), encoder.grid, k)
 
 
 def _automae_hooks(cfg, ctx: LoopContext) -> Optional[LoopHooks]:
@@ -281,6 +352,15 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("blockwise", section=("blockwise", BlockwiseConfig), check=_check_blockwise,
            masker=lambda cfg, enc: BlockwiseMasking(enc.grid, cfg.masking.mask_ratio, cfg.masking.blockwise.min_block,
                                                     cfg.masking.blockwise.max_aspect)),
+    # SimMIM: mask tokens in the encoder, a linear head, L1 on masked pixels; masking.simmim's units
+    Method("simmim", preset="simmim_vit_base.yaml", section=("simmim", SimMIMConfig), check=_check_simmim,
+           flops=_simmim_flops, needs_decoder=False, masker=_simmim_masker,
+           objective=lambda cfg, enc, dec: SimMIMObjective(enc)),
+    # AMT on SimMIM: masking.amt's ratios and refresh schedule (presets: r 0.44, t 0.26), thrown
+    # units in neither the encoder nor the loss
+    Method("amt_simmim", preset="amt_simmim_vit_base.yaml", flops=_simmim_flops, needs_decoder=False,
+           uses_store=lambda cfg: True, masker=_amt_simmim_masker,
+           objective=lambda cfg, enc, dec: SimMIMObjective(enc), hooks=lambda cfg, ctx: AMTRefresh(ctx)),
 )}
 
 MethodName = Literal[tuple(METHODS)]

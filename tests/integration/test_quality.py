@@ -13,7 +13,7 @@ import pytest
 from tests.integration.launch import REPO, env
 
 CIFAR = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
-METHODS = ("random_init", "mae", "amt", "automae", "rmae", "cmae")
+METHODS = ("random_init", "mae", "amt", "automae", "rmae", "cmae", "simmim", "amt_simmim")
 
 
 def extract_subset(dst: Path, per_class: dict[str, int]) -> Path:
@@ -55,6 +55,10 @@ def test_quick_quality_benchmark_runs_every_method(tmp_path):
         if m != "random_init":
             assert row["pretrain_img_per_s"] > 0 and row["pretrain_steps"] == 6
     assert res["amt"]["mask_fractions"]["thrown"] > 0.3 and res["amt"]["refresh_s"] > 0  # AMT refreshed and threw
+    # 16-px units of 2 x 2 patches: 4 units; SimMIM masks 2 of them, AMT on SimMIM masks 2 and throws 1
+    assert res["simmim"]["mask_fractions"] == {"visible": 0.5, "masked": 0.5, "thrown": 0.0}
+    assert res["amt_simmim"]["mask_fractions"] == {"visible": 0.25, "masked": 0.5, "thrown": 0.25}
+    assert res["amt_simmim"]["refresh_s"] > 0
     assert res["mae"]["mask_fractions"] == {"visible": 0.25, "masked": 0.75, "thrown": 0.0}
     assert json.loads((out / "quality.json").read_text()) == res
     assert "probe top-1" in r.stdout and (out / "mae" / "eval" / "cka.png").is_file()

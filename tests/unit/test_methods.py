@@ -17,10 +17,17 @@ from mimscale.methods import METHODS
 
 TINY = ["model.name=vit_tiny", "model.img_size=32", "model.patch_size=8", "model.decoder_dim=64", "model.decoder_depth=1",
         "model.decoder_heads=4", "masking.cmae.proj_hidden=64", "masking.cmae.proj_dim=32"]
+# Entries whose defaults do not fit TINY's 4 x 4 patch grid: SimMIM's 32-px units would be one unit;
+# 16-px units are 2 x 2 patches (4 units), where AMT's ratios must leave a unit of each kind.
+ENTRY_SETS = {
+    "simmim": ["masking.simmim.mask_patch_size=16"],
+    "amt_simmim": ["masking.simmim.mask_patch_size=16", "masking.mask_ratio=0.5", "masking.amt.mask_ratio=0.5",
+                   "masking.amt.throw_ratio=0.25"],
+}
 
 
 def _cfg(method, *sets):
-    return load_config(None, TINY + [methods.select(method), *sets])
+    return load_config(None, TINY + [methods.select(method), *ENTRY_SETS.get(method, []), *sets])
 
 
 def _batch(n=4, size=32):
@@ -37,10 +44,15 @@ def test_every_entry_builds_a_model_whose_loss_trains_its_parameters(name):
     model = methods.build_model(cfg)
     assert (model.decoder is not None) == METHODS[name].needs_decoder
     images, meta = _batch()
+    if METHODS[name].uses_store(cfg):  # stored attention maps: AMT's masking-and-throwing plan, not its warm-up
+        meta["attn"] = torch.rand(images.shape[0], model.encoder.num_patches, generator=torch.Generator().manual_seed(1)).half()
     loss, terms = model(images, meta)
     assert torch.isfinite(loss) and all(not t.requires_grad for t in terms.values())
     loss.backward()
     assert model.encoder.patch_embed.proj.weight.grad.abs().sum() > 0
+    plan = model.last_plan
+    assert plan.visible.shape[1] + plan.masked.shape[1] + plan.thrown.shape[1] == model.encoder.num_patches
+    assert (plan.thrown.shape[1] > 0) == (name in ("amt", "amt_simmim"))
     v, m, t = model.masker.initial_sizes()
     assert v + m + t == model.encoder.num_patches
     assert methods.model_flops(cfg, v, m) > 0
@@ -76,7 +88,7 @@ def _ctx(cfg, model) -> LoopContext:
 @pytest.mark.parametrize("name, sets, kind", [
     ("random", [], LoopHooks), ("blockwise", [], LoopHooks), ("amt", [], AMTRefresh), ("cmae", [], EMAHooks),
     ("automae", ["masking.automae.extractor=online"], LoopHooks), ("automae", ["masking.automae.extractor=ema"], EMAHooks),
-    ("automae", ["masking.automae.extractor=stored"], AMTRefresh),
+    ("automae", ["masking.automae.extractor=stored"], AMTRefresh), ("simmim", [], LoopHooks), ("amt_simmim", [], AMTRefresh),
 ])
 def test_hooks_come_from_the_entry_and_default_to_doing_nothing(name, sets, kind):
     cfg = _cfg(name, *sets)

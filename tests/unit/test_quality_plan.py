@@ -16,7 +16,7 @@ def _fake_calibration(monkeypatch, step_s: float, refresh_s: float):
         out.mkdir(parents=True, exist_ok=True)
         rows = [{"step": i + 1, "step_s": step_s} for i in range(steps)]
         (out / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-        return {"amt_refreshes": [{"seconds": refresh_s}]} if method == "amt" else {}
+        return {"amt_refreshes": [{"seconds": refresh_s}]} if method in quality.AMT_BASE else {}
 
     monkeypatch.setattr(quality, "pretrain", fake_pretrain)
 
@@ -30,6 +30,12 @@ def test_budget_bills_amt_its_refresh_and_its_random_masking_phase(monkeypatch, 
     steps, calib = quality.plan_steps(args, "amt", {}, mode, tmp_path / "amt")
     # 25% of the steps at MAE's 1 s, 75% at AMT's 0.5 s, plus one 30 s refresh: 120 s in all
     assert steps == int((120 - 30) / (0.25 * 1.0 + 0.75 * 0.5)) and calib["calib_refresh_s"] == 30.0
+    # AMT on SimMIM: its random-masking phase runs at SimMIM's calibrated step time, not MAE's
+    _fake_calibration(monkeypatch, step_s=2.0, refresh_s=0.0)
+    quality.plan_steps(args, "simmim", {}, mode, tmp_path / "simmim")
+    _fake_calibration(monkeypatch, step_s=1.0, refresh_s=20.0)
+    steps, _ = quality.plan_steps(args, "amt_simmim", {}, mode, tmp_path / "amt_simmim")
+    assert steps == int((120 - 20) / (0.25 * 2.0 + 0.75 * 1.0))
 
 
 def test_bad_methods_and_sizes_are_refused_by_name(tmp_path, capsys):
