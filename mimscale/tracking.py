@@ -43,6 +43,9 @@ RESOLVED_CONFIG = "config.yaml"
 MAX_FAILURES = int(os.environ.get("MIMSCALE_MLFLOW_MAX_FAILURES", 8))
 BACKOFF_S, BACKOFF_MAX_S = 5.0, 300.0
 BATCH_LIMIT = 1000  # metrics per log_batch request (MLflow's server refuses more)
+# At the end of a run, queued metrics wait this long for a server that is away: within a
+# preemption's grace period (the checkpoint is saved before), not a whole back-off.
+END_FLUSH_S = 30.0
 OUTBOX_LIMIT = 200_000  # metrics kept for a retry during an outage; older ones are dropped (metrics.jsonl has them)
 # The encoder's MLflow model: this file is its code, the export its artifact, the mimscale package
 # its code_paths (a self-contained model: it loads where mimscale is not installed, e.g. under
@@ -325,10 +328,10 @@ class Tracker:
             self._fail("set_tags", e)
 
     def end(self, status: str = "FINISHED") -> None:
-        """Store the queued metrics (waiting out back-offs, at most 2 minutes) and end the run."""
+        """Store the queued metrics (waiting out back-offs, at most END_FLUSH_S) and end the run."""
         if not self.active:
             return
-        if not self.flush():
+        if not self.flush(END_FLUSH_S):
             if not self.active:  # the outage outlasted the retries: tracking is off, said once
                 return
             print(f"[mimscale] WARNING: {len(self._outbox) + len(self._sending[1] if self._sending else [])} metrics "
