@@ -109,6 +109,12 @@ def _resolve(target: str, summary: Optional[dict], client_for) -> tuple[Optional
     return client, target
 
 
+def _client(uri: str):
+    import mlflow  # only when there is a store to log into (seconds to import)
+
+    return mlflow.MlflowClient(uri)
+
+
 def log_results(checkpoint: str, task: str, result: Optional[dict], target: str = "run", plot: Optional[str] = None) -> int:
     """Log ``result`` (a task's result dict; None: this rank has none) as ``target`` says.
     Returns an exit status: 0 (logged, or nothing to log), 2 (a bad --mlflow-run), 1 (the store failed)."""
@@ -116,9 +122,7 @@ def log_results(checkpoint: str, task: str, result: Optional[dict], target: str 
         return 0
     summary, step = producing_run(checkpoint)
     try:
-        import mlflow
-
-        client, run_id = _resolve(target, summary, mlflow.MlflowClient)
+        client, run_id = _resolve(target, summary, _client)
     except TargetError as e:
         print(f"python -m mimscale.eval: error: {e}", file=sys.stderr)
         return 2
