@@ -106,7 +106,7 @@ class TrackingConfig:
     # MLflow's system/* metrics of rank 0's node (CPU, memory, disk, network; NVIDIA GPUs via nvidia-ml-py),
     # one point a minute (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL / _SAMPLES_BEFORE_LOGGING change it)
     system_metrics: bool = True
-    log_encoder: bool = True  # at the end of a finished run: the final encoder exported for timm, as artifacts encoder/
+    log_encoder: bool = True  # at the end of a finished run: the final encoder exported for timm, logged as the MLflow model "encoder"
     # CKA occlusion-invariance health check (mimscale/health.py): epochs between checks (0: never)
     # and the fixed whole images it runs on
     cka_every_epochs: float = 10.0

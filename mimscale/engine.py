@@ -143,7 +143,7 @@ class Trainer:
                    "global_batch": self.eng.global_batch, "micro_batch": self.eng.micro_batch, "grad_accum": self.eng.grad_accum}
         tags = {f"mimscale.resume_change.{k}": f"{old!r} -> {new!r}" for k, (old, new) in self.resume_changes.items()}
         self.tracker = open_run(self.cfg, self.out, self.tracking.run_id, derived, self.eng.raw, getattr(ds_args, "config", None),
-                                ds_config_path, tags)
+                                ds_config_path, tags, data_source=self.source)
         self.tracking.run_id = self.tracker.run_id or self.tracking.run_id
         self.metrics_file.trim(self.state.step)
 

@@ -63,10 +63,15 @@ class Listing:
 
     def fingerprint(self) -> str:
         """sha256 of the (file, label) list: tells a rerun whether the source is the same one."""
-        h = hashlib.sha256()
-        for f, lab in zip(self.files, self.labels.tolist()):
-            h.update(f"{f}\t{lab}\n".encode())
-        return h.hexdigest()
+        return listing_fingerprint(self.files, self.labels)
+
+
+def listing_fingerprint(files, labels) -> str:
+    """sha256 of ``<file>\t<label>\n`` over a listing in index order (files: relative paths)."""
+    h = hashlib.sha256()
+    for f, lab in zip(files, np.asarray(labels).tolist()):
+        h.update(f"{f}\t{lab}\n".encode())
+    return h.hexdigest()
 
 
 def _images(folder: Path) -> list[str]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mimscale.data.imagenet import LayoutError, Listing, list_folder
+from mimscale.data.imagenet import LayoutError, Listing, list_folder, listing_fingerprint
 
 
 class FolderSource:
@@ -65,6 +65,10 @@ class FolderSource:
     def read(self, index: int) -> bytes:
         with open(self.root / self.relpath(index), "rb") as f:
             return f.read()
+
+    def fingerprint(self) -> str:
+        """The listing's sha256, as ``Listing.fingerprint`` (and data_prep's manifests) compute it."""
+        return listing_fingerprint(self.files, self.labels)
 
 
 class SyntheticSource:

@@ -33,6 +33,7 @@ from mimscale.data.sources import FolderSource  # noqa: E402
 from mimscale.eval.cka import DEFAULT_RATIOS, check_ratios, cka_by_block, pick_whole_images, plot, summarize  # noqa: E402
 from mimscale.eval.features import ListedImages, OptionError, eval_splits, log, open_checkpoint, split_features  # noqa: E402
 from mimscale.eval.knn import knn_classify  # noqa: E402
+from mimscale.eval.mlflow_run import log_results, run_target  # noqa: E402
 from mimscale.eval.probe import RECIPES, linear_probe  # noqa: E402
 
 
@@ -79,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     common.add_argument("--crop-pct", type=_crop_pct, default=CROP_PCT,
                         help="eval transform: short side resized to round(S / crop_pct) (bicubic), center crop S (default 0.875)")
+    common.add_argument("--mlflow-run", type=run_target, default="run", metavar="run|new|none|<run id>",
+                        help="MLflow run the results are logged into (default: the run that produced the checkpoint)")
 
     feat = argparse.ArgumentParser(add_help=False)
     feat.add_argument("--data", help="ImageFolder root with train/ and val/ (or test/); wds: the shard folder")
@@ -154,6 +157,7 @@ def run_features_task(args) -> tuple[int, str]:
                            T=args.temperature, device=fit_device)
     res.update(pool=feats.pool, crop_pct=feats.crop_pct, checkpoint=feats.checkpoint, model=feats.model, val_split=feats.val_split,
                skipped=feats.skipped, dim=int(feats.train_f.shape[1]))
+    args.results = res  # for MLflow (main)
     if args.json:
         return 0, json.dumps(res)
     lines = [f"{args.task}  {feats.checkpoint}  ({feats.model['name']} {feats.model['img_size']}px, pool {feats.pool})",
@@ -184,6 +188,7 @@ def run_cka(args) -> tuple[int, str]:
     encoder = ckpt.load()
     ratios = args.ratios or DEFAULT_RATIOS
     result = cka_by_block(encoder, images, ratios, args.seed, tokens=args.tokens, batch=args.batch, device=dist.device())
+    args.results = {"cka": result, "tokens": args.tokens, "images": len(images), "split": args.split, "seed": args.seed}  # for MLflow (main)
     if args.plot:
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
         plot(result, args.plot, title=f"{args.checkpoint} ({len(images)} images, tokens {args.tokens})")
@@ -203,6 +208,8 @@ def main(argv=None) -> int:
     with contextlib.redirect_stdout(sys.stderr):
         dist.set_threads(args.threads)
         code, text = run_cka(args) if args.task == "cka" else run_features_task(args)
+        if code == 0:  # into the run that trained the checkpoint, unless --mlflow-run says otherwise
+            code = log_results(args.checkpoint, args.task, getattr(args, "results", None), args.mlflow_run, getattr(args, "plot", None))
     if text:
         print(text, flush=True)
     return code

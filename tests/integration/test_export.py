@@ -1,5 +1,5 @@
 """One tracked 2-rank ZeRO-3 CPU run, then: its MLflow run (name, config files, summary, system
-metrics, encoder artifact) and `python -m mimscale.export` of its checkpoint (timm reproduces the
+metrics, dataset input, encoder model) and `python -m mimscale.export` of its checkpoint (timm reproduces the
 encoder, the decoder round-trips, bad inputs are refused by name)."""
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def exported(trained):
     return exp, r.stdout
 
 
-def test_mlflow_run_has_name_configs_summary_system_metrics_and_encoder(trained):
+def test_mlflow_run_has_name_configs_summary_system_metrics_dataset_and_encoder(trained):
     import mlflow
     import yaml
 
@@ -68,10 +68,9 @@ def test_mlflow_run_has_name_configs_summary_system_metrics_and_encoder(trained)
     def listing(path=None):
         return {a.path for a in client.list_artifacts(run.info.run_id, path)}
 
-    assert {"config", "summary.json", "encoder"} <= listing()
+    assert {"config", "summary.json"} <= listing()
     assert listing("config") == {"config/config.yaml", "config/z3.json", "config/preset"}
     assert listing("config/preset") == {f"config/preset/{TINY.name}"}
-    assert listing("encoder") == {"encoder/config.json", "encoder/mimscale.json", "encoder/model.safetensors"}  # no decoder
 
     # the resolved config: written to output_dir and logged, the same as the checkpoint's copy
     resolved = yaml.safe_load((trained["out"] / "config.yaml").read_text())
@@ -89,15 +88,34 @@ def test_mlflow_run_has_name_configs_summary_system_metrics_and_encoder(trained)
     system = {k for k in run.data.metrics if k.startswith("system/")}
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system, sorted(run.data.metrics)
 
-    # the encoder artifact is the final checkpoint's encoder
+    # the training data (synthetic here) as the run's dataset input
+    (inp,) = run.inputs.dataset_inputs
+    assert (inp.dataset.name, inp.dataset.source_type) == ("synthetic", "code")
+    assert json.loads(inp.dataset.profile)["num_samples"] == 512
+
+    # the encoder model is the final checkpoint's encoder: its export (no decoder) is the model's artifact
+    import mlflow
+
     from mimscale.weights import load_encoder
 
-    art = client.download_artifacts(run.info.run_id, "encoder", str(trained["root"] / "art"))
+    model_uri = tags["mimscale.encoder_model"]
+    mlflow.set_tracking_uri(client.tracking_uri)  # a models:/ URI resolves in the global store
+    try:
+        local = mlflow.artifacts.download_artifacts(model_uri, dst_path=str(trained["root"] / "model"))
+        model = mlflow.pyfunc.load_model(model_uri)
+    finally:
+        mlflow.set_tracking_uri(None)
+    art = os.path.join(local, "artifacts", "export")
+    assert set(os.listdir(art)) == {"config.json", "mimscale.json", "model.safetensors"}  # no decoder
     cfg = json.loads(open(os.path.join(art, "mimscale.json")).read())
     assert cfg["mimscale"]["step"] == STEPS and cfg["mimscale"]["source_checkpoint"] == str(trained["tag"].resolve())
     weights = load_file(os.path.join(art, "model.safetensors"))
     encoder, _ = load_encoder(trained["tag"])
     assert all(torch.equal(weights[k], v) for k, v in encoder.state_dict().items())
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = encoder(x)[:, 0].numpy()
+    assert abs(model.predict(x.numpy()) - want).max() <= 1e-5
 
 
 def test_timm_reproduces_the_checkpoints_encoder(trained, exported):

@@ -156,6 +156,10 @@ def test_sigterm_saves_and_resumes_exactly_on_real_jpegs_with_mlflow(tmp_path):
     run_info = client.get_run(post["mlflow_run_id"])
     assert run_info.data.params["model.name"] == "vit_tiny" and "ds.zero_optimization" in " ".join(run_info.data.params)
     assert run_info.data.metrics["skipped_images"] >= 1
+    (inp,) = run_info.inputs.dataset_inputs  # the image folder, logged by both invocations, recorded once
+    from mimscale.data.sources import FolderSource
+
+    assert inp.dataset.name == "imagenet/train" and inp.dataset.digest == FolderSource(data, "train").fingerprint()[:16]
 
 
 

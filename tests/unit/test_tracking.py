@@ -1,10 +1,14 @@
-"""MLflow tracking never stops training (mimscale/tracking.py)."""
+"""MLflow tracking never stops training (mimscale/tracking.py); dataset records and eval results for it."""
+import argparse
+import hashlib
 import json
 import os
 import socket
 import subprocess
 import sys
 import textwrap
+
+import pytest
 
 
 def _closed_port() -> int:
@@ -131,41 +135,125 @@ def test_run_tags_name_method_model_preset_code_and_job(monkeypatch, tmp_path):
 
 
 def test_a_transient_outage_is_retried_and_only_a_persistent_one_turns_tracking_off(monkeypatch, capsys):
+    from mlflow.entities import Metric
+
     from mimscale import tracking
 
-    class FlakyMLflow:
-        def __init__(self, failures):
-            self.failures, self.logged = failures, []
+    class FlakyClient:
+        """log_batch fails ``failures`` times, then stores what it is sent."""
 
-        def log_metrics(self, metrics, step, timestamp, synchronous):
+        def __init__(self, failures):
+            self.failures, self.stored = failures, []
+
+        def log_batch(self, run_id, metrics, synchronous):
             if self.failures:
                 self.failures -= 1
                 raise ConnectionError("503 from the proxy")
-            self.logged.append(step)
+            self.stored.extend((m.step, m.value) for m in metrics)
 
     monkeypatch.setattr(tracking, "BACKOFF_S", 0.0)
     monkeypatch.setattr(tracking, "MAX_FAILURES", 4)
 
     def tracker(failures):
         t = tracking.Tracker(False, ".", "exp", "run")
-        t.active, t.run_id, t._mlflow = True, "r", FlakyMLflow(failures)
+        t.active, t.run_id, t._client, t._Metric = True, "r", FlakyClient(failures), Metric
         return t
 
-    t = tracker(failures=3)  # three failures in a row, then the server answers
+    def log(t, step):
+        t.log_metrics({"loss": float(step)}, step)
+        t.flush(timeout=5)  # the send in flight (this test's steps are each sent once)
+
+    t = tracker(failures=3)  # three failed sends in a row, then the server answers: nothing is lost
     for step in range(1, 7):
-        t.log_metrics({"loss": 1.0}, step)
-    assert t.active and t._mlflow.logged == [4, 5, 6] and t.failures == 0
+        t.log_metrics({"loss": float(step)}, step)  # never waits: failed sends are re-sent with the next
+    assert t.flush(timeout=5) and t.active and t.failures == 0
+    assert t._client.stored == [(s, float(s)) for s in range(1, 7)]  # every step, in order, once
     err = capsys.readouterr().err
     assert err.count("retrying in") == 3 and "answers again after 3 failed calls" in err
 
-    t = tracker(failures=100)  # down for good: off after MAX_FAILURES calls in a row, said once
+    t = tracker(failures=100)  # down for good: off after MAX_FAILURES sends in a row, said once
     for step in range(1, 10):
-        t.log_metrics({"loss": 1.0}, step)
-    assert not t.active and t._mlflow.logged == []
+        log(t, step)
+    assert not t.active and t._client.stored == []
     assert capsys.readouterr().err.count("training continues without tracking") == 1
 
-    monkeypatch.setattr(tracking, "BACKOFF_S", 60.0)  # inside a back-off, calls are skipped, not sent
+    monkeypatch.setattr(tracking, "BACKOFF_S", 60.0)  # inside a back-off, metrics wait in the outbox
     t = tracker(failures=1)
-    t.log_metrics({"loss": 1.0}, 1)
-    t.log_metrics({"loss": 1.0}, 2)
-    assert t.active and t._mlflow.failures == 0 and t._mlflow.logged == []
+    log(t, 1)
+    t.log_metrics({"loss": 2.0}, 2)
+    assert t.active and t._client.failures == 0 and t._client.stored == []
+    assert [(m.step, m.value) for m in t._outbox] == [(1, 1.0), (2, 2.0)]
+    t.retry_at = 0.0  # the back-off is over: the next log sends all three, oldest first
+    log(t, 3)
+    assert t._client.stored == [(1, 1.0), (2, 2.0), (3, 3.0)] and not t._outbox
+
+
+def test_dataset_records_name_digest_source_and_counts(tmp_path):
+    from data_prep.manifest import dump_json
+    from mimscale.config import DataConfig
+    from mimscale.data.describe import describe
+    from mimscale.data.imagenet import list_split
+    from mimscale.data.sources import FfcvFile, FolderSource, SyntheticSource
+    from tests.unit.test_eval import write_folder
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    manifest = {"format": "mimscale-wds/1", "split": "train", "num_samples": 7, "num_files": 8, "classes": ["a", "b", "c"],
+                "shards": [{"name": "train-000000.tar", "count": 4}, {"name": "train-000001.tar", "count": 3},
+                           {"name": "train-000002.tar", "count": 0}], "skipped": [{"index": 5}], "converted": []}
+    (shards / "train-manifest.json").write_bytes(dump_json(manifest))
+    rec = describe(DataConfig(source="wds", path=str(shards)), None)
+    sha = hashlib.sha256((shards / "train-manifest.json").read_bytes()).hexdigest()
+    assert (rec.name, rec.sha256, rec.digest, rec.source_type, rec.source) == ("shards/train", sha, sha[:16], "local",
+                                                                               {"uri": str(shards.resolve())})
+    assert {k: rec.profile[k] for k in ("num_samples", "num_shards", "num_classes", "num_files", "skipped")} == \
+        {"num_samples": 7, "num_shards": 2, "num_classes": 3, "num_files": 8, "skipped": 1}
+    manifest["shards"][0]["sha256"] = "changed"  # other shard bytes: another digest
+    (shards / "train-manifest.json").write_bytes(dump_json(manifest))
+    assert describe(DataConfig(source="wds", path=str(shards)), None).digest != rec.digest
+
+    root = write_folder(tmp_path / "imagenet", {"train": 2}, classes=3)
+    cfg = DataConfig(source="folder", path=str(root))
+    rec = describe(cfg, FolderSource(root, "train"))
+    assert (rec.name, rec.source) == ("imagenet/train", {"uri": str((root / "train").resolve())})
+    assert rec.sha256 == list_split(root, "train").fingerprint()  # what data_prep's manifests record as listing_sha256
+    assert (rec.profile["num_samples"], rec.profile["num_classes"]) == (6, 3)
+
+    beton = tmp_path / "train.beton"
+    beton.write_bytes(b"x" * 10)
+    rec = describe(DataConfig(source="ffcv", path=str(beton)), FfcvFile(beton, 5))
+    assert rec.name == "train" and rec.profile["num_samples"] == 5 and "no .beton.json" in rec.profile["digest_of"]
+    (tmp_path / "train.beton.json").write_bytes(dump_json({"format": "mimscale-ffcv/1", "sha256": "ab", "classes": ["a"]}))
+    rec = describe(DataConfig(source="ffcv", path=str(beton)), FfcvFile(beton, 5))
+    assert rec.profile["file_sha256"] == "ab" and rec.profile["num_classes"] == 1
+
+    syn = DataConfig(source="synthetic", synthetic_count=64)
+    rec = describe(syn, SyntheticSource(64, seed=1234))
+    assert (rec.source_type, rec.profile["num_samples"]) == ("code", 64)
+    assert rec.digest != describe(syn, SyntheticSource(64, seed=1235)).digest
+
+
+def test_eval_results_become_metrics_and_the_target_run_is_resolved(tmp_path, monkeypatch, capsys):
+    from mimscale.eval import mlflow_run
+
+    probe = {"pool": "mean", "probe_top1": 0.5, "probe_top5": 0.75, "probe_train_top1": 1.0, "n_train": 48, "classes": 4}
+    assert mlflow_run.metrics_of("probe", probe) == {"eval/mean/probe_top1": 0.5, "eval/mean/probe_top5": 0.75,
+                                                     "eval/mean/probe_train_top1": 1.0}
+    cka = mlflow_run.metrics_of("cka", {"cka": {0.25: [0.9, 0.7], 0.5: [0.8, 0.4]}, "tokens": "kept"})
+    assert cka == pytest.approx({"eval/cka_kept/r0.25/mean": 0.8, "eval/cka_kept/r0.25/last": 0.7,
+                                 "eval/cka_kept/r0.50/mean": 0.6, "eval/cka_kept/r0.50/last": 0.4})
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    clients = []
+    summary = {"mlflow_run_id": "abc", "mlflow_tracking_uri": "sqlite:///x.db"}
+    assert mlflow_run._resolve("run", summary, clients.append) == (None, "abc") and clients == ["sqlite:///x.db"]
+    assert mlflow_run._resolve("none", summary, clients.append) == (None, None)
+    assert mlflow_run._resolve("run", None, clients.append) == (None, None)  # random: or a foreign file: a note
+    assert "results not logged to MLflow" in capsys.readouterr().err
+    with pytest.raises(mlflow_run.TargetError, match="--mlflow-run new: no tracking store"):
+        mlflow_run._resolve("new", None, clients.append)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://team:5000")  # the environment's store wins
+    assert mlflow_run._resolve("run", summary, clients.append) == (None, "abc") and clients[-1] == "http://team:5000"
+    assert mlflow_run.run_target("0a1b2c") == "0a1b2c"
+    with pytest.raises(argparse.ArgumentTypeError, match="expected run, new, none or an MLflow run id"):
+        mlflow_run.run_target("latest")
