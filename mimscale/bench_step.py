@@ -29,6 +29,7 @@ from mimscale.data.loader import build_loader
 from mimscale.data.streams import open_stream
 from mimscale.ds_config import load_ds_config
 from mimscale.engine import Trainer
+from mimscale.hooks.amt_refresh import refresh_steps
 from mimscale.metrics import cpu_matmul_peak, model_flops_per_image, peak_flops
 from mimscale.optim import build_optimizer
 
@@ -160,6 +161,18 @@ def memory_fields(device: torch.device) -> dict:
     return {"max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
 
 
+def refresh_share_of_run(cfg, pct_of_epoch: float) -> dict:
+    """What the preset's whole schedule spends on refreshes: its number of refreshes (e.g. AMT's 400
+    epochs refreshed every 40 from epoch 40: 9) x one refresh (% of an epoch of the timed steps) /
+    the run's epochs. The timed steps mask and throw; the epochs before the first refresh run
+    random masking, which is slower, so the true share is a little lower (an upper bound)."""
+    sec = cfg.masking.amt  # AMT and AutoMAE-stored refresh on this schedule
+    epochs = cfg.train.epochs
+    steps_per_epoch = 1000  # any resolution: the schedule is in epochs or shares of the run
+    n = len(refresh_steps(sec.first_refresh, sec.refresh_every, int(epochs * steps_per_epoch), steps_per_epoch))
+    return {"run_epochs": epochs, "run_refreshes": n, "refresh_pct_of_run": pct_of_epoch * n / epochs}
+
+
 def _stats(times: list[float]) -> dict:
     return {"min": min(times), "median": statistics.median(times), "max": max(times)}
 
@@ -246,6 +259,7 @@ def bench_step(args, presets: dict, extractor_overrides) -> dict | None:
         # (then / refresh_every epochs = its share of the whole run)
         result["refresh_s_per_img"] = refresh["seconds"] / refresh["images"]
         result["refresh_pct_of_epoch"] = 100.0 * result["refresh_s_per_img"] / (step_s / args.batch)
+        result.update(refresh_share_of_run(cfg, result["refresh_pct_of_epoch"]))
     if plain is not None:
         result["plain"] = {"step_s": statistics.median(plain_times), "step_times": plain_times, "fwd_bwd_s": statistics.median(plain_fb),
                            "optimizer_s": statistics.median([t - f for t, f in zip(plain_times, plain_fb)])}
