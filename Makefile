@@ -10,7 +10,7 @@ SAMPLE := ../shared/data/imagenet-sample
 # One intra-op thread per rank: two ranks on two cores otherwise fight over them.
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup lint test test-all test-fast demo bench clean docker
+.PHONY: setup lint test test-all test-fast demo bench bench-gpu clean docker
 
 setup: $(STAMP)
 
@@ -49,6 +49,13 @@ demo: setup
 
 bench: setup
 	OMP_NUM_THREADS= $(PY) -m mimscale.bench step --method mae --model vit_base --batch 16 --steps 3 --json
+
+# A GPU node's numbers: MAE / AMT / AutoMAE (stored, online) ViT-B/16 bf16 steps, ZeRO-1/2, with and
+# without torch.compile, synthetic and FFCV data; one table and one JSON (benchmarks/gpu.py).
+# FFCV_BETON=<.beton> for the FFCV cases (without it they are rows saying so).
+FFCV_BETON ?=
+bench-gpu: setup
+	$(PY) -m benchmarks.gpu $(if $(FFCV_BETON),--ffcv $(FFCV_BETON)) --json-out runs/bench_gpu.json
 
 clean:
 	rm -rf runs .pytest_cache

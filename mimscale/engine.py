@@ -40,6 +40,18 @@ __all__ = ["Trainer", "TrainingDiverged"]
 META_KEYS = ("box", "flip", "index")
 
 
+def single_device_path(engine, zero_stage: int, world: int) -> bool:
+    """ZeRO stage 0 (the ds_config's choice) on a world of one: turn off the engine's gradient
+    all-reduce, which would otherwise flatten every gradient into a bucket, "average" it over one
+    rank and copy it back each step (as long as the optimizer step itself on a CPU). DeepSpeed
+    reads this flag at every backward and step (it clears it itself when there is no process
+    group); ZeRO 1-3 and stage 0 on more ranks keep their reduction."""
+    if zero_stage != 0 or world != 1:
+        return False
+    engine.enable_backward_allreduce = False
+    return True
+
+
 class Trainer:
     def __init__(self, cfg: Config, ds_args, eng: EngineSettings, ds_config_path: str = "",
                  stop_request: Optional[StopRequest] = None, resume_from: Optional[Path] = None,
@@ -84,14 +96,16 @@ class Trainer:
         ds_args = SimpleNamespace(**{**vars(ds_args), "deepspeed_config": None})
         self.engine, _, _, self.scheduler = deepspeed.initialize(args=ds_args, model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                                  config=eng.raw)
+        self.single_device = single_device_path(self.engine, eng.zero_stage, self.world)
         # rank 0's console and <output_dir>/train.log (plain lines unless the console is a terminal)
         self.progress = Progress(self.out, self.total_steps, 0, dist.is_rank0(), console=sys.stderr)
         self.progress.note(
             f"[mimscale] world size {self.world}: global batch {eng.global_batch} = micro batch {eng.micro_batch} x "
             f"accumulation {eng.grad_accum} x {self.world} ranks"
             + ("" if cfg.train.global_batch else " (train.global_batch unset: the ds_config's batch, which grows with the world size)")
-            + f"; lr {self.lr:.3g} (base_lr {t.base_lr:g} x {eng.global_batch}/256); {eng.precision}; ZeRO stage {eng.zero_stage}; "
-            f"{self.total_steps} steps, {self.steps_per_epoch} per epoch")
+            + f"; lr {self.lr:.3g} (base_lr {t.base_lr:g} x {eng.global_batch}/256); {eng.precision}; ZeRO stage {eng.zero_stage}"
+            + (" on one rank: no gradient all-reduce, the client AdamW steps the parameters in place" if self.single_device else "")
+            + f"; {self.total_steps} steps, {self.steps_per_epoch} per epoch")
         if t.compile:
             # DeepSpeed's own compile wraps the module so ZeRO hooks stay outside the graphs.
             self.engine.compile(backend=t.compile_backend)

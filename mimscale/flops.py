@@ -32,7 +32,6 @@ def mim_flops_per_image(enc_dim: int, enc_depth: int, img_size: int, patch: int,
     return 3.0 * fwd if train else fwd
 
 
-
 def simmim_flops_per_image(enc_dim: int, enc_depth: int, img_size: int, patch: int, visible: int, masked: int,
                            mlp_ratio: float = 4.0, train: bool = True) -> float:
     """FLOPs per image of one SimMIM step: patch embedding (over all L patches), encoder on
@@ -45,12 +44,23 @@ def simmim_flops_per_image(enc_dim: int, enc_depth: int, img_size: int, patch: i
     fwd += 2.0 * (visible + masked) * enc_dim * pix
     return 3.0 * fwd if train else fwd
 
-# Dense bf16 tensor-core peaks, FLOP/s per GPU (vendor data sheets; SXM parts unless named).
+
+# Dense bf16 tensor-core peaks, FLOP/s per GPU (vendor data sheets, without sparsity), matched
+# as substrings of torch.cuda.get_device_name() in this order: the first match wins, so a more
+# specific name comes before one it contains ("H100 PCIe" before "H100", "L40S" before "L40").
+# NVL parts (two boards sold as one) are left out: their per-board figure is not the data sheet's.
 GPU_PEAK_BF16 = (
+    ("GH200", 989e12),
     ("H200", 989e12),
     ("H100 PCIe", 756e12),
-    ("H100", 989e12),
-    ("A100", 312e12),
+    ("H100", 989e12),  # SXM (e.g. "NVIDIA H100 80GB HBM3")
+    ("H800", 989e12),
+    ("A100", 312e12),  # 40 GB and 80 GB, SXM and PCIe
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("L4", 121e12),
+    ("B200", 2250e12),
 )
 
 

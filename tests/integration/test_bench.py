@@ -42,6 +42,9 @@ def test_bench_step_amt_masks_and_throws(extra):
     if not extra:
         assert d["plan"] == {"visible": 3, "masked": 7, "thrown": 6}
         assert d["refresh_s_per_img"] > 0 and d["refresh_pct_of_epoch"] > 0
+        # the preset's schedule (400 epochs, refreshes from epoch 40 every 40: 9) applied to the measured refresh
+        assert (d["run_epochs"], d["run_refreshes"]) == (400, 9)
+        assert d["refresh_pct_of_run"] == pytest.approx(d["refresh_pct_of_epoch"] * 9 / 400)
 
 
 @pytest.mark.slow  # make test-all; the frozen extractor's loading is tests/unit/test_automae.py's and test_weights.py's
@@ -50,3 +53,35 @@ def test_bench_step_automae_extractors(extractor):
     d = bench_step("--method", "automae", "--extractor", extractor)
     assert d["method"] == "automae" and d["extractor"] == extractor and d["step_s"] > 0
     assert d["plan"] == {"visible": 4, "masked": 12, "thrown": 0}
+
+
+def bench_gpu(*args: str) -> tuple[dict, str]:
+    """``python -m benchmarks.gpu --tiny <args>`` (the CPU plumbing run): its JSON and its table."""
+    r = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--tiny", "--steps", "1", "--warmup", "1", *args],
+                       cwd=REPO, env=env(), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.strip().splitlines()
+    return json.loads(lines[-1]), "\n".join(lines[:-1])
+
+
+def test_bench_gpu_plumbing_on_cpu():
+    """One real case end to end, and a case without its data reported as a row (not a crash)."""
+    d, table = bench_gpu("--methods", "mae", "--zero", "1", "--compile", "off", "--data", "synthetic,ffcv")
+    assert d["bench"] == "gpu" and d["precision"] == "fp32" and d["gpus"] == 1
+    run, skipped = d["cases"]
+    assert (run["method"], run["zero"], run["compile"], run["data"], run["error"]) == ("mae", 1, False, "synthetic", None)
+    assert run["img_per_s"] > 0 and 0 < run["mfu"] < 1 and run["data_wait_pct"] >= 0 and run["max_rss_gib"] > 0
+    assert run["plan"] == {"visible": 4, "masked": 12, "thrown": 0}
+    assert skipped["data"] == "ffcv" and "no --ffcv" in skipped["error"]
+    assert "img/s/GPU" in table and "MFU %" in table and "skipped: no --ffcv" in table
+
+
+@pytest.mark.slow  # make test-all: every method and ZeRO stage, compiled (aot_eager: graphs without codegen) and not
+def test_bench_gpu_matrix_on_cpu():
+    d, table = bench_gpu("--zero", "1,2", "--data", "synthetic", "--set", "train.compile_backend=aot_eager")
+    assert len(d["cases"]) == 4 * 2 * 2
+    for c in d["cases"]:
+        assert c["error"] is None and c["img_per_s"] > 0, c
+        assert (c["plan"]["thrown"] > 0) == (c["method"] == "amt"), c  # AMT masks and throws after its refresh
+        assert (c["refresh_s_per_img"] is not None) == (c["method"] in ("amt", "automae-stored")), c
+    assert table.count("\n") == 2 + len(d["cases"])  # header, rule, one row per case

@@ -1,0 +1,331 @@
+"""``python -m mimscale.bench step``: timed training steps of one method (see mimscale/bench.py).
+
+The engine's step is timed on the same Trainer and DeepSpeed engine pretrain.py builds, on any
+world size (``torchrun --nproc_per_node N -m mimscale.bench step ...``: the micro batch is
+``--batch`` per rank, rank 0 prints). Data comes either from one synthetic batch kept on the
+device (``--data synthetic``: the compute ceiling) or from the run's own loader (``--data
+folder|wds|ffcv --data-path P``: each timed step waits for its batch, which is the data wait).
+
+The plain-torch reference (``PlainStep``) is the same model, batch and fused AdamW without the
+engine: ``--no-deepspeed`` times it alone; ``--vs-plain`` times it interleaved with the engine's
+steps (engine, plain, engine, plain, ...) in one process, so machine noise falls on both alike,
+and reports ``engine_over_plain`` = engine step / plain step (medians).
+"""
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from mimscale import dist, methods
+from mimscale.config import ConfigError, load_config
+from mimscale.data.loader import build_loader
+from mimscale.data.streams import open_stream
+from mimscale.ds_config import load_ds_config
+from mimscale.engine import Trainer
+from mimscale.hooks.amt_refresh import refresh_steps
+from mimscale.metrics import cpu_matmul_peak, model_flops_per_image, peak_flops
+from mimscale.optim import build_optimizer
+
+REPO = Path(__file__).resolve().parent.parent
+DATA_SOURCES = ("synthetic", "folder", "wds", "ffcv")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def default_ds_config(zero: int, cuda: bool) -> Path:
+    return REPO / "ds_configs" / (f"gpu_bf16_zero{zero}.json" if cuda else f"cpu_fp32_zero{zero}.json")
+
+
+def data_overrides(args) -> list[str]:
+    """The config overrides of ``--data``: a small synthetic set, or the run's own loader on
+    ``--data-path`` with ``--workers`` workers."""
+    if args.data == "synthetic":
+        return ["data.source=synthetic", f"data.synthetic_count={args.batch * 2 * max(1, dist.world_size())}", "data.num_workers=0"]
+    if not args.data_path:
+        raise ConfigError(f"--data {args.data} needs --data-path (the folder, shard directory or .beton to read)")
+    return [f"data.source={args.data}", f"data.path={args.data_path}", f"data.num_workers={args.workers}"]
+
+
+def bench_config(args, presets: dict, extra: list[str], tmp: Path):
+    """The preset's Config for the bench: global batch = ``--batch`` x world size, no tracking."""
+    overrides = [
+        f"model.name={args.model}",
+        methods.select(args.method),
+        *data_overrides(args),
+        "tracking.enabled=false",
+        f"output_dir={tmp / 'run'}",
+        "resume=never",
+        "train.steps=1000",
+        "train.warmup_steps=10",
+        f"train.global_batch={args.batch * dist.world_size()}",
+        f"train.compile={str(getattr(args, 'compile', False)).lower()}",
+        f"train.threads={args.threads}",
+        *extra,
+        *args.set,
+    ]
+    return load_config(REPO / "mimscale" / "configs" / presets[args.method].preset, overrides)
+
+
+def build_trainer(args, cfg, tmp: Path):
+    """(trainer, engine settings): the Trainer pretrain.py would build for ``cfg`` on this world
+    (micro batch ``args.batch`` per rank, no accumulation)."""
+    cuda = torch.cuda.is_available()
+    ds = json.loads(Path(args.ds_config or default_ds_config(args.zero, cuda)).read_text())
+    ds.pop("train_batch_size", None)
+    ds.update(train_micro_batch_size_per_gpu=args.batch, gradient_accumulation_steps=1)
+    ds_path = tmp / f"ds_config-rank{dist.rank()}.json"  # one writer per file
+    ds_path.write_text(json.dumps(ds))
+    eng = load_ds_config(ds_path, dist.world_size(), cfg.train.global_batch)
+    dist.init_distributed()
+    trainer = Trainer(cfg, SimpleNamespace(deepspeed_config=str(ds_path), local_rank=dist.local_rank(), deepspeed=True), eng)
+    return trainer, eng
+
+
+class PlainStep:
+    """The same model, batch and fused AdamW in plain torch (no DeepSpeed engine, one process):
+    the reference that shows what the engine's own work costs. bf16 weights on a GPU (no fp32
+    master copy: a lower bound for DeepSpeed's bf16 path), fp32 on a CPU."""
+
+    def __init__(self, cfg, device: torch.device, images: torch.Tensor, meta: dict):
+        dist.seed_all(cfg.train.seed)
+        self.device = device
+        self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        self.model = methods.build_model(cfg).to(device=device, dtype=self.dtype)
+        self.opt = build_optimizer(self.model, 1e-4, cfg.train.weight_decay)
+        self.images = images
+        self.meta = {k: v for k, v in meta.items() if k != "noise"}
+        if methods.of(cfg).uses_store(cfg) and "attn" not in self.meta:
+            # stand-in attention maps [B, L] (no store without the trainer): the plan masks and throws
+            self.meta["attn"] = torch.rand(images.shape[0], self.model.encoder.num_patches, device=device).half()
+
+    def __call__(self) -> tuple[float, float]:
+        """One step: (seconds, of which forward + backward)."""
+        sync(self.device)
+        t = time.perf_counter()
+        loss, _ = self.model(self.images, self.meta)
+        loss.backward()
+        sync(self.device)
+        t_mid = time.perf_counter()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        sync(self.device)
+        return time.perf_counter() - t, t_mid - t
+
+    def flops_per_img(self, cfg) -> float:
+        plan = self.model.last_plan
+        return model_flops_per_image(cfg, plan.visible.shape[1], plan.masked.shape[1])
+
+
+class EngineStep:
+    """One engine step on a fixed device batch (synthetic) or on the next batch of a stream: the
+    calls of Trainer.micro_step, timed in parts: data wait (next batch), model compute (forward +
+    backward, which under ZeRO includes the gradient reduction hooks) and the engine's optimizer
+    step (ZeRO buffers, AdamW, EMA copies)."""
+
+    def __init__(self, trainer, images=None, meta=None, stream=None):
+        self.trainer, self.images, self.meta, self.it = trainer, images, meta, iter(stream) if stream is not None else None
+
+    def __call__(self) -> tuple[float, float, float]:
+        """(seconds, of which data wait, of which forward + backward)."""
+        trainer, engine = self.trainer, self.trainer.engine
+        sync(trainer.device)
+        t = time.perf_counter()
+        images, meta = self.images, self.meta
+        if self.it is not None:
+            images, meta = trainer.to_device(next(self.it))  # pinned host copies on a GPU (open_stream)
+        t_data = time.perf_counter()
+        loss, _ = engine(images, meta)
+        engine.backward(loss)
+        sync(trainer.device)
+        t_mid = time.perf_counter()
+        engine.step()
+        trainer.hooks.after_optimizer_step()  # EMA copies: the update is part of the step
+        sync(trainer.device)
+        return time.perf_counter() - t, t_data - t, t_mid - t_data
+
+
+def memory_fields(device: torch.device) -> dict:
+    """Peak memory of this process: the GPU's allocator peak, or the host's max RSS on a CPU."""
+    if device.type == "cuda":
+        return {"max_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30}
+    return {"max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
+
+
+def refresh_share_of_run(cfg, pct_of_epoch: float) -> dict:
+    """What the preset's whole schedule spends on refreshes: its number of refreshes (e.g. AMT's 400
+    epochs refreshed every 40 from epoch 40: 9) x one refresh (% of an epoch of the timed steps) /
+    the run's epochs. The timed steps mask and throw; the epochs before the first refresh run
+    random masking, which is slower, so the true share is a little lower (an upper bound)."""
+    sec = cfg.masking.amt  # AMT and AutoMAE-stored refresh on this schedule
+    epochs = cfg.train.epochs
+    steps_per_epoch = 1000  # any resolution: the schedule is in epochs or shares of the run
+    n = len(refresh_steps(sec.first_refresh, sec.refresh_every, int(epochs * steps_per_epoch), steps_per_epoch))
+    return {"run_epochs": epochs, "run_refreshes": n, "refresh_pct_of_run": pct_of_epoch * n / epochs}
+
+
+def _stats(times: list[float]) -> dict:
+    return {"min": min(times), "median": statistics.median(times), "max": max(times)}
+
+
+def bench_step(args, presets: dict, extractor_overrides) -> dict | None:
+    """The step benchmark's JSON (rank 0; other ranks return None)."""
+    if args.vs_plain and args.data != "synthetic":
+        raise ConfigError("--vs-plain compares compute on one fixed batch: use it with --data synthetic")
+    dist.ensure_env()
+    if args.no_deepspeed and dist.world_size() > 1:
+        raise ConfigError("--no-deepspeed is the one-process reference: run it without torchrun/deepspeed")
+    cuda = torch.cuda.is_available()
+    tmp = Path(tempfile.mkdtemp(prefix="mimscale-bench-"))
+    extra, extractor = extractor_overrides(args, tmp)
+    cfg = bench_config(args, presets, extra, tmp)
+    if args.no_deepspeed:
+        return bench_plain(args, cfg)
+    trainer, eng = build_trainer(args, cfg, tmp)
+    refresh = None
+    if trainer.method.uses_store(cfg):
+        # AMT's store: fill it so the timed steps mask *and throw*; time it on the way
+        refresh = {"seconds": trainer.hooks.refresh(1, 0), "images": len(trainer.source)}
+    if args.data == "synthetic":
+        loader, _ = build_loader(cfg.data, cfg.model.img_size, args.batch, trainer.rank, trainer.world, cfg.train.seed)
+        images, meta = trainer.to_device(next(iter(loader)))
+        step = EngineStep(trainer, images, meta)
+    else:
+        stream = open_stream(cfg.data, trainer.source, cfg.model.img_size, args.batch, trainer.rank, trainer.world, cfg.train.seed,
+                             pin_memory=cuda)
+        step = EngineStep(trainer, stream=stream)
+    plain = PlainStep(cfg, trainer.device, step.images, step.meta) if args.vs_plain else None
+    for _ in range(args.warmup):
+        step()
+        if plain:
+            plain()
+    trainer._update_plan_sizes()  # FLOPs of the plan the timed steps use
+    times, waits, fwd_bwd, plain_times, plain_fb = [], [], [], [], []
+    for _ in range(args.steps):
+        total, wait, fb = step()
+        times.append(total), waits.append(wait), fwd_bwd.append(fb)
+        if plain:  # interleaved: the same noise on both sides of the ratio
+            p_total, p_fb = plain()
+            plain_times.append(p_total), plain_fb.append(p_fb)
+    step_s = statistics.median(times)
+    img_s = args.batch / step_s
+    # Re-measure the peak right after the steps, on the same threads, and keep the higher of the
+    # two probes: a peak measured low (a noisy neighbour) would flatter the MFU.
+    peak = trainer.peak
+    if trainer.device.type == "cpu":
+        peak = max(peak, cpu_matmul_peak())
+    fwd_bwd_s = statistics.median(fwd_bwd)
+    result = {
+        "bench": "step",
+        "method": args.method,
+        "model": args.model,
+        "batch": args.batch,
+        "world_size": trainer.world,
+        "steps": args.steps,
+        "device": torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)",
+        "precision": eng.precision,
+        "zero_stage": eng.zero_stage,
+        "compile": args.compile,
+        "data": args.data,
+        "step_s": step_s,
+        "step_times": times,
+        "img_per_s": img_s,  # per rank (per GPU); the run's is x world_size
+        "img_per_s_total": img_s * trainer.world,
+        "gflop_per_img": trainer.flops_per_img / 1e9,
+        "peak_gflops": peak / 1e9 if peak else None,
+        "peak_source": trainer.peak_source,
+        "mfu": trainer.flops_per_img * img_s / peak if peak else None,
+        "fwd_bwd_s": fwd_bwd_s,
+        "optimizer_s": statistics.median([t - w - f for t, w, f in zip(times, waits, fwd_bwd)]),
+        "mfu_fwd_bwd": trainer.flops_per_img * args.batch / fwd_bwd_s / peak if peak else None,
+        "data_wait_s": statistics.median(waits),
+        "data_wait_pct": 100.0 * sum(waits) / sum(times),
+        "plan": dict(zip(("visible", "masked", "thrown"), trainer.plan_sizes)),
+        **memory_fields(trainer.device),
+    }
+    if extractor:
+        result["extractor"] = args.extractor
+    if refresh is not None:
+        # one refresh's cost in training steps' time, per image: x 100 = % of an epoch it costs
+        # (then / refresh_every epochs = its share of the whole run)
+        result["refresh_s_per_img"] = refresh["seconds"] / refresh["images"]
+        result["refresh_pct_of_epoch"] = 100.0 * result["refresh_s_per_img"] / (step_s / args.batch)
+        result.update(refresh_share_of_run(cfg, result["refresh_pct_of_epoch"]))
+    if plain is not None:
+        result["plain"] = {"step_s": statistics.median(plain_times), "step_times": plain_times, "fwd_bwd_s": statistics.median(plain_fb),
+                           "optimizer_s": statistics.median([t - f for t, f in zip(plain_times, plain_fb)])}
+        ratios = [e / p for e, p in zip(times, plain_times)]  # per interleaved pair
+        result["engine_over_plain"] = step_s / result["plain"]["step_s"]
+        result["engine_over_plain_pairs"] = _stats(ratios)
+    rank0 = dist.is_rank0()
+    dist.shutdown()
+    return result if rank0 else None
+
+
+def bench_plain(args, cfg) -> dict:
+    """``--no-deepspeed``: the plain-torch reference alone."""
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    threads = dist.set_threads(args.threads)
+    dist.seed_all(cfg.train.seed)
+    loader, _ = build_loader(cfg.data, cfg.model.img_size, args.batch, 0, 1, cfg.train.seed)
+    batch = next(iter(loader))
+    images = batch["image"].to(device)
+    meta = {k: batch[k].to(device) for k in ("box", "flip", "index")}
+    plain = PlainStep(cfg, device, images, meta)
+    for _ in range(args.warmup):
+        plain()
+    times, fb = [], []
+    for _ in range(args.steps):
+        total, f = plain()
+        times.append(total), fb.append(f)
+    step_s, fwd_bwd_s = statistics.median(times), statistics.median(fb)
+    peak, source = peak_flops(device)
+    if device.type == "cpu":
+        peak = max(peak, peak_flops(device)[0])
+    flops = plain.flops_per_img(cfg)
+    img_s = args.batch / step_s
+    return {
+        "bench": "step", "engine": "torch (no deepspeed)", "method": args.method, "model": args.model,
+        "batch": args.batch, "world_size": 1, "steps": args.steps,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({threads} threads)",
+        "precision": "bf16" if plain.dtype == torch.bfloat16 else "fp32", "data": args.data,
+        "step_s": step_s, "step_times": times, "img_per_s": img_s, "img_per_s_total": img_s, "gflop_per_img": flops / 1e9,
+        "peak_gflops": peak / 1e9 if peak else None, "peak_source": source,
+        "mfu": flops * img_s / peak if peak else None,
+        "fwd_bwd_s": fwd_bwd_s, "optimizer_s": step_s - fwd_bwd_s,
+        "mfu_fwd_bwd": flops * args.batch / fwd_bwd_s / peak if peak else None,
+        "data_wait_s": 0.0, "data_wait_pct": 0.0, **memory_fields(device),
+    }
+
+
+def add_step_parser(sub, presets: dict, extractors) -> None:
+    s = sub.add_parser("step", help="time full training steps of one method")
+    s.add_argument("--method", default="mae", choices=sorted(presets))
+    s.add_argument("--extractor", default="online", choices=extractors,
+                   help="methods with an extractor (automae): where the generator's attention maps come from")
+    s.add_argument("--model", default="vit_base")
+    s.add_argument("--batch", type=int, default=16, help="micro batch per rank")
+    s.add_argument("--steps", type=int, default=3)
+    s.add_argument("--warmup", type=int, default=2)
+    s.add_argument("--zero", type=int, default=1, choices=(0, 1, 2, 3))
+    s.add_argument("--ds-config", default=None, help="base ds_config (default: ds_configs/{gpu_bf16,cpu_fp32}_zeroN.json)")
+    s.add_argument("--compile", action="store_true", help="torch.compile the model (pays on GPU)")
+    s.add_argument("--threads", type=int, default=0, help="torch threads (0: the cores shared by this node's ranks)")
+    s.add_argument("--data", default="synthetic", choices=DATA_SOURCES,
+                   help="synthetic: one batch kept on the device; folder|wds|ffcv: the run's loader on --data-path (data wait counts)")
+    s.add_argument("--data-path", default="", help="--data folder|wds|ffcv: the ImageNet root, shard directory or .beton")
+    s.add_argument("--workers", type=int, default=8, help="--data folder|wds|ffcv: loader workers (ffcv: threads)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
+    s.add_argument("--no-deepspeed", action="store_true", help="plain torch reference alone: same model and AdamW, no engine")
+    s.add_argument("--vs-plain", action="store_true",
+                   help="also time the plain-torch reference, interleaved step by step, and report engine_over_plain")
+    s.add_argument("--json", action="store_true", help="print only the JSON result")
