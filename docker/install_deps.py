@@ -5,26 +5,27 @@ Run by docker/Dockerfile with the NGC image's own python3 (the one that holds NV
     python3 docker/install_deps.py deps --venv /opt/venv [--torch-source auto|pypi] [--extra ffcv]
     python3 docker/install_deps.py project --venv /opt/venv
 
-Why this is a script and not one `pip install .`: the NGC image's torch is NVIDIA's CUDA build with
-a version such as ``2.14.0a0+b2c75dd062.nv26.9...``, which never equals setup.py's ``torch==2.14.1``.
-A plain install would therefore replace it, and NGC's global pip constraint file
-(PIP_CONSTRAINT=/etc/pip/constraint.txt) would instead reject our other pins (numpy, pillow, ...).
-So the torch decision is made here, explicitly:
+setup.py says what mimscale needs (ranges); constraints.txt pins the tested versions, and the image
+installs those. Why this is a script and not one `pip install -c constraints.txt .`: the NGC image's
+torch is NVIDIA's CUDA build with a version such as ``2.14.0a0+b2c75dd062.nv26.9...``, which never
+equals constraints.txt's ``torch==2.14.1``. A plain install would therefore replace it, and NGC's
+global pip constraint file (PIP_CONSTRAINT=/etc/pip/constraint.txt) would instead reject our other
+pins (numpy, pillow, ...). So the torch decision is made here, explicitly:
 
 * ``auto`` (default): if the image's torch has the pin's major.minor (2.14), keep it. The venv then
   sees the image's packages (--system-site-packages), our pins are installed into the venv (where
   they shadow NGC's copies without touching them), torch and torchvision are left out of the
-  install and constrained to the exact versions already there, so pip stops with an error rather
-  than swap them for wheels from PyPI. If the major.minor differs, ``pypi`` is used.
-* ``pypi``: a venv without the image's packages and exactly setup.py's pins, torch included (the
-  PyPI torch 2.14.1 wheels for Linux x86_64 and aarch64 are CUDA 13.0 builds).
+  install and constrained to the exact versions already there (in place of constraints.txt's), so
+  pip stops with an error rather than swap them for wheels from PyPI. If the major.minor differs,
+  ``pypi`` is used.
+* ``pypi``: a venv without the image's packages and exactly constraints.txt's pins, torch included
+  (the PyPI torch 2.14.1 wheels for Linux x86_64 and aarch64 are CUDA 13.0 builds).
 
 Either way the build fails unless the venv's torch is the one chosen and reports a CUDA version
 (``torch.version.cuda``): a CPU wheel (from a CPU-only index in a pip config, say) never slips in.
 
-The NGC image's Python is 3.12 while setup.py says ``python_requires=">=3.11,<3.12"`` (the version
-CI tests); every pinned package has cp312 wheels (checked for x86_64 and aarch64) and mimscale is
-installed with --ignore-requires-python.
+The NGC image's Python is 3.12, which setup.py allows (3.11 and 3.12; CI runs the suite on 3.11 and
+a smoke run on 3.12, make test-py312); every pinned package has cp312 wheels or builds on 3.12.
 """
 from __future__ import annotations
 
@@ -104,6 +105,12 @@ def setup_requirements(setup_py: Path, extras: list[str]) -> list[str]:
     return reqs
 
 
+def read_constraints(path: Path) -> list[str]:
+    """The requirement lines of a pip constraints file (comments and blank lines dropped)."""
+    lines = [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
+    return [line for line in lines if line]
+
+
 def installed_version(name: str) -> Optional[str]:
     try:
         return importlib.metadata.version(name)
@@ -113,20 +120,22 @@ def installed_version(name: str) -> Optional[str]:
 
 @dataclass
 class Plan:
-    mode: str  # "keep": the image's torch family; "pypi": setup.py's pins for everything
+    mode: str  # "keep": the image's torch family; "pypi": constraints.txt's pins for everything
     system_site_packages: bool
-    requirements: list[str]
-    constraints: list[str] = field(default_factory=list)
+    requirements: list[str]  # setup.py's (ranges)
+    constraints: list[str] = field(default_factory=list)  # exact pins, as pip -c lines
     expected_torch: str = ""
     reason: str = ""
 
 
-def make_plan(reqs: list[str], torch_source: str, installed: Callable[[str], Optional[str]] = installed_version) -> Plan:
+def make_plan(reqs: list[str], pins: list[str], torch_source: str,
+              installed: Callable[[str], Optional[str]] = installed_version) -> Plan:
+    """reqs: setup.py's requirements (ranges); pins: constraints.txt's exact versions."""
     if torch_source not in ("auto", "pypi"):
         raise PlanError(f"--torch-source must be auto or pypi, got {torch_source!r}")
-    pin = pinned_version(reqs, "torch")
+    pin = pinned_version(pins, "torch")
     if pin is None:
-        raise PlanError("setup.py does not pin torch (torch==X.Y.Z): nothing to compare the image's torch with")
+        raise PlanError("constraints.txt does not pin torch (torch==X.Y.Z): nothing to compare the image's torch with")
     have = installed("torch")
     if torch_source == "auto" and have is not None and major_minor(have) == major_minor(pin):
         versions = {name: installed(name) for name in TORCH_FAMILY}
@@ -138,15 +147,16 @@ def make_plan(reqs: list[str], torch_source: str, installed: Callable[[str], Opt
             mode="keep",
             system_site_packages=True,
             requirements=[r for r in reqs if requirement_name(r) not in TORCH_FAMILY],
-            constraints=[f"{name}=={v}" for name, v in versions.items()],
+            constraints=[c for c in pins if requirement_name(c) not in TORCH_FAMILY]
+                        + [f"{name}=={v}" for name, v in versions.items()],
             expected_torch=have,
             reason=f"the image's torch {have} is a {'.'.join(map(str, major_minor(pin)))} like the pin ({pin}): "
                    f"kept, with its torchvision {versions['torchvision']}",
         )
     why = ("--torch-source pypi" if torch_source == "pypi" else
            "the image has no torch" if have is None else f"the image's torch {have} is not a {'.'.join(map(str, major_minor(pin)))} release")
-    return Plan(mode="pypi", system_site_packages=False, requirements=list(reqs), expected_torch=pin,
-                reason=f"{why}: installing setup.py's pins, torch=={pin} included")
+    return Plan(mode="pypi", system_site_packages=False, requirements=list(reqs), constraints=list(pins),
+                expected_torch=pin, reason=f"{why}: installing constraints.txt's pins, torch=={pin} included")
 
 
 def pip(venv_python: Path, *args: str) -> None:
@@ -184,7 +194,7 @@ def check_torch(venv_python: Path, expected: str, imports: tuple[str, ...]) -> N
 
 def install_deps(args) -> None:
     reqs = setup_requirements(Path(args.setup), args.extra)
-    plan = make_plan(reqs, args.torch_source)
+    plan = make_plan(reqs, read_constraints(Path(args.constraints)), args.torch_source)
     print(f"torch: {plan.mode}: {plan.reason}", flush=True)
     if args.dry_run:
         print(json.dumps(plan.__dict__, indent=2))
@@ -206,7 +216,7 @@ def install_project(args) -> None:
     venv = Path(args.venv)
     chosen = json.loads((venv / "mimscale-torch.json").read_text())
     venv_python = venv / "bin" / "python"
-    pip(venv_python, "--no-deps", "--ignore-requires-python", "--editable", str(Path(args.project).resolve()))
+    pip(venv_python, "--no-deps", "--editable", str(Path(args.project).resolve()))
     check_torch(venv_python, chosen["torch"], ("mimscale.config", "mimscale.engine", "data_prep.wds"))
 
 
@@ -216,6 +226,7 @@ def main(argv=None) -> int:
     d = sub.add_parser("deps", help="create the venv and install the pinned dependencies")
     d.add_argument("--venv", required=True)
     d.add_argument("--setup", default="setup.py")
+    d.add_argument("--constraints", default="constraints.txt", help="the exact versions to install (pip -c)")
     d.add_argument("--torch-source", default="auto", help="auto (keep the image's torch when its major.minor matches) or pypi")
     d.add_argument("--extra", action="append", default=[], help="a setup.py extra to include (repeatable), e.g. ffcv")
     d.add_argument("--dry-run", action="store_true", help="print the plan and stop")

@@ -59,7 +59,7 @@ def init_distributed() -> None:
 
     ensure_env()
     # DeepSpeed JIT-builds its CPU comm op with the first ninja on PATH: the one installed beside
-    # this Python (pinned in setup.py), always, since two ninja versions hash build commands
+    # this Python (pinned in constraints.txt), always, since two ninja versions hash build commands
     # differently and every switch between them rebuilds the op (30-100 s per launch).
     here = os.path.dirname(sys.executable)
     if os.path.isfile(os.path.join(here, "ninja")) and not os.environ.get("PATH", "").startswith(here + os.pathsep):

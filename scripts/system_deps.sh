@@ -3,9 +3,11 @@
 #
 #   scripts/system_deps.sh <python> [FFCV]      FFCV: 1 | 0 | auto (default auto)
 #
+# <python> must be Python 3.11 or 3.12 (scripts/find_python.sh finds it, or says how to get it).
+#
 # Core (always):
 #   g++                      DeepSpeed JIT-builds its CPU communication op on a machine's first launch
-#   python3-venv, python3-dev  the venv module and Python.h for that build (a Debian python only;
+#   python3.X-venv, python3.X-dev  the venv module and Python.h for that build (a Debian python only;
 #                            pyenv/conda pythons ship both)
 #   libgl1                   opencv-python's cv2 loads libGL.so.1 on import
 # FFCV (the optional [ffcv] extra; data.source=ffcv):
@@ -21,22 +23,23 @@ PYTHON=${1:-python3.11}
 FFCV=${2:-auto}
 case "$FFCV" in 0 | 1 | auto) ;; *) echo "mimscale: FFCV=$FFCV: use 1, 0 or auto" >&2; exit 2 ;; esac
 
-if ! command -v "$PYTHON" >/dev/null 2>&1; then
-  echo "mimscale: $PYTHON not found. mimscale needs Python 3.11: install it (apt-get install python3.11 python3.11-venv," >&2
-  echo "  or pyenv install 3.11) or point the Makefile at one: make setup PYTHON=/path/to/python3.11" >&2
-  exit 1
-fi
-if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
-  echo "mimscale: $PYTHON is Python $("$PYTHON" -c 'import platform; print(platform.python_version())'); mimscale's pinned" >&2
-  echo "  wheels (torch 2.14.1, DeepSpeed, FFCV) are tested on 3.11: make setup PYTHON=/path/to/python3.11" >&2
-  exit 1
-fi
+# find_python.sh resolves a pyenv shim to its interpreter, and names how to get a missing Python.
+PYTHON=$(bash "$(dirname "$0")/find_python.sh" "$PYTHON")
+version=$("$PYTHON" -c 'import platform; print(platform.python_version())')
+case "$version" in
+  3.11.* | 3.12.*) ;;
+  *)
+    echo "mimscale: $PYTHON is Python $version; mimscale runs on 3.11 or 3.12 (constraints.txt's wheels are" >&2
+    echo "  tested on both): make setup PYTHON=python3.12, or PYTHON=/path/to/python3.11" >&2
+    exit 1
+    ;;
+esac
 
 core=()
 command -v g++ >/dev/null 2>&1 || core+=(g++)
-if ! "$PYTHON" -c 'import venv, ensurepip' >/dev/null 2>&1; then core+=(python3-venv); fi
+if ! "$PYTHON" -c 'import venv, ensurepip' >/dev/null 2>&1; then core+=("python${version%.*}-venv"); fi
 if ! "$PYTHON" -c 'import os, sysconfig, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; then
-  core+=(python3-dev)
+  core+=("python${version%.*}-dev")
 fi
 if ! ldconfig -p 2>/dev/null | grep -q 'libGL\.so\.1'; then core+=(libgl1); fi
 

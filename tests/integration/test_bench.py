@@ -5,7 +5,9 @@ import subprocess
 import sys
 
 import pytest
+from PIL import Image
 
+from mimscale import bench
 from tests.integration.launch import REPO, env
 
 TINY = ["--model", "vit_tiny", "--batch", "2", "--steps", "1", "--warmup", "1", "--threads", "1",
@@ -85,3 +87,18 @@ def test_bench_gpu_matrix_on_cpu():
         assert (c["plan"]["thrown"] > 0) == (c["method"] == "amt"), c  # AMT masks and throws after its refresh
         assert (c["refresh_s_per_img"] is not None) == (c["method"] in ("amt", "automae-stored")), c
     assert table.count("\n") == 2 + len(d["cases"])  # header, rule, one row per case
+
+
+@pytest.mark.parametrize("source", ["folder", "pil"])
+def test_bench_loader_prints_json(tmp_path, capsys, source):
+    """The README's loader benchmark, ``python -m mimscale.bench loader --source folder|pil ...``, through
+    its main() in this process (no second torch import), on two class folders of small JPEGs."""
+    for c, wnid in enumerate(("n01440764", "n01443537")):
+        (tmp_path / wnid).mkdir()
+        for i in range(6):
+            Image.new("RGB", (40 + 8 * i, 48), (40 * c, 20 * i, 90)).save(tmp_path / wnid / f"{wnid}_{i}.JPEG")
+    code = bench.main(["loader", "--source", source, "--path", str(tmp_path), "--workers", "0", "--batch", "4",
+                       "--batches", "2", "--warmup", "1", "--size", "32", "--json"])
+    assert code == 0
+    d = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert d["bench"] == "loader" and d["source"] == source and d["images"] == 8 and d["img_per_s"] > 0

@@ -89,12 +89,12 @@ def test_dockerfile_pins_ngc_caches_deps_and_runs_unprivileged():
     (base,) = [rest for word, rest in ins if word == "FROM"]
     assert re.fullmatch(r"nvcr\.io/nvidia/pytorch:\d\d\.\d\d-py3", base), base
     assert "HEALTHCHECK" not in [w for w, _ in ins]
-    # the dependency layer is built from setup.py and the installer alone, before the code arrives
+    # the dependency layer is built from setup.py, constraints.txt and the installer alone, before the code arrives
     copies = [(i, rest) for i, (w, rest) in enumerate(ins) if w == "COPY"]
     code_copy = next(i for i, rest in copies if rest == ". .")
     deps_run = next(i for i, (w, rest) in enumerate(ins) if w == "RUN" and "install_deps.py deps" in rest)
     assert deps_run < code_copy
-    assert {rest for i, rest in copies if i < deps_run} == {"setup.py ./", "docker/install_deps.py docker/"}
+    assert {rest for i, rest in copies if i < deps_run} == {"setup.py constraints.txt ./", "docker/install_deps.py docker/"}
     # a numeric, non-root last USER (Kubernetes' runAsNonRoot checks it), defined by the uid build arg
     users = [rest for w, rest in ins if w == "USER"]
     assert users[-1] == "${USER_UID}"
@@ -115,7 +115,7 @@ def dockerignored(path: str, patterns: list[str]) -> bool:
 def test_dockerignore_keeps_the_code_and_drops_local_state():
     patterns = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
                 if line.strip() and not line.startswith("#")]
-    needed = ["setup.py", "docker/entrypoint.sh", "docker/install_deps.py", "mimscale/pretrain.py",
+    needed = ["setup.py", "constraints.txt", "docker/entrypoint.sh", "docker/install_deps.py", "mimscale/pretrain.py",
               "mimscale/data/loader.py", "mimscale/configs/mae_vit_base.yaml", "ds_configs/gpu_bf16_zero1.json",
               "data_prep/wds.py"]
     for path in needed:
@@ -135,35 +135,42 @@ def versions(**have):
     return lambda name: have.get(name)
 
 
+PINS = install_deps.read_constraints(REPO / "constraints.txt")
+
+
 def test_install_plan_keeps_ngc_torch_when_major_minor_matches():
     reqs = install_deps.setup_requirements(REPO / "setup.py", [])
-    assert install_deps.pinned_version(reqs, "torch") == "2.14.1"
-    plan = install_deps.make_plan(reqs, "auto", versions(torch=NGC_TORCH, torchvision="0.29.0a0+1a2b3c4"))
+    assert install_deps.pinned_version(PINS, "torch") == "2.14.1"
+    plan = install_deps.make_plan(reqs, PINS, "auto", versions(torch=NGC_TORCH, torchvision="0.29.0a0+1a2b3c4"))
     assert plan.mode == "keep" and plan.system_site_packages
     names = {install_deps.requirement_name(r) for r in plan.requirements}
     assert "torch" not in names and "torchvision" not in names and {"deepspeed", "timm", "numpy"} <= names
-    # the image's exact versions, so pip fails instead of swapping in PyPI's wheels
-    assert plan.constraints == [f"torch=={NGC_TORCH}", "torchvision==0.29.0a0+1a2b3c4"]
+    # the image's exact torch family, so pip fails instead of swapping in PyPI's wheels; the rest of
+    # constraints.txt's pins as they are
+    assert plan.constraints[-2:] == [f"torch=={NGC_TORCH}", "torchvision==0.29.0a0+1a2b3c4"]
+    assert "deepspeed==0.19.8" in plan.constraints and "torch==2.14.1" not in plan.constraints
     assert plan.expected_torch == NGC_TORCH
 
 
 @pytest.mark.parametrize("torch_source,have", [("pypi", NGC_TORCH), ("auto", "2.15.0a0+abc.nv26.12"), ("auto", None)],
                          ids=["forced", "other-minor", "no-torch"])
-def test_install_plan_takes_setup_pins_otherwise(torch_source, have):
+def test_install_plan_takes_the_constraints_pins_otherwise(torch_source, have):
     reqs = install_deps.setup_requirements(REPO / "setup.py", ["ffcv"])
-    plan = install_deps.make_plan(reqs, torch_source, versions(torch=have, torchvision="0.29.0a0"))
-    assert plan.mode == "pypi" and not plan.system_site_packages and not plan.constraints
-    assert plan.requirements == reqs and "torch==2.14.1" in reqs and "torchvision==0.29.1" in reqs
-    assert any(r.startswith("ffcv==") for r in reqs)
+    plan = install_deps.make_plan(reqs, PINS, torch_source, versions(torch=have, torchvision="0.29.0a0"))
+    assert plan.mode == "pypi" and not plan.system_site_packages
+    assert plan.requirements == reqs and any(r.startswith("ffcv") for r in reqs)
+    assert plan.constraints == PINS and "torch==2.14.1" in PINS and "torchvision==0.29.1" in PINS
     assert plan.expected_torch == "2.14.1"
 
 
 def test_install_plan_refuses_what_it_cannot_do():
     reqs = install_deps.setup_requirements(REPO / "setup.py", [])
     with pytest.raises(install_deps.PlanError, match="TORCH_SOURCE=pypi"):
-        install_deps.make_plan(reqs, "auto", versions(torch=NGC_TORCH))  # no torchvision in the image
+        install_deps.make_plan(reqs, PINS, "auto", versions(torch=NGC_TORCH))  # no torchvision in the image
     with pytest.raises(install_deps.PlanError, match="auto or pypi"):
-        install_deps.make_plan(reqs, "ngc", versions(torch=NGC_TORCH))
+        install_deps.make_plan(reqs, PINS, "ngc", versions(torch=NGC_TORCH))
+    with pytest.raises(install_deps.PlanError, match="constraints.txt does not pin torch"):
+        install_deps.make_plan(reqs, [p for p in PINS if not p.startswith("torch==")], "auto", versions(torch=NGC_TORCH))
     with pytest.raises(install_deps.PlanError, match="no extra 'gpu'"):
         install_deps.setup_requirements(REPO / "setup.py", ["gpu"])
     assert install_deps.major_minor(NGC_TORCH) == (2, 14)
