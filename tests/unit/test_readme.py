@@ -110,6 +110,9 @@ COVERED = [
                                                  'bench_step("--method", "automae", "--extractor"')}),
     Covered(r"python -m mimscale\.bench loader --source \S+ --path \S+ .*",
             {"tests/integration/test_bench.py": ('"loader", "--source"',)}),
+    # on a GPU node; the plumbing test runs the same module on CPU (--tiny)
+    Covered(r"make bench-gpu FFCV_BETON=\S+", {"Makefile": ("bench-gpu: setup", "-m benchmarks.gpu"),
+                                                "tests/integration/test_bench.py": ('"-m", "benchmarks.gpu", "--tiny"',)}),
     # the --budget run is the --quick run's code with a step budget instead of 6 steps
     Covered(r"python -m benchmarks\.quality --data \S+ .*",
             {"tests/integration/test_quality.py": ('"-m", "benchmarks.quality"', '"--methods"', '"--quick"')}),
