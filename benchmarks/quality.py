@@ -2,6 +2,8 @@
 
     python -m benchmarks.quality --data <ImageFolder root | .tar.gz of one> \
         --methods random_init,mae,amt,automae,rmae,cmae,simmim,amt_simmim --budget <minutes per method> [--quick] --json
+    python -m benchmarks.quality --data <...> --methods automae,automae_stretched --steps 200 --quick \
+        --pretrain-images 5000 --probe-train 5000 --probe-val 1000 --json     # an ablation at equal steps
 
 For every method: a short calibration run measures its step time on this machine (and, for AMT,
 one attention refresh over the pretraining set), then the real run gets as many steps as fit in
@@ -29,6 +31,8 @@ from mimscale import methods
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("random_init", "mae", "amt", "automae", "rmae", "cmae", "simmim", "amt_simmim")
+# Ablations run only when named in --methods (not in the default list): a method with one setting changed.
+VARIANTS = ("automae_stretched",)
 AMT_FIRST, AMT_EVERY = 0.25, 1.0  # shares of the run
 AMT_BASE = {"amt": "mae", "amt_simmim": "simmim"}  # AMT on a base: the base's masking until the refresh
 # Per-method overrides of the shared config; everything else is identical across methods.
@@ -40,6 +44,8 @@ METHOD_SETS = {
     # bills it to AMT's budget.
     "amt": [methods.select("amt"), f"masking.amt.first_refresh={AMT_FIRST:.0%}", f"masking.amt.refresh_every={AMT_EVERY:.0%}"],
     "automae": [methods.select("automae"), "masking.automae.extractor=online"],
+    # the generator's input min-max stretched per head instead of the raw softmax rows (the default)
+    "automae_stretched": [methods.select("automae"), "masking.automae.extractor=online", "masking.automae.attention=stretched"],
     "rmae": [methods.select("rmae"), "masking.mask_ratio=0.75"],
     # heads scaled to the tiny model; a faster EMA for runs of a few hundred steps
     "cmae": [methods.select("cmae"), "masking.mask_ratio=0.75", "masking.cmae.proj_hidden=512",
@@ -209,9 +215,11 @@ def table(results: dict) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="ImageFolder root with train/ and val/ (or test/), or a .tar.gz of one")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from: {', '.join(METHODS)}")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from: {', '.join(METHODS + VARIANTS)}")
     p.add_argument("--budget", type=float, default=None,
                    help="pretraining minutes per method, refreshes included (default 5; --quick: a fixed 6 steps instead)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="the same fixed number of pretraining steps for every method (no budget, no calibration)")
     p.add_argument("--quick", action="store_true", help="small subsets and budget: the whole run in under 5 minutes")
     p.add_argument("--out", default="runs/quality", help="working directory (runs, caches, extracted data)")
     p.add_argument("--pretrain-images", type=int, default=None, help="images pretrained on (quick: 1000, full: 10000)")
@@ -226,9 +234,9 @@ def parse_args(argv=None):
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = p.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
+    bad = [m for m in methods if m not in METHODS + VARIANTS]
     if bad or not methods:
-        p.error(f"--methods: unknown {', '.join(bad) or '(none given)'}; allowed: {', '.join(METHODS)}")
+        p.error(f"--methods: unknown {', '.join(bad) or '(none given)'}; allowed: {', '.join(METHODS + VARIANTS)}")
     args.methods = methods
     mode = dict(MODES[args.quick])
     if args.quick and args.budget is not None:
@@ -238,6 +246,10 @@ def parse_args(argv=None):
             if getattr(args, key) <= 0:
                 p.error(f"--{key.replace('_', '-')} must be > 0")
             mode[key] = getattr(args, key)
+    if args.steps is not None:
+        if args.steps <= 0:
+            p.error("--steps must be > 0")
+        mode.update(quick_steps=args.steps, calib_steps=0, budget=None)
     args.budget = mode["budget"]
     args.calibrated = {}  # method -> calibrated step seconds
     args.batch = mode["batch"]

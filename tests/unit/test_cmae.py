@@ -1,42 +1,21 @@
 """C-MAE (objectives/cmae.py) cannot cheat: on images without content only the mask positions
 differ between images, so a loss below chance means the pair was told apart by position alone."""
+import json
 import math
 
 import pytest
 import torch
 
-from mimscale.hooks.ema import EMAHooks
+from benchmarks import cmae_shortcut
 from mimscale.masking.noise import SampleNoise
 from mimscale.masking.random import RandomMasking
-from mimscale.models.registry import EncoderSpec
-from mimscale.models.vit import ViTEncoder, sincos_pos_embed_2d
+from mimscale.models.vit import ViTEncoder
 from mimscale.objectives import cmae
 from mimscale.objectives.cmae import CMAEObjective, info_nce
 
-SMALL = EncoderSpec(dim=64, depth=2, heads=2, patch_size=8)
-B = 16
-
-
-def train_on_blank_images(views: str, steps: int = 150, mask_token: bool = True) -> tuple[float, float]:
-    """A small encoder trained ``steps`` steps on one gray image repeated B times ->
-    (first loss, mean loss of the last 10 steps)."""
-    torch.manual_seed(0)
-    enc = ViTEncoder(SMALL, img_size=32)
-    obj = CMAEObjective(enc, proj_hidden=128, proj_dim=64, views=views, mask_token=mask_token)
-    masker = RandomMasking(enc.num_patches, 0.75)
-    params = [p for m in (enc, obj) for p in m.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
-    ema = EMAHooks(obj.ema_pairs(), 0.99)
-    x = torch.zeros(B, 3, 32, 32)  # normalized gray: no content, only positions
-    losses = []
-    for _ in range(steps):
-        loss, _ = obj(x, masker(x, {}), {})
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        ema.after_optimizer_step()
-        losses.append(loss.item())
-    return losses[0], sum(losses[-10:]) / 10
+SMALL = cmae_shortcut.SMALL
+B = cmae_shortcut.BATCH
+train_on_blank_images = cmae_shortcut.train_on_blank_images
 
 
 @pytest.mark.parametrize("mask_token", [True, False])
@@ -49,20 +28,7 @@ def test_blank_images_keep_the_loss_at_chance_with_independent_views(mask_token)
     assert last > chance - 0.1, (first, last)
 
 
-def position_only_loss(views: str, L: int = 16, dim: int = 64, batch: int = B, repeats: int = 20) -> float:
-    """The loss of a code built from positions alone: view 1's code is the sum of the position
-    embeddings it does NOT see (a linear predictor can form it), view 2's the sum of those it sees."""
-    g = torch.Generator().manual_seed(0)
-    pe = sincos_pos_embed_2d(dim, int(L ** 0.5))[1:]  # [L, dim]
-    V = L // 4
-    total = 0.0
-    for _ in range(repeats):
-        order = torch.rand(batch, L, generator=g).argsort(1)
-        q = pe.sum(0) - pe[order[:, :V]].sum(1)  # view 1 sees order[:, :V]
-        second = order[:, V:] if views == "complementary" else torch.rand(batch, L, generator=g).argsort(1)[:, :V]
-        k = pe[second].sum(1)
-        total += info_nce(q - q.mean(0), k - k.mean(0), 0, 0.2).item()
-    return total / repeats
+position_only_loss = cmae_shortcut.position_only_loss
 
 
 def test_complementary_masks_name_the_pair_by_position_and_independent_ones_do_not():
@@ -105,3 +71,11 @@ def test_codes_are_pooled_and_projected_to_the_papers_width():
     with pytest.raises(ValueError, match="allowed values: independent, complementary"):
         CMAEObjective(enc, views="same")
     assert cmae.POOLS == ("cls", "mean")
+
+
+def test_the_shortcut_benchmark_prints_its_numbers_as_json(capsys):
+    assert cmae_shortcut.main(["--steps", "12", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(d["blank"]) == {"independent", "independent_no_mask_token", "complementary", "complementary_no_mask_token"}
+    assert d["position_code"]["complementary"] < d["chance"] < d["position_code"]["independent"]
+    assert d["position_code"]["complementary_vit_b"] < d["chance_vit_b"]

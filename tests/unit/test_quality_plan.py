@@ -59,3 +59,15 @@ def test_subsets_are_balanced_symlinks_and_the_model_follows_the_image_size(tmp_
     files = list(Path(data["pretrain"]).rglob("*.jpg"))
     assert len(files) == 4 and all(f.is_symlink() for f in files)
     assert sorted(p.name for p in Path(data["probe"]).iterdir()) == ["train", "val"]  # test/ serves as val
+
+
+def test_fixed_steps_and_ablation_variants(tmp_path, capsys):
+    """--steps gives every method the same steps (no budget, no calibration); a variant such as
+    automae_stretched runs only when named, with one setting changed."""
+    args, mode = quality.parse_args(["--data", str(tmp_path), "--quick", "--steps", "200", "--methods", "automae,automae_stretched"])
+    assert (mode["quick_steps"], mode["calib_steps"], args.budget) == (200, 0, None)
+    assert "automae_stretched" not in quality.METHODS
+    assert quality.METHOD_SETS["automae_stretched"] == quality.METHOD_SETS["automae"] + ["masking.automae.attention=stretched"]
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--data", str(tmp_path), "--steps", "0"])
+    assert "--steps must be > 0" in capsys.readouterr().err
