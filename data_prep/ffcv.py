@@ -1,13 +1,18 @@
 """ImageNet folder -> one FFCV .beton file.
 
     python -m data_prep.ffcv --src <ImageNet root> --split train|val --out <file>.beton
-        [--max-side N] [--jpeg-quality 90] [--workers N]
+        [--max-side N] [--jpeg-quality 90] [--write-mode jpg|proportion|raw]
+        [--compress-probability 0.5] [--workers N]
 
-The .beton has three fields, in this order: ``image`` = RGBImageField(write_mode='jpg',
-max_resolution=max_side, jpeg_quality=Q), ``label`` = IntField (class index), ``index`` =
+The .beton has three fields, in this order: ``image`` = RGBImageField(write_mode=jpg|proportion|raw,
+max_resolution=max_side, jpeg_quality=Q, compress_probability=P), ``label`` = IntField (class index), ``index`` =
 IntField (global sample index, see mimscale.data.imagenet). Samples are in global-index order, bad
 files left out. Images are prepared by data_prep.images (RGB, downsized so the longest side is
-max_side), so FFCV's own resize finds nothing left to do; FFCV JPEG-encodes them.
+max_side), so FFCV's own resize finds nothing left to do; FFCV JPEG-encodes them (write mode jpg,
+the default: the smallest file), stores raw pixels (raw), or JPEG-encodes each with probability P
+and stores the rest raw (proportion: FFCV's published ImageNet recipe is --max-side 500
+--write-mode proportion --compress-probability 0.5 --jpeg-quality 90; about 3x the bytes of jpg,
+and a raw image costs no decode: the fastest loader, see README "Loader throughput").
 
 Bad files are found first by a parallel prepass that decodes every file with the same code
 (FFCV's writer needs the sample count up front and cannot skip a sample). The writer then decodes
@@ -15,8 +20,8 @@ the good files again: twice the decoding, but memory stays flat at ImageNet scal
 
 ``<out>.tmp`` is renamed to ``<out>`` when complete; then the sidecar ``<out>.json`` (e.g.
 ``train.beton.json``) is written the same way: {"format": "mimscale-ffcv/1", "split",
-"num_samples", "num_files", "max_side", "jpeg_quality", "sha256", "bytes", "classes", "skipped",
-"converted"} (lists of {"index", "file", "reason"}). FFCV's writer places pages in the order its
+"num_samples", "num_files", "max_side", "jpeg_quality", "write_mode", "compress_probability",
+"sha256", "bytes", "classes", "skipped", "converted"} (lists of {"index", "file", "reason"}). FFCV's writer places pages in the order its
 processes finish them, so two runs give equal samples but not byte-identical files.
 """
 from __future__ import annotations
@@ -37,6 +42,7 @@ from mimscale.data.imagenet import LayoutError, Listing, list_split
 
 FORMAT = "mimscale-ffcv/1"
 MIN_PAGE = 8 << 20  # FFCV's default page size; a page must hold a sample's whole JPEG
+WRITE_MODES = ("jpg", "proportion", "raw")  # FFCV's RGBImageField modes mimscale's decoder reads
 
 
 class SourceChanged(RuntimeError):
@@ -109,11 +115,17 @@ def write_beton(
     jpeg_quality: int = 90,
     workers: Optional[int] = None,
     progress: bool = True,
+    write_mode: str = "jpg",
+    compress_probability: float = 0.5,
 ) -> dict:
     """Write ``<src>/<split>`` to the .beton ``out`` and its sidecar ``<out>.json``; returns the sidecar."""
     from ffcv.fields import IntField, RGBImageField  # imported here: numba start-up is slow
     from ffcv.writer import DatasetWriter
 
+    if write_mode not in WRITE_MODES:
+        raise ValueError(f"write_mode {write_mode!r}: allowed values: {', '.join(WRITE_MODES)}")
+    if not 0.0 <= compress_probability <= 1.0:
+        raise ValueError(f"compress_probability {compress_probability}: must be in [0, 1]")
     listing = list_split(src, split)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -142,7 +154,8 @@ def write_beton(
     tmp = out.with_name(out.name + ".tmp")
     failed = mp.Value("b", 0)
     fields = {
-        "image": RGBImageField(write_mode="jpg", max_resolution=max_side, jpeg_quality=jpeg_quality),
+        "image": RGBImageField(write_mode=write_mode, max_resolution=max_side, jpeg_quality=jpeg_quality,
+                               compress_probability=compress_probability),
         "label": IntField(),
         "index": IntField(),
     }
@@ -157,7 +170,8 @@ def write_beton(
     sha, size = sha256_file(out)
     manifest = {
         "format": FORMAT, "split": split, "num_samples": len(good), "num_files": n, "max_side": max_side,
-        "jpeg_quality": jpeg_quality, "sha256": sha, "bytes": size, "classes": listing.classes,
+        "jpeg_quality": jpeg_quality, "write_mode": write_mode,
+        "compress_probability": compress_probability if write_mode == "proportion" else None, "sha256": sha, "bytes": size, "classes": listing.classes,
         "skipped": skipped, "converted": converted,
     }
     write_atomic(out.with_name(out.name + ".json"), dump_json(manifest))
@@ -166,10 +180,15 @@ def write_beton(
 
 def main(argv=None) -> int:
     p = writer_parser("python -m data_prep.ffcv", __doc__.split("\n")[0], "output .beton file", quality=90)
+    p.add_argument("--write-mode", default="jpg", choices=WRITE_MODES,
+                   help="jpg: every image JPEG-encoded (smallest); raw: pixels (no decode, ~5x the bytes); "
+                        "proportion: JPEG with probability --compress-probability, else raw (FFCV's ImageNet recipe)")
+    p.add_argument("--compress-probability", type=float, default=0.5, help="proportion mode: share of JPEG-encoded images")
     a = p.parse_args(argv)
     try:
-        m = write_beton(a.src, a.split, a.out, a.max_side, a.jpeg_quality, a.workers)
-    except (LayoutError, SourceChanged) as e:
+        m = write_beton(a.src, a.split, a.out, a.max_side, a.jpeg_quality, a.workers, write_mode=a.write_mode,
+                        compress_probability=a.compress_probability)
+    except (LayoutError, SourceChanged, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {m['num_samples']} samples to {a.out} ({len(m['converted'])} converted, {len(m['skipped'])} skipped)")

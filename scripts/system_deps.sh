@@ -10,6 +10,10 @@
 #   python3.X-venv, python3.X-dev  the venv module and Python.h for that build (a Debian python only;
 #                            pyenv/conda pythons ship both)
 #   libgl1                   opencv-python's cv2 loads libGL.so.1 on import
+#   libjpeg-dev              jpeglib.h (libjpeg-turbo) for mimscale's crop decoder (mimscale/data/_jpeg_region.c): it
+#                            decodes only the rows and columns of a crop. Optional for a non-root
+#                            user: without it crops use full decodes (same pixels, ~25% slower; the
+#                            loader says so once)
 # FFCV (the optional [ffcv] extra; data.source=ffcv):
 #   pkg-config, libopencv-dev, libturbojpeg0-dev   ffcv builds from source against them and links
 #                            them at run time
@@ -42,6 +46,9 @@ if ! "$PYTHON" -c 'import os, sysconfig, sys; sys.exit(not os.path.exists(os.pat
   core+=("python${version%.*}-dev")
 fi
 if ! ldconfig -p 2>/dev/null | grep -q 'libGL\.so\.1'; then core+=(libgl1); fi
+jpeg=()
+if ! echo '#include <stdio.h>
+#include <jpeglib.h>' | "${CC:-cc}" -E -x c - >/dev/null 2>&1; then jpeg+=(libjpeg-dev); fi
 
 ffcv=()
 if [ "$FFCV" != 0 ]; then
@@ -57,6 +64,11 @@ if [ "$root" -eq 0 ]; then
     echo "mimscale: please install (as root): apt-get install -y ${core[*]}" >&2
     exit 1
   fi
+  if [ ${#jpeg[@]} -gt 0 ]; then
+    echo "mimscale: installing without the crop decoder extension (crops then use full JPEG decodes, ~25% slower):" >&2
+    echo "  it needs apt-get install -y ${jpeg[*]} (as root); then make setup again" >&2
+    jpeg=()
+  fi
   if [ ${#ffcv[@]} -gt 0 ]; then
     if [ "$FFCV" = 1 ]; then
       echo "mimscale: FFCV=1 needs: apt-get install -y ${ffcv[*]} (as root), then make setup FFCV=1 again" >&2
@@ -69,7 +81,7 @@ if [ "$root" -eq 0 ]; then
   fi
 fi
 
-missing=("${core[@]}" "${ffcv[@]}")
+missing=("${core[@]}" "${jpeg[@]}" "${ffcv[@]}")
 if [ ${#missing[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq >&2

@@ -1,7 +1,8 @@
 """RandomResizedCrop computed as a box first, then a decode of only as many pixels as it needs.
 
 The box is drawn before decoding so (a) JPEGs can be decoded at 1/2, 1/4, 1/8 scale inside the
-IDCT when the crop allows it (simplejpeg ``min_width``/``min_height``), and (b) the box and flip
+IDCT when the crop allows it, and only over the rows and columns the crop covers (jpeg_region.py),
+and (b) the box and flip
 are reported with the image, in original-image coordinates, for methods that align per-image
 side information (AMT's attention maps) with the crop.
 """
@@ -15,6 +16,8 @@ import cv2
 import numpy as np
 import simplejpeg
 from PIL import Image
+
+from mimscale.data import jpeg_region
 
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
 # The "box" of scale=None: the whole image, whatever size a reduced decode gives it.
@@ -57,30 +60,62 @@ def sample_box(rng: np.random.Generator, width: int, height: int, scale=(0.2, 1.
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def _finish(arr: np.ndarray, box_px, sx: float, sy: float, size: int, flip: bool):
-    """Crop ``box_px`` (original-image pixels) out of ``arr`` (the image decoded at scale sx, sy),
-    resize to size x size, flip. Returns (crop [S, S, 3] uint8, applied box in original pixels).
+def decode_scale(w: int, h: int, size: int) -> int:
+    """Smallest M of 1, 2, 4, 8 at which a w x h box still spans >= ``size`` pixels both ways in an
+    M/8-scale decode (8 when none does). Only powers of two: libjpeg-turbo has SIMD IDCTs for those
+    and plain C for 3/8..7/8, which measured slower than a full-size decode (ImageNet JPEGs, S=224)."""
+    m = 1
+    while m < 8 and min(w, h) * m < 8 * size:
+        m *= 2
+    return m
 
-    The box is rounded to whole pixels of the decoded image, so the resize is a plain cv2 resize
-    (4-6x faster than PIL's box resize); the reported box is the rounded one, i.e. exactly what
-    was applied. Bicubic up to 1.5x downscaling, area averaging (anti-aliased) beyond that.
-    """
+
+def _scaled_box(box_px, sx: float, sy: float, aw: int, ah: int) -> tuple[int, int, int, int]:
+    """``box_px`` (x0, y0, w, h) in original pixels -> (bx0, by0, bx1, by1) whole pixels of an
+    aw x ah decode at scale (sx, sy); WHOLE -> the whole decode (including a reduced decode's last
+    pixel, which is partly padding)."""
+    if box_px == WHOLE:
+        return 0, 0, aw, ah
     x0, y0, w, h = box_px
-    ah, aw = arr.shape[:2]
-    if box_px == WHOLE:  # including a reduced decode's last pixel, which is partly padding
-        shrink = min(aw, ah) / size
-        out = cv2.resize(arr, (size, size), interpolation=cv2.INTER_AREA if shrink > 1.5 else cv2.INTER_CUBIC)
-        return np.ascontiguousarray(out), (0.0, 0.0, aw / sx, ah / sy)
     bx0 = min(max(int(round(x0 * sx)), 0), aw - 1)
     by0 = min(max(int(round(y0 * sy)), 0), ah - 1)
     bx1 = min(max(int(round((x0 + w) * sx)), bx0 + 1), aw)
     by1 = min(max(int(round((y0 + h) * sy)), by0 + 1), ah)
-    region = arr[by0:by1, bx0:bx1]
-    shrink = min(bx1 - bx0, by1 - by0) / size
+    return bx0, by0, bx1, by1
+
+
+def _resize(region: np.ndarray, size: int, flip: bool) -> np.ndarray:
+    """region [h, w, 3] -> [size, size, 3], mirrored when ``flip``. A plain cv2 resize (4-6x faster
+    than PIL's box resize): bicubic up to 1.5x downscaling, area averaging (anti-aliased) beyond."""
+    shrink = min(region.shape[0], region.shape[1]) / size
     out = cv2.resize(region, (size, size), interpolation=cv2.INTER_AREA if shrink > 1.5 else cv2.INTER_CUBIC)
     if flip:
         out = cv2.flip(out, 1)
-    return np.ascontiguousarray(out), (bx0 / sx, by0 / sy, (bx1 - bx0) / sx, (by1 - by0) / sy)
+    return np.ascontiguousarray(out)
+
+
+def _finish(arr: np.ndarray, box_px, size: int, flip: bool):
+    """Crop ``box_px`` (pixels) out of the fully decoded ``arr``, resize to size x size, flip.
+    Returns (crop [S, S, 3] uint8, applied box (x0, y0, w, h) in pixels)."""
+    bx0, by0, bx1, by1 = _scaled_box(box_px, 1.0, 1.0, arr.shape[1], arr.shape[0])
+    return _resize(arr[by0:by1, bx0:bx1], size, flip), (bx0, by0, bx1 - bx0, by1 - by0)
+
+
+def _decode_jpeg(data: bytes, m: int, span, width: int, height: int, fast: bool):
+    """Decode the JPEG at scale m/8, at least the pixels ``span`` (bx0, by0, bx1, by1) of that scale.
+    Returns (array [h, w, 3] uint8, x, y): the decoded pixels and where array[0, 0] lies in the
+    scaled image; (None, 0, 0) when it needs the PIL fallback. The region decoder and simplejpeg's
+    full decode give the same pixels (tests/unit/test_jpeg_region.py); ``fast``: libjpeg's fast
+    integer IDCT instead of the accurate one."""
+    if jpeg_region.available():
+        return jpeg_region.decode_region(data, m, *span, fast=fast)
+    aw, ah = -(-width * m // 8), -(-height * m // 8)
+    try:
+        # strict: warnings send the file to PIL, which decides if it is usable
+        arr = simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=fast, min_width=aw, min_height=ah, strict=True)
+    except ValueError:
+        return None, 0, 0
+    return (arr, 0, 0) if arr.shape[:2] == (ah, aw) else (None, 0, 0)
 
 
 def _draw(rng: np.random.Generator, width: int, height: int, scale, hflip: float):
@@ -104,18 +139,21 @@ def crop_array(arr: np.ndarray, rng: np.random.Generator, size: int, scale=(0.2,
     ``scale=None``: the whole image resized to size x size (aspect not kept), no flip."""
     height, width = arr.shape[:2]
     box, flip = _draw(rng, width, height, scale, hflip)
-    out, applied = _finish(arr, box, 1.0, 1.0, size, flip)
+    out, applied = _finish(arr, box, size, flip)
     return Crop(out, _norm_box(applied, width, height), flip, False)
 
 
-def crop_bytes(data: bytes, rng: np.random.Generator, size: int, scale=(0.2, 1.0), hflip: float = 0.5) -> Crop:
+def crop_bytes(data: bytes, rng: np.random.Generator, size: int, scale=(0.2, 1.0), hflip: float = 0.5,
+               fast_idct: bool = True) -> Crop:
     """Decode an encoded image and apply RandomResizedCrop(size, scale, bicubic) + flip.
 
-    JPEGs go through simplejpeg at the smallest IDCT scale whose crop still covers ``size``
-    pixels. Anything simplejpeg cannot read, or reads only with warnings (CMYK, PNG or GIF bytes
+    JPEGs are decoded at the smallest IDCT scale M/8 (M = 1, 2, 4, 8) whose crop still covers
+    ``size`` pixels, and only the rows and columns the crop needs (jpeg_region.py; simplejpeg's
+    full decode when that extension is not built). Anything libjpeg cannot read, or reads only with warnings (CMYK, PNG or GIF bytes
     in a .JPEG, odd modes, stray bytes before a marker), goes to PIL and is converted to RGB with
     the same box and flip. Raises UnreadableImage when PIL cannot decode it either (corrupt,
-    truncated). ``scale=None``: the whole image resized to size x size, no flip.
+    truncated). ``scale=None``: the whole image resized to size x size, no flip. ``fast_idct``:
+    libjpeg's fast integer IDCT (data.jpeg_idct: fast), else the accurate one.
     """
     drawn = None  # (width, height, box, flip) once drawn: a fallback decode reuses it
     if data[:2] == b"\xff\xd8":
@@ -126,22 +164,15 @@ def crop_bytes(data: bytes, rng: np.random.Generator, size: int, scale=(0.2, 1.0
         if colorspace in ("RGB", "YCbCr", "Gray"):
             box, flip = _draw(rng, width, height, scale, hflip)
             drawn = (width, height, box, flip)
-            x0, y0, w, h = box
-            try:
-                arr = simplejpeg.decode_jpeg(
-                    data,
-                    colorspace="RGB",
-                    min_width=math.ceil(width * size / (w or width)),
-                    min_height=math.ceil(height * size / (h or height)),
-                    strict=True,  # warnings send the file to PIL, which decides if it is usable
-                )
-            except ValueError:
-                arr = None
+            m = decode_scale(box[2] or width, box[3] or height, size)
+            # libjpeg's M/8 decode is ceil(W * M / 8) wide: its last pixel is partly padding
+            sx = sy = m / 8
+            span = _scaled_box(box, sx, sy, -(-width * m // 8), -(-height * m // 8))
+            arr, ax, ay = _decode_jpeg(data, m, span, width, height, fast_idct)
             if arr is not None:
-                # libjpeg scales by M/8 and rounds the output size up, so the size ratio
-                # overstates the scale for sides that are not multiples of 8: recover M/8.
-                sx, sy = round(8 * arr.shape[1] / width) / 8, round(8 * arr.shape[0] / height) / 8
-                out, applied = _finish(arr, box, sx, sy, size, flip)
+                bx0, by0, bx1, by1 = span
+                out = _resize(arr[by0 - ay:by1 - ay, bx0 - ax:bx1 - ax], size, flip)
+                applied = (bx0 / sx, by0 / sy, (bx1 - bx0) / sx, (by1 - by0) / sy)
                 return Crop(out, _norm_box(applied, width, height), flip, False)
     try:
         with Image.open(io.BytesIO(data)) as img:
@@ -154,5 +185,5 @@ def crop_bytes(data: bytes, rng: np.random.Generator, size: int, scale=(0.2, 1.0
         box, flip = drawn[2], drawn[3]
     else:
         box, flip = _draw(rng, width, height, scale, hflip)
-    out, applied = _finish(np.asarray(rgb), box, 1.0, 1.0, size, flip)
+    out, applied = _finish(np.asarray(rgb), box, size, flip)
     return Crop(out, _norm_box(applied, width, height), flip, True)

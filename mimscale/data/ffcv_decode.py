@@ -10,7 +10,9 @@ Per sample (one prange iteration, which writes only its own output rows):
      and the flip, from a counter-based hash (splitmix64) of (seed, epoch, global index);
   2. decode the JPEG at the smallest IDCT scale M/8 (M = 1, 2, 4, 8) at which the box still spans
      >= S pixels both ways (libjpeg-turbo scales inside the IDCT). Only powers of two: its 3/8..7/8
-     IDCTs are plain C and measured slower than a full-size decode (ImageNet JPEGs, S=224);
+     IDCTs are plain C and measured slower than a full-size decode (ImageNet JPEGs, S=224). Only
+     the box's rows and columns are decoded (jpeg_region.py; FFCV's whole-image imdecode when that
+     extension is not built), with FFCV's fast integer IDCT unless data.jpeg_idct says accurate;
   3. round the box to whole pixels of that decode, crop and resize it to S x S with FFCV's
      resize_crop (OpenCV INTER_AREA; bilinear-like when it upscales);
   4. mirror the S x S result in place when flipped (FFCV's imdecode can flip, but through
@@ -35,6 +37,8 @@ from ffcv.pipeline.compiler import Compiler
 from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
+
+from mimscale.data import jpeg_region
 
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
 PARAMS = 9
@@ -145,27 +149,57 @@ def mirror(img):
 
 _imdecode = njit(cache=False)(imdecode)
 _resize_crop = njit(cache=False)(resize_crop)
+_region = jpeg_region.FUNCTION
 
 
 @njit(cache=False)
-def crop_one(data, is_jpeg, height, width, key, size, smin, smax, hflip, out, params):
+def _decode_region(data, height, width, m, ax0, ay0, ax1, ay1, fast):
+    """The rows [ay0, ay1) and (at least) the columns [ax0, ax1) of the M/8-scale decode, as
+    (region [rh, rw, 3], its first column in the scaled image, status); only these pixels are
+    decoded (jpeg_region.py), one column more each side keeps the wanted ones exact."""
+    rows = ay1 - ay0
+    buf = np.empty(rows * (ax1 - ax0 + 2 * jpeg_region.MARGIN + 64) * 3, np.uint8)
+    info = np.zeros(jpeg_region.INFO, np.int32)
+    status = _region(data.ctypes.data, data.size, m, ax0 - jpeg_region.MARGIN, ay0, ax1 + jpeg_region.MARGIN, ay1,
+                     buf.ctypes.data, buf.size, fast, 0, info.ctypes.data)
+    if status != 0:
+        return buf[:3].reshape(1, 1, 3), ax0, status
+    return buf[: rows * info[2] * 3].reshape(rows, info[2], 3), info[0], 0
+
+
+@njit(cache=False)
+def _decode_full(data, height, width, m, ax0, ay0, ax1, ay1, fast):
+    """As _decode_region, through FFCV's imdecode (a whole M/8-scale decode, always the fast IDCT):
+    the path when mimscale/data/_jpeg_region is not built. Rows start at 0: the caller offsets."""
+    decoded = np.empty(((height * m + 7) // 8, (width * m + 7) // 8, 3), np.uint8)
+    status = _imdecode(data, decoded, np.uint32(height), np.uint32(width), np.uint32(height), np.uint32(width),
+                       np.uint32(0), np.uint32(0), np.uint32(m), np.uint32(8), False, False)
+    return decoded[ay0:ay1], 0, status
+
+
+# chosen once: numba resolves the callee when it compiles crop_one
+_decode_scaled = _decode_region if _region is not None else _decode_full
+
+
+@njit(cache=False)
+def crop_one(data, is_jpeg, height, width, key, size, smin, smax, hflip, fast, out, params):
     """Steps 1-4 for one sample: ``data`` its stored bytes, ``out`` [S, S, 3] and ``params`` [9]
-    its own output rows. Compiled once per process; each Loader compiles only its prange loop."""
+    its own output rows; ``fast``: 1 for libjpeg's fast integer IDCT (FFCV's own), 0 for the
+    accurate one. Compiled once per process; each Loader compiles only its prange loop."""
     x0, y0, w, h, flip = draw_crop(key, width, height, smin, smax, hflip)
     status = 0
     if is_jpeg:
         m = decode_scale(w, h, size)
-        # scratch at the decode's own size (FFCV's decoder keeps max_h * max_w * 3 bytes for every
-        # sample of every in-flight batch)
-        decoded = np.empty(((height * m + 7) // 8, (width * m + 7) // 8, 3), np.uint8)
-        status = _imdecode(data, decoded, np.uint32(height), np.uint32(width), np.uint32(height), np.uint32(width),
-                           np.uint32(0), np.uint32(0), np.uint32(m), np.uint32(8), False, False)
+        ax0, ax1 = scaled_span(x0, x0 + w, m, width)
+        ay0, ay1 = scaled_span(y0, y0 + h, m, height)
+        region, rx0, status = _decode_scaled(data, height, width, m, ax0, ay0, ax1, ay1, fast)
+        if status == 0:
+            _resize_crop(region, 0, ay1 - ay0, ax0 - rx0, ax1 - rx0, out)
     else:
         m = 8
-        decoded = data.reshape(height, width, 3)
-    ax0, ax1 = scaled_span(x0, x0 + w, m, width)
-    ay0, ay1 = scaled_span(y0, y0 + h, m, height)
-    _resize_crop(decoded, ay0, ay1, ax0, ax1, out)
+        ax0, ax1 = scaled_span(x0, x0 + w, m, width)
+        ay0, ay1 = scaled_span(y0, y0 + h, m, height)
+        _resize_crop(data.reshape(height, width, 3), ay0, ay1, ax0, ax1, out)
     if flip:
         mirror(out)
     params[0], params[1], params[2], params[3], params[4] = ax0, ay0, ax1, ay1, m
@@ -177,8 +211,10 @@ class SeededRandomResizedCrop(SimpleRGBImageDecoder):
     the global index of each .beton position (None: the position itself). Call ``set_epoch``
     before each pass; the compiled code reads the epoch at run time."""
 
-    def __init__(self, size: int, seed: int, scale=(0.2, 1.0), hflip: float = 0.5, index_table=None):
+    def __init__(self, size: int, seed: int, scale=(0.2, 1.0), hflip: float = 0.5, index_table=None,
+                 fast_idct: bool = True):
         super().__init__()
+        self.fast = int(bool(fast_idct))
         self.size = int(size)
         self.seed = int(seed) & 0xFFFFFFFFFFFFFFFF
         # scale None: the whole image, unflipped (encoded as smin < 0 for the compiled code)
@@ -200,7 +236,7 @@ class SeededRandomResizedCrop(SimpleRGBImageDecoder):
         my_range = Compiler.get_iterator()
         jpg = IMAGE_MODES["jpg"]
         size, seed = self.size, self.seed
-        smin, smax, hflip = self.scale[0], self.scale[1], self.hflip
+        smin, smax, hflip, fast = self.scale[0], self.scale[1], self.hflip, self.fast
         epoch_at = self._epoch.ctypes.data
         has_table = self._index is not None
         table_at = self._index.ctypes.data if has_table else 0
@@ -213,7 +249,7 @@ class SeededRandomResizedCrop(SimpleRGBImageDecoder):
                 field = metadata[src]
                 gidx = _load_i64(table_at, src) if has_table else np.int64(src)
                 crop_one(mem_read(field["data_ptr"], storage_state), field["mode"] == jpg, np.int64(field["height"]),
-                         np.int64(field["width"]), sample_key(seed, epoch, gidx), size, smin, smax, hflip,
+                         np.int64(field["width"]), sample_key(seed, epoch, gidx), size, smin, smax, hflip, fast,
                          destination[i], params[i])
             n = len(batch_indices)
             return destination[:n], params[:n]

@@ -67,7 +67,8 @@ class FFCVBatches:
 
     def __init__(self, path: str, img_size: int, micro_batch: int, rank: int, world_size: int, seed: int,
                  start_micro_batch: int = 0, *, scale=(0.2, 1.0), hflip: float = 0.5, num_workers: int = 2,
-                 mode: str = "train", copy: bool = True, batches_ahead: int = 3, accumulation: int = 1):
+                 mode: str = "train", copy: bool = True, batches_ahead: int = 3, accumulation: int = 1,
+                 fast_idct: bool = True):
         if mode not in ("train", "eval"):
             raise ValueError(f"mode {mode!r}: train or eval")
         self.path, self.mode, self.copy = str(path), mode, copy
@@ -89,7 +90,7 @@ class FFCVBatches:
             self.batches_per_epoch = math.ceil((hi - lo) / micro_batch)
         self._skip = 0  # full batches of the coming pass to leave out (resume mid-epoch)
 
-        self.decoder = SeededRandomResizedCrop(img_size, seed, scale, hflip, index_table)
+        self.decoder = SeededRandomResizedCrop(img_size, seed, scale, hflip, index_table, fast_idct)
         # FFCV sets torch's thread count to its worker count: keep the trainer's
         threads = torch.get_num_threads()
         self.loader = Loader(
@@ -191,6 +192,6 @@ atexit.register(lambda: [b.close() for b in list(_LIVE)])
 
 def build_ffcv_loader(path, img_size: int, micro_batch: int, rank: int, world_size: int, seed: int, start_micro_batch: int = 0, *,
                       scale=(0.2, 1.0), hflip: float = 0.5, num_workers: int = 2, mode: str = "train", **kw) -> FFCVBatches:
-    """This rank's FFCV batches; ``kw``: copy, batches_ahead, accumulation (see FFCVBatches)."""
+    """This rank's FFCV batches; ``kw``: copy, batches_ahead, accumulation, fast_idct (see FFCVBatches)."""
     return FFCVBatches(path, img_size, micro_batch, rank, world_size, seed, start_micro_batch, scale=scale,
                        hflip=hflip, num_workers=num_workers, mode=mode, **kw)

@@ -107,7 +107,8 @@ def open_stream(data_cfg, source, img_size: int, micro_batch: int, rank: int, wo
         ffcv = _ffcv_loader()
         return ffcv.build_ffcv_loader(str(source.path), img_size, micro_batch, rank, world_size, seed, start_micro_batch,
                                       scale=(data_cfg.scale_min, data_cfg.scale_max), hflip=data_cfg.hflip,
-                                      num_workers=max(1, data_cfg.num_workers), mode="train", accumulation=accumulation)
+                                      num_workers=max(1, data_cfg.num_workers), mode="train", accumulation=accumulation,
+                                      fast_idct=data_cfg.jpeg_idct == "fast")
     loader, _ = build_loader(data_cfg, img_size, micro_batch, rank, world_size, seed, start_micro_batch, pin_memory, source,
                              accumulation)
     return loader

@@ -41,6 +41,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from mimscale.data.crop import UnreadableImage, crop_bytes
 from mimscale.data.eval_transform import center_crop, check_crop_pct
+from mimscale.data.loader import stack_images
 from mimscale.data.workers import worker_init
 
 MANIFEST_FORMAT = "mimscale-wds/1"
@@ -140,7 +141,7 @@ class ShardStream(IterableDataset):
     def __init__(self, index: ShardIndex, size: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  scale=(0.2, 1.0), hflip: float = 0.5, shuffle_buffer: int = 2000, mode: str = "train",
                  cursors: Optional[dict[int, int]] = None, stream_offset: int = 0, max_bad_in_a_row: int = 64,
-                 crop_pct: Optional[float] = None):
+                 crop_pct: Optional[float] = None, fast_idct: bool = True):
         if mode not in ("train", "eval"):
             raise ValueError(f"mode {mode!r}: allowed values: train, eval")
         if crop_pct is not None and mode != "eval":
@@ -160,6 +161,7 @@ class ShardStream(IterableDataset):
         self.cursors = dict(cursors or {})
         self.stream_offset = stream_offset
         self.max_bad = max_bad_in_a_row
+        self.fast_idct = fast_idct  # libjpeg's fast integer IDCT (data.jpeg_idct)
 
     # ---------------------------------------------------------------- record sources
     def _train_records(self, stream: int, start: int, state: dict) -> Iterator[tuple[int, Optional[dict]]]:
@@ -197,7 +199,7 @@ class ShardStream(IterableDataset):
         if self.crop_pct is not None:
             crop = center_crop(rec["jpg"], self.size, self.crop_pct)
         else:
-            crop = crop_bytes(rec["jpg"], np.random.default_rng(key), self.size, self.scale, self.hflip)
+            crop = crop_bytes(rec["jpg"], np.random.default_rng(key), self.size, self.scale, self.hflip, self.fast_idct)
         return crop, int(meta["index"]), int(rec["cls"])
 
     def __iter__(self) -> Iterator[dict]:
@@ -237,7 +239,7 @@ class ShardStream(IterableDataset):
     @staticmethod
     def _batch(images, boxes, flips, idx, labels, skipped, converted, stream, cursor, shard) -> dict:
         return {
-            "image": torch.stack(images),
+            "image": stack_images(images),
             "box": torch.tensor(boxes, dtype=torch.float32),
             "flip": torch.tensor(flips, dtype=torch.bool),
             "index": torch.tensor(idx, dtype=torch.int64),
@@ -257,7 +259,8 @@ def build_wds_loader(index: ShardIndex, data_cfg, img_size: int, micro_batch: in
     workers = data_cfg.num_workers
     dataset = ShardStream(index, img_size, micro_batch, rank, world_size, seed, (data_cfg.scale_min, data_cfg.scale_max),
                           data_cfg.hflip if mode == "train" else 0.0, data_cfg.shuffle_buffer, mode, cursors,
-                          stream_offset=start_micro_batch % max(1, workers), max_bad_in_a_row=data_cfg.max_bad_in_a_row)
+                          stream_offset=start_micro_batch % max(1, workers), max_bad_in_a_row=data_cfg.max_bad_in_a_row,
+                          fast_idct=data_cfg.jpeg_idct == "fast")
     # A generator of its own: starting the iterator must not draw from the global torch RNG,
     # which masking uses and a resumed run restores.
     return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,

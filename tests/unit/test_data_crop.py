@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import simplejpeg
 import torch
 from PIL import Image
 
@@ -67,17 +66,15 @@ def _reference_crop(full: Image.Image, box, size: int) -> np.ndarray:
 
 @pytest.fixture
 def record_decodes(monkeypatch):
-    """Record (original width, decoded width) of every simplejpeg decode crop_bytes does."""
+    """Record (original width, decoded width) of every JPEG decode crop_bytes does."""
     seen: list[tuple[int, int]] = []
-    real = simplejpeg.decode_jpeg
+    real = crop_mod._decode_jpeg
 
-    def wrapped(data, *args, **kwargs):
-        arr = real(data, *args, **kwargs)
-        _, width, _, _ = simplejpeg.decode_jpeg_header(data)
-        seen.append((width, arr.shape[1]))
-        return arr
+    def wrapped(data, m, span, width, height, fast):
+        seen.append((width, -(-width * m // 8)))
+        return real(data, m, span, width, height, fast)
 
-    monkeypatch.setattr(crop_mod.simplejpeg, "decode_jpeg", wrapped)
+    monkeypatch.setattr(crop_mod, "_decode_jpeg", wrapped)
     return seen
 
 
@@ -190,7 +187,7 @@ def test_crop_bytes_jpeg_box_matches_pixels_with_reduced_decode(record_decodes):
     assert full.size == (width, height)
     for seed in range(30):
         crop = crop_bytes(data, np.random.default_rng(seed), size, hflip=0.0)
-        assert crop.converted is False  # decoded by simplejpeg, not the PIL fallback
+        assert crop.converted is False  # decoded by libjpeg, not the PIL fallback
         _check_gradient_crop(crop, width, height, size, mean_tol=1.5, max_tol=6.0)
         ref = _reference_crop(full, crop.box, size)
         assert np.abs(crop.image - ref).mean() < 1.5, crop.box

@@ -472,3 +472,27 @@ def test_ffcv_file_changed_after_prepass_fails_cleanly(tmp_path, monkeypatch):
     with pytest.raises(ffcv_mod.SourceChanged):
         write_beton(root, "train", out, workers=2, progress=False)
     assert list(tmp_path.glob("x.beton*")) == []
+
+
+def test_ffcv_proportion_and_raw_write_modes(tmp_path):
+    """FFCV's ImageNet recipe (some images raw, the rest JPEG): both kinds land in the file, the
+    sidecar names the mode, verify reads both, and a wrong mode names the allowed ones."""
+    from ffcv.reader import Reader
+
+    root = tmp_path / "src"
+    for i in range(24):
+        d = root / "train" / f"n{i % 2:08d}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"img{i}.JPEG").write_bytes(_encode(_picture(40 + i, 30, seed=i)))
+    modes = {}
+    for mode in ("proportion", "raw"):
+        beton = tmp_path / f"{mode}.beton"
+        m = write_beton(root, "train", beton, workers=1, progress=False, write_mode=mode, compress_probability=0.5)
+        assert m["write_mode"] == mode and m["num_samples"] == 24
+        assert m["compress_probability"] == (0.5 if mode == "proportion" else None)
+        modes[mode] = set(Reader(str(beton)).metadata["f0"]["mode"].tolist())
+        assert verify_mod.verify(beton, workers=1) == ([], 24)
+    assert modes["raw"] == {1}  # FFCV's codes: 0 jpg, 1 raw
+    assert modes["proportion"] == {0, 1}  # 24 coin flips at 0.5: both kinds (all one kind: 2 in 2^24)
+    with pytest.raises(ValueError, match="allowed values: jpg, proportion, raw"):
+        write_beton(root, "train", tmp_path / "x.beton", workers=1, progress=False, write_mode="png")
