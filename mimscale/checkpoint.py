@@ -196,6 +196,19 @@ def set_rng_state(state: dict) -> None:
 
 CONFIG = "config.yaml"  # the run's resolved config, beside the weights (export and eval read the model from it)
 CLIENT_KEY = "mimscale"  # our parts' states in DeepSpeed's client state (which it mixes with its own keys)
+# Stage 0 (the client optimizer's own state dict): the parameter names of each optimizer group, in
+# the order of its state indices. DeepSpeed records them (``param_shapes``) only for ZeRO; elastic.py
+# needs them to turn a stage-0 checkpoint into a universal one for a ZeRO resume.
+PARAM_NAMES_KEY = "mimscale_param_names"
+
+
+def optimizer_param_names(engine) -> Optional[list[list[str]]]:
+    """[[name, ...] per param group] of a stage-0 engine's client optimizer; None under ZeRO
+    (its optimizer holds flat partitions; DeepSpeed's own ``param_shapes`` names them)."""
+    if int(engine.zero_optimization_stage()) != 0 or not isinstance(engine.optimizer, torch.optim.Optimizer):
+        return None
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    return [[names[id(p)] for p in g["params"]] for g in engine.optimizer.param_groups]
 
 
 def read_marker(tag_dir: Path) -> dict:
@@ -300,6 +313,9 @@ class Checkpointer:
             shutil.rmtree(self.root / tag)  # never write into a folder that may already say COMPLETE
         dist.barrier()
         client = {CLIENT_KEY: {name: part.state_dict() for name, part in self.parts.items()}}
+        names = optimizer_param_names(self.engine)
+        if names is not None:
+            client[PARAM_NAMES_KEY] = names
         self.engine.save_checkpoint(str(self.root), tag=tag, client_state=client, save_latest=False)
         rank_state = {name: part.rank_state_dict() for name, part in self.parts.items()}
         torch.save({**rng_state(), "rank_state": rank_state}, self.root / tag / f"rng_rank{dist.rank()}.pt")

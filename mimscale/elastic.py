@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 
 from mimscale import dist, safe_load
-from mimscale.checkpoint import fsync_path, read_marker
+from mimscale.checkpoint import PARAM_NAMES_KEY, fsync_path, read_marker
 from mimscale.errors import ConfigError
 
 UNIVERSAL = "universal"
@@ -63,6 +63,10 @@ def check_elastic(tag_dir: Path, world_size: int, zero_stage: int, global_batch_
     if not needs_conversion(tag_dir, world_size, zero_stage):
         return None
     saved = saved_layout(tag_dir)
+    if zero_stage == 0:  # DeepSpeed loads universal checkpoints into ZeRO optimizers only
+        raise ConfigError(f"checkpoint {tag_dir} was written by {saved.describe()}; a ZeRO stage 0 ds_config resumes only "
+                          "its own world size and stage: resume with a ZeRO-1 ds_config (ds_configs/gpu_bf16_zero1.json, "
+                          "cpu_fp32_zero1.json), which reads it through DeepSpeed's universal checkpoint on any world size")
     if saved.world_size != world_size and not global_batch_fixed:
         raise ConfigError(f"checkpoint {tag_dir} was written by {saved.world_size} ranks and this run has {world_size}; without "
                           "train.global_batch the batch would change with the world size: set train.global_batch to the run's "
@@ -156,9 +160,57 @@ def after_universal_load(engine, universal: Path) -> None:
         group.update({k: v for k, v in saved_group.items() if k != "params"})
 
 
+def _from_client_optimizer(tag: Path, out: Path) -> None:
+    """A stage-0 checkpoint (no ZeRO optimizer files: the client AdamW's own state dict in
+    ``mp_rank_00_model_states.pt``, fp32 weights in its ``module``) written out in the universal
+    layout DeepSpeed's converter produces from ZeRO files: ``zero/<param>/{fp32,exp_avg,exp_avg_sq,
+    step}.pt`` and ``zero/optimizer_state.pt`` (hyperparameters per group), beside the model states
+    file without its optimizer. The parameter names of each group come from the checkpoint
+    (checkpoint.PARAM_NAMES_KEY, recorded at save); every tensor's shape is checked against the
+    weight of that name."""
+    import deepspeed
+
+    states = sorted(tag.glob("mp_rank_*_model_states.pt"))
+    if len(states) != 1:
+        raise RuntimeError(f"{tag}: expected one mp_rank_*_model_states.pt (stage 0 keeps no tensor parallelism), found {len(states)}")
+    sd = safe_load.load(states[0], extra=safe_load.deepspeed_globals())
+    names, opt = sd.get(PARAM_NAMES_KEY), sd.get("optimizer")
+    if not names or not isinstance(opt, dict) or "state" not in opt:
+        raise RuntimeError(f"{tag}: neither ZeRO optimizer files nor a stage-0 optimizer state with parameter names "
+                           f"(checkpoints record them since mimscale 0.1.0's stage-0 path); resume it with its own ZeRO stage "
+                           "and world size")
+    if len(names) != len(opt["param_groups"]):
+        raise RuntimeError(f"{tag}: {len(names)} named parameter groups, the optimizer state has {len(opt['param_groups'])}")
+    module = sd["module"]
+    zero = out / "zero"
+    groups = []
+    for g, (group, group_names) in enumerate(zip(opt["param_groups"], names)):
+        if len(group["params"]) != len(group_names):
+            raise RuntimeError(f"{tag}: group {g} has {len(group['params'])} parameters and {len(group_names)} names")
+        for index, name in zip(group["params"], group_names):
+            weight = module[name].float()
+            state = opt["state"].get(index)
+            if state is None:  # never stepped (a frozen-by-schedule parameter): Adam's zero moments
+                state = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(weight), "exp_avg_sq": torch.zeros_like(weight)}
+            for key in ("exp_avg", "exp_avg_sq"):
+                if state[key].shape != weight.shape:
+                    raise RuntimeError(f"{tag}: {name}'s {key} has shape {tuple(state[key].shape)}, the weight {tuple(weight.shape)}")
+            folder = zero / name
+            folder.mkdir(parents=True)
+            torch.save({"param": weight}, folder / "fp32.pt")
+            torch.save({"param": state["exp_avg"].float()}, folder / "exp_avg.pt")
+            torch.save({"param": state["exp_avg_sq"].float()}, folder / "exp_avg_sq.pt")
+            torch.save(torch.as_tensor(state["step"], dtype=torch.float32), folder / "step.pt")
+        groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": [g]})
+    clip = float((sd.get("ds_config") or {}).get("gradient_clipping", 0.0))
+    torch.save({"ds_version": deepspeed.__version__, "clip_grad": clip, "param_groups": groups}, zero / "optimizer_state.pt")
+    torch.save({**sd, "optimizer": None}, out / states[0].name)
+
+
 def _convert_main(argv=None) -> int:
     """``python -m mimscale.elastic <tag> <out> [--workers N]``: DeepSpeed's converter, with every
-    unpickling weights-only (our own checkpoint, read as DeepSpeed's loads are in training)."""
+    unpickling weights-only (our own checkpoint, read as DeepSpeed's loads are in training); a
+    stage-0 checkpoint (no ZeRO optimizer files) through _from_client_optimizer."""
     from deepspeed.checkpoint import ds_to_universal
 
     p = argparse.ArgumentParser(prog="python -m mimscale.elastic", description=_convert_main.__doc__)
@@ -166,6 +218,9 @@ def _convert_main(argv=None) -> int:
     p.add_argument("out")
     p.add_argument("--workers", type=int, default=4)
     a = p.parse_args(argv)
+    if not any(Path(a.tag).glob("*_optim_states.pt")):
+        _from_client_optimizer(Path(a.tag), Path(a.out))
+        return 0
     args = argparse.Namespace(input_folder=a.tag, output_folder=a.out, num_extract_workers=a.workers, num_merge_workers=a.workers,
                               keep_temp_folder=False, strict=True, inject_missing_state=True)
     with safe_load.deepspeed_loads():

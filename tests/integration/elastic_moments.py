@@ -34,8 +34,17 @@ def relink(engine) -> None:
 
 def dump(engine, path: Path) -> None:
     """Every rank calls (ZeRO-1/2 all-reduce, ZeRO-3 gathers); rank 0 writes."""
-    relink(engine)
     out = {}
+    if int(engine.zero_optimization_stage()) == 0:  # the client AdamW's own state, no ZeRO mapping
+        for name, p in engine.module.named_parameters():
+            if p.requires_grad:
+                st = engine.optimizer.state[p]
+                out[name] = {"exp_avg": st["exp_avg"].detach().cpu().clone(), "exp_avg_sq": st["exp_avg_sq"].detach().cpu().clone(),
+                             "fp32": p.detach().float().cpu().clone()}
+        if dist.is_rank0():
+            torch.save(out, path)
+        return
+    relink(engine)
     for name, p in engine.module.named_parameters():
         if not p.requires_grad:
             continue

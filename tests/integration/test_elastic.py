@@ -116,3 +116,30 @@ def test_one_rank_resume_on_two_ranks_zero3(reference, tmp_path):
     worst = max(_rel(got[s], ref[s]) for s in got)
     print(f"1 rank ZeRO-1 -> 2 ranks ZeRO-3 at step 8: moments differ by {moments:.1e}, losses 9-16 by {worst:.2e} relative")
     assert worst <= 1e-5, {s: (got[s], ref[s]) for s in got}  # see the test above
+
+
+def test_stage0_single_device_resume_on_zero1_and_back_refused(reference, tmp_path):
+    """The single-device path (ZeRO stage 0, the client AdamW's own state) resumes at ZeRO-1 through
+    the universal layout elastic.py writes from it; a ZeRO checkpoint cannot go to stage 0 (DeepSpeed
+    loads universal checkpoints into ZeRO optimizers only): exit 2 naming what to use instead."""
+    out = tmp_path / "run"
+    pre = tmp_path / "pre-moments8.pt"
+    r = _run_dumping(write_ds_config(tmp_path / "z0.json", 0, micro=8, accum=None), out, [*ELASTIC, "train.stop_after=8"],
+                     pre, "save@8", ranks=1)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    dumped = tmp_path / "moments.pt"
+    r = _run_dumping(write_ds_config(tmp_path / "z1.json", 1, micro=8, accum=None), out, ELASTIC, dumped, "restore", ranks=1)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "was written by 1 ranks, ZeRO-0; this run has 1 ranks, ZeRO-1" in r.stdout + r.stderr
+    moments = _assert_moments_equal(pre, dumped)
+    post = summary(out)
+    assert (post["zero_stage"], post["steps"]) == (1, 16)
+    got, ref = losses(post), reference["losses"]
+    assert sorted(got) == list(range(9, 17))
+    worst = max(_rel(got[s], ref[s]) for s in got)
+    print(f"1 rank stage 0 -> 1 rank ZeRO-1 at step 8: moments differ by {moments:.1e}, losses 9-16 by {worst:.2e} relative")
+    assert worst <= 1e-5, {s: (got[s], ref[s]) for s in got}  # 1 rank vs the 2-rank reference: reduction order only
+
+    back = run(write_ds_config(tmp_path / "z0b.json", 0, micro=8, accum=None), out, [*ELASTIC, "train.steps=24"], ranks=1)
+    assert back.returncode == 2, back.stdout[-2000:] + back.stderr[-2000:]
+    assert "a ZeRO stage 0 ds_config resumes only its own world size and stage: resume with a ZeRO-1 ds_config" in back.stderr
