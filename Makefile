@@ -19,7 +19,7 @@ setup: $(STAMP)
 
 # setup.py says what mimscale needs (ranges); constraints.txt pins the tested versions. A venv of
 # another Python is recreated (--clear), not mixed.
-$(STAMP): setup.py constraints.txt scripts/system_deps.sh scripts/find_python.sh mimscale/data/_jpeg_region.c
+$(STAMP): setup.py constraints.txt scripts/system_deps.sh scripts/find_python.sh mimscale/data/_jpeg_region.c mimscale/data/_cv_resize.cpp
 	py=$$(bash scripts/find_python.sh $(PYTHON)) && \
 	extras=$$(bash scripts/system_deps.sh "$$py" $(FFCV)) && \
 	clear=$$([ -x $(PY) ] && [ "$$($(PY) -c 'import sys; print(sys.version_info[:2])')" != "$$("$$py" -c 'import sys; print(sys.version_info[:2])')" ] && echo --clear || true) && \

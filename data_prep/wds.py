@@ -1,7 +1,7 @@
 """ImageNet folder -> WebDataset tar shards (the format mimscale's trainer reads).
 
     python -m data_prep.wds --src <ImageNet root> --split train|val --out <dir>
-        [--shard-size 1000] [--max-side N] [--workers N] [--seed 0] [--jpeg-quality 95]
+        [--shard-size 1000] [--max-side N] [--workers N] [--seed 0] [--jpeg-quality 95] [--reencode]
 
 Layout of ``<out>``:
 
@@ -10,7 +10,8 @@ Layout of ``<out>``:
   hold fewer than shard_size. Order: train = ``np.random.default_rng(seed).permutation(N)`` of
   the global indices (class-sorted order would put one class per shard); val = sorted indices.
   Per sample, in this order: ``<key>.jpg`` (JPEG bytes: the original file when usable as-is, see
-  data_prep.images), ``<key>.cls`` (ASCII decimal class index), ``<key>.json`` (UTF-8:
+  data_prep.images; with ``--reencode`` every image re-encoded at --jpeg-quality with 4:2:0 chroma,
+  as FFCV's writer does: smaller and faster to decode, at the cost of one more lossy encode), ``<key>.cls`` (ASCII decimal class index), ``<key>.json`` (UTF-8:
   {"index", "wnid", "file" (relative to the split folder), "width", "height" (original size)}
   plus "converted": reason when the file needed a format conversion, see data_prep.images; a
   ``--max-side`` downsizing alone is no conversion: the JPEG's size against width/height shows it). key = ``%08d`` of
@@ -19,13 +20,13 @@ Layout of ``<out>``:
   "skipped", "converted", "options"}. A shard is complete iff its .tar and sidecar both exist
   (each is written as ``.tmp`` and renamed, the sidecar last).
 - ``<split>-manifest.json``: written when every shard is complete, {"format": "mimscale-wds/1",
-  "split", "num_samples", "num_files", "shard_size", "max_side", "seed", "jpeg_quality",
+  "split", "num_samples", "num_files", "shard_size", "max_side", "seed", "jpeg_quality", "reencode",
   "listing_sha256", "classes", "shards": [{"name", "count", "sha256", "bytes"}], "skipped",
   "converted"} (lists of {"index", "file", "reason"}).
 
 A rerun keeps complete shards, removes stale ``.tmp`` files and writes the rest; the result is
 byte-identical to an uninterrupted run. It refuses to mix options (split, shard size, max side,
-seed, quality, the source listing) with shards already there. One writer per folder at a time.
+seed, quality, re-encoding, the source listing) with shards already there. One writer per folder at a time.
 """
 from __future__ import annotations
 
@@ -87,7 +88,7 @@ def _write_shard(listing: Listing, out: Path, k: int, indices: list[int], opts: 
             for gi in indices:
                 rel = listing.files[gi]
                 try:
-                    prep = prepare_jpeg(listing.read(gi), opts["max_side"], opts["jpeg_quality"])
+                    prep = prepare_jpeg(listing.read(gi), opts["max_side"], opts["jpeg_quality"], opts.get("reencode", False))
                 except Unusable as e:
                     skipped.append({"index": gi, "file": rel, "reason": str(e)})
                     continue
@@ -165,6 +166,7 @@ def write_shards(
     seed: int = 0,
     jpeg_quality: int = 95,
     progress: bool = True,
+    reencode: bool = False,
 ) -> dict:
     """Write (or finish) the shards of ``<src>/<split>`` into ``out``; returns the manifest."""
     if shard_size < 1:
@@ -177,6 +179,8 @@ def write_shards(
         "format": FORMAT, "split": split, "shard_size": shard_size, "max_side": max_side, "seed": seed,
         "jpeg_quality": jpeg_quality, "num_files": n, "listing_sha256": listing.fingerprint(),
     }
+    if reencode:  # only when set: shards written before the option keep matching their options
+        opts["reencode"] = True
     _check_existing(out, split, opts)
     for stale in out.glob(f"{split}-*.tmp"):
         stale.unlink()
@@ -215,6 +219,7 @@ def write_shards(
         "max_side": max_side,
         "seed": seed,
         "jpeg_quality": jpeg_quality,
+        "reencode": reencode,
         "listing_sha256": opts["listing_sha256"],
         "classes": listing.classes,
         "shards": [{k: s[k] for k in ("name", "count", "sha256", "bytes")} for s in shards],
@@ -229,9 +234,12 @@ def main(argv=None) -> int:
     p = writer_parser("python -m data_prep.wds", __doc__.split("\n")[0], "output folder", quality=95)
     p.add_argument("--shard-size", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0, help="train shuffle seed")
+    p.add_argument("--reencode", action="store_true",
+                   help="re-encode every image at --jpeg-quality with 4:2:0 chroma, as FFCV's writer does (faster to decode)")
     a = p.parse_args(argv)
     try:
-        m = write_shards(a.src, a.split, a.out, a.shard_size, a.max_side, a.workers, a.seed, a.jpeg_quality)
+        m = write_shards(a.src, a.split, a.out, a.shard_size, a.max_side, a.workers, a.seed, a.jpeg_quality,
+                         reencode=a.reencode)
     except (LayoutError, OptionsMismatch) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -13,8 +13,9 @@ Per sample (one prange iteration, which writes only its own output rows):
      IDCTs are plain C and measured slower than a full-size decode (ImageNet JPEGs, S=224). Only
      the box's rows and columns are decoded (jpeg_region.py; FFCV's whole-image imdecode when that
      extension is not built), with FFCV's fast integer IDCT unless data.jpeg_idct says accurate;
-  3. round the box to whole pixels of that decode, crop and resize it to S x S with FFCV's
-     resize_crop (OpenCV INTER_AREA; bilinear-like when it upscales);
+  3. round the box to whole pixels of that decode, crop and resize it to S x S with the other
+     sources' rule (crop.py: OpenCV bicubic up to 1.5x shrink, area beyond; _cv_resize.cpp), or
+     with FFCV's resize_crop (area averaging at every scale) when that extension is not built;
   4. mirror the S x S result in place when flipped (FFCV's imdecode can flip, but through
      libjpeg's lossless transform, which leaves the partial last block column unflipped).
 
@@ -26,6 +27,8 @@ Outputs (a tuple, per batch of n):
 """
 from __future__ import annotations
 
+import ctypes
+import importlib.util
 import math
 from dataclasses import replace
 
@@ -152,6 +155,40 @@ _resize_crop = njit(cache=False)(resize_crop)
 _region = jpeg_region.FUNCTION
 
 
+def _load_cv_resize():
+    """mimscale/data/_cv_resize.cpp's entry point as a ctypes function, or None when not built."""
+    spec = importlib.util.find_spec("mimscale.data._cv_resize")
+    if spec is None or spec.origin is None:
+        return None
+    fn = ctypes.CDLL(spec.origin).mimscale_resize_crop
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_void_p, ctypes.c_int]  # src, h, w, stride, dst, S
+    return fn
+
+
+_cv_resize = _load_cv_resize()
+
+
+@njit(cache=False)
+def _resize_cv(src, y0, y1, x0, x1, out):
+    """Rows [y0, y1) x columns [x0, x1) of ``src`` [H, W, 3] (whole rows in memory) -> ``out``
+    [S, S, 3]: bicubic up to 1.5x shrink, area beyond (crop.py's rule). Returns 0 or -1."""
+    width = src.shape[1]
+    return _cv_resize(src.ctypes.data + (y0 * width + x0) * 3, y1 - y0, x1 - x0, width * 3, out.ctypes.data, out.shape[0])
+
+
+@njit(cache=False)
+def _resize_area(src, y0, y1, x0, x1, out):
+    """As _resize_cv through FFCV's resize_crop (area averaging at every scale): the path when
+    mimscale/data/_cv_resize is not built."""
+    _resize_crop(src, y0, y1, x0, x1, out)
+    return 0
+
+
+# chosen once, as _decode_scaled below
+_resize_region = _resize_cv if _cv_resize is not None else _resize_area
+
+
 @njit(cache=False)
 def _decode_region(data, height, width, m, ax0, ay0, ax1, ay1, fast):
     """The rows [ay0, ay1) and (at least) the columns [ax0, ax1) of the M/8-scale decode, as
@@ -194,12 +231,12 @@ def crop_one(data, is_jpeg, height, width, key, size, smin, smax, hflip, fast, o
         ay0, ay1 = scaled_span(y0, y0 + h, m, height)
         region, rx0, status = _decode_scaled(data, height, width, m, ax0, ay0, ax1, ay1, fast)
         if status == 0:
-            _resize_crop(region, 0, ay1 - ay0, ax0 - rx0, ax1 - rx0, out)
+            status = _resize_region(region, 0, ay1 - ay0, ax0 - rx0, ax1 - rx0, out)
     else:
         m = 8
         ax0, ax1 = scaled_span(x0, x0 + w, m, width)
         ay0, ay1 = scaled_span(y0, y0 + h, m, height)
-        _resize_crop(data.reshape(height, width, 3), ay0, ay1, ax0, ax1, out)
+        status = _resize_region(data.reshape(height, width, 3), ay0, ay1, ax0, ax1, out)
     if flip:
         mirror(out)
     params[0], params[1], params[2], params[3], params[4] = ax0, ay0, ax1, ay1, m

@@ -311,7 +311,7 @@ def test_wds_rerun_with_other_options_is_refused(sample_root, wds_run, tmp_path)
     b = tmp_path / "B"
     shutil.copytree(a, b)
     before = _files(b)
-    for kw in [dict(shard_size=200), dict(max_side=256), dict(seed=1), dict(jpeg_quality=90)]:
+    for kw in [dict(shard_size=200), dict(max_side=256), dict(seed=1), dict(jpeg_quality=90), dict(reencode=True)]:
         args = dict(shard_size=300, workers=1, progress=False) | kw
         with pytest.raises(OptionsMismatch, match=next(iter(kw))):
             write_shards(sample_root, "train", b, **args)
@@ -496,3 +496,26 @@ def test_ffcv_proportion_and_raw_write_modes(tmp_path):
     assert modes["proportion"] == {0, 1}  # 24 coin flips at 0.5: both kinds (all one kind: 2 in 2^24)
     with pytest.raises(ValueError, match="allowed values: jpg, proportion, raw"):
         write_beton(root, "train", tmp_path / "x.beton", workers=1, progress=False, write_mode="png")
+
+
+def test_wds_reencode_writes_420_jpegs_at_the_quality(tmp_path):
+    """--reencode: every image (kept, converted or resized alike) is a 4:2:0 JPEG at --jpeg-quality,
+    FFCV's writer's encoding; the manifest says so and the pixels stay close to the source."""
+    root = tmp_path / "src"
+    for i in range(6):
+        d = root / "train" / f"n{i % 2:08d}"
+        d.mkdir(parents=True, exist_ok=True)
+        img = _picture(64 + i, 48, seed=i)
+        (d / f"img{i}.JPEG").write_bytes(_encode(img, quality=98, subsampling=0) if i != 5 else _encode(img, "PNG"))
+    m = write_shards(root, "train", tmp_path / "out", shard_size=4, workers=1, progress=False, jpeg_quality=85, reencode=True)
+    assert m["reencode"] is True and m["num_samples"] == 6 and len(m["converted"]) == 1  # the PNG
+    rows = _samples(tmp_path / "out")
+    assert len(rows) == 6
+    for r in rows:
+        h, w, colorspace, subsampling = simplejpeg.decode_jpeg_header(r["jpg"])
+        assert (colorspace, subsampling) == ("YCbCr", "420"), r["json"]
+        src = np.asarray(Image.open(root / "train" / r["json"]["file"]).convert("RGB"), dtype=np.float64)
+        assert np.abs(simplejpeg.decode_jpeg(r["jpg"]).astype(np.float64) - src).mean() < 12.0
+    plain = write_shards(root, "train", tmp_path / "plain", shard_size=4, workers=1, progress=False)
+    assert plain["reencode"] is False
+    assert sum(simplejpeg.decode_jpeg_header(r["jpg"])[3] == "444" for r in _samples(tmp_path / "plain")) == 6

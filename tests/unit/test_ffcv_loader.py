@@ -383,3 +383,37 @@ def test_whole_image_pass_covers_each_sample_once_uncropped(grad_beton):
             assert torch.all(b["box"][:, :2] == 0) and torch.all(b["box"][:, 2:] > 0.97)
             seen += b["index"].tolist()
     assert sorted(seen) == sorted(_index(p) for p in range(N))
+
+
+def test_crop_resize_follows_the_other_sources_rule(tmp_path):
+    """FFCV crops are resized as crop.py resizes every other source's (bicubic up to 1.5x shrink,
+    area beyond; mimscale/data/_cv_resize.cpp), not with FFCV's area filter at every scale. Raw
+    pixels: no decode between the stored image and the resize."""
+    from mimscale.data import crop as crop_mod
+    from mimscale.data import ffcv_decode
+
+    class Fine(_Waves):  # detail near the output's Nyquist rate: the two filters differ visibly
+        def __getitem__(self, pos):
+            return _waves(*self.sizes[pos], period=5), 0, pos
+
+    assert ffcv_decode._cv_resize is not None, "mimscale/data/_cv_resize was not built (setup.py, needs the system OpenCV)"
+    loader = build_ffcv_loader(_write(tmp_path / "raw.beton", Fine(), mode="raw"), 224, 2, 0, 1, seed=3, num_workers=1,
+                               mode="train")
+    near_cubic = shrinks = 0
+    for batch in _take(loader, 6):
+        for k, i in enumerate(batch["index"].tolist()):
+            src = _waves(*_Waves.sizes[i], period=5)
+            h, w = src.shape[:2]
+            x0, y0, x1, y1 = (round(v * d) for v, d in zip(batch["box"][k].tolist(), (w, h, w, h)))
+            flip = batch["flip"][k].item()
+            want = crop_mod._resize(src[y0:y1, x0:x1], 224, flip).astype(int)
+            got = batch["image"][k].permute(1, 2, 0).numpy().astype(int)
+            diff = np.abs(got - want)
+            assert diff.max() <= 2 and diff.mean() < 0.05, (i, (x0, y0, x1, y1), diff.max(), diff.mean())  # two OpenCV builds
+            shrink = min(x1 - x0, y1 - y0) / 224
+            if 1.0 < shrink <= 1.5:  # where FFCV's own filter (area) would differ
+                shrinks += 1
+                area = crop_mod.cv2.resize(src[y0:y1, x0:x1], (224, 224), interpolation=crop_mod.cv2.INTER_AREA).astype(int)
+                area = area[:, ::-1] if flip else area
+                near_cubic += np.abs(got - area).mean() > 5 * diff.mean() + 0.5
+    assert shrinks > 0 and near_cubic == shrinks
