@@ -134,6 +134,8 @@ class EngineStep:
 
     def __init__(self, trainer, images=None, meta=None, stream=None):
         self.trainer, self.images, self.meta, self.it = trainer, images, meta, iter(stream) if stream is not None else None
+        # per stream step, inside the data wait: (host-to-device seconds, bytes) of the batch's copy
+        self.h2d: list[tuple[float, int]] = []
 
     def __call__(self) -> tuple[float, float, float]:
         """(seconds, of which data wait, of which forward + backward)."""
@@ -142,7 +144,12 @@ class EngineStep:
         t = time.perf_counter()
         images, meta = self.images, self.meta
         if self.it is not None:
-            images, meta = trainer.to_device(next(self.it))  # pinned host copies on a GPU (open_stream)
+            batch = next(self.it)
+            t_h2d = time.perf_counter()
+            images, meta = trainer.to_device(batch)  # pinned host copies on a GPU (open_stream)
+            sync(trainer.device)
+            nbytes = sum(v.numel() * v.element_size() for v in batch.values() if torch.is_tensor(v))
+            self.h2d.append((time.perf_counter() - t_h2d, nbytes))
         t_data = time.perf_counter()
         loss, _ = engine(images, meta)
         engine.backward(loss)
@@ -252,6 +259,11 @@ def bench_step(args, presets: dict, extractor_overrides) -> dict | None:
         "plan": dict(zip(("visible", "masked", "thrown"), trainer.plan_sizes)),
         **memory_fields(trainer.device),
     }
+    if step.h2d:  # a loader's batches: their copy to the device (pinned host memory on a GPU), within data_wait_s
+        timed = step.h2d[-args.steps:]
+        seconds, nbytes = sum(t for t, _ in timed), sum(b for _, b in timed)
+        result.update(pin_memory=cuda, h2d_s=statistics.median(t for t, _ in timed), h2d_mib=nbytes / len(timed) / 2**20,
+                      h2d_gib_per_s=nbytes / seconds / 2**30 if cuda and seconds > 0 else None)
     if extractor:
         result["extractor"] = args.extractor
     if refresh is not None:

@@ -107,3 +107,17 @@ def test_bench_loader_prints_json(tmp_path, capsys, source):
     assert code == 0
     d = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert d["bench"] == "loader" and d["source"] == source and d["images"] == 8 and d["img_per_s"] > 0
+
+
+def test_bench_step_on_a_loader_reports_wait_and_transfer(tmp_path):
+    """``--data folder``: steps on real loader batches add the data wait and the batches' copy to the
+    device (pinned host memory on a GPU; on a CPU the copy is a no-op and has no GB/s)."""
+    for c, wnid in enumerate(("n01440764", "n01443537")):
+        (tmp_path / wnid).mkdir()
+        for i in range(6):
+            Image.new("RGB", (40 + 8 * i, 48), (40 * c, 20 * i, 90)).save(tmp_path / wnid / f"{wnid}_{i}.JPEG")
+    d = bench_step("--method", "mae", "--data", "folder", "--data-path", str(tmp_path), "--workers", "1")
+    assert d["data"] == "folder" and 0 <= d["data_wait_pct"] < 100 and d["data_wait_s"] >= 0
+    assert d["pin_memory"] is False and d["h2d_gib_per_s"] is None and 0 <= d["h2d_s"] <= d["data_wait_s"] + 1e-3
+    # one batch: 2 uint8 crops of 3 x 32 x 32, their boxes, flips, indices, labels and counters
+    assert 2 * 3 * 32 * 32 / 2**20 < d["h2d_mib"] < 2 * 3 * 32 * 32 / 2**20 + 1e-3
