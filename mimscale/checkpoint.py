@@ -208,7 +208,9 @@ def optimizer_param_names(engine) -> Optional[list[list[str]]]:
     if int(engine.zero_optimization_stage()) != 0 or not isinstance(engine.optimizer, torch.optim.Optimizer):
         return None
     names = {id(p): n for n, p in engine.module.named_parameters()}
-    return [[names[id(p)] for p in g["params"]] for g in engine.optimizer.param_groups]
+    groups = [[names.get(id(p)) for p in g["params"]] for g in engine.optimizer.param_groups]
+    # a parameter outside the module (none in mimscale): no names, the checkpoint resumes on stage 0 only
+    return None if any(n is None for g in groups for n in g) else groups
 
 
 def read_marker(tag_dir: Path) -> dict:

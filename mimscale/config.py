@@ -67,8 +67,9 @@ class DataConfig:
     max_bad_in_a_row: int = 64  # consecutive unreadable files before the loader gives up
     shuffle_buffer: int = 2000  # wds: samples read and permuted together (about 110 KB each at full ImageNet size)
     stall_seconds: float = 600.0  # no batch for this long ends the run naming the source and rank (0: never)
-    # JPEG IDCT of training crops: fast (libjpeg's integer IDCT: FFCV's, and TensorFlow's default; ~25% less
-    # decode time, pixels within a few levels of the accurate one) or accurate (libjpeg's default, PIL's)
+    # JPEG IDCT of training crops: fast (libjpeg's integer IDCT: FFCV's, and TensorFlow's default; ~4-8% less
+    # decode time, pixels within a few levels of the accurate one) or accurate (libjpeg's default, PIL's).
+    # AMT's whole-image pass always uses fast; FFCV without the crop decoder extension too (its imdecode)
     jpeg_idct: Literal["fast", "accurate"] = "fast"
 
 

@@ -184,14 +184,18 @@ def _from_client_optimizer(tag: Path, out: Path) -> None:
     module = sd["module"]
     zero = out / "zero"
     groups = []
+    # the universal layout has one step for all parameters (torch's AdamW steps every parameter it
+    # holds a gradient for, and the ZeRO loaders expect them equal)
+    stepped = [s["step"] for s in opt["state"].values() if "step" in s]
+    step = stepped[0] if stepped else torch.tensor(0.0)
     for g, (group, group_names) in enumerate(zip(opt["param_groups"], names)):
         if len(group["params"]) != len(group_names):
             raise RuntimeError(f"{tag}: group {g} has {len(group['params'])} parameters and {len(group_names)} names")
         for index, name in zip(group["params"], group_names):
             weight = module[name].float()
             state = opt["state"].get(index)
-            if state is None:  # never stepped (a frozen-by-schedule parameter): Adam's zero moments
-                state = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(weight), "exp_avg_sq": torch.zeros_like(weight)}
+            if state is None:  # never got a gradient: Adam's zero moments, at the run's step
+                state = {"step": step, "exp_avg": torch.zeros_like(weight), "exp_avg_sq": torch.zeros_like(weight)}
             for key in ("exp_avg", "exp_avg_sq"):
                 if state[key].shape != weight.shape:
                     raise RuntimeError(f"{tag}: {name}'s {key} has shape {tuple(state[key].shape)}, the weight {tuple(weight.shape)}")

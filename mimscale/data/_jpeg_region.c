@@ -48,6 +48,14 @@ static void on_message(j_common_ptr cinfo, int level) {
     if (level < 0) cinfo->err->num_warnings++;
 }
 
+/* An end-of-image marker (FF D9) in the last 64 bytes: encoders may append a little padding. */
+static int has_eoi(const unsigned char *data, unsigned long size) {
+    unsigned long start = size > 64 ? size - 64 : 0;
+    for (unsigned long i = size; i > start + 1; i--)
+        if (data[i - 2] == 0xFF && data[i - 1] == 0xD9) return 1;
+    return 0;
+}
+
 /* Decode the rows [y0, y1) and at least the columns [x0, x1) of the image scaled by m/8
  * (coordinates in scaled pixels, the box clipped to the scaled image).
  *
@@ -63,6 +71,9 @@ int mimscale_decode_region(const unsigned char *data, unsigned long size, int m,
     struct jpeg_decompress_struct cinfo;
     struct error_mgr err;
 
+    /* strict: a file cut short (no end-of-image marker near its end) fails as a full decode would,
+     * although the rows below the crop, where the damage is, are never read */
+    if (strict && !has_eoi(data, size)) return MR_WARNING;
     cinfo.err = jpeg_std_error(&err.pub);
     err.pub.error_exit = on_error;
     err.pub.emit_message = on_message;

@@ -160,7 +160,10 @@ def _load_cv_resize():
     spec = importlib.util.find_spec("mimscale.data._cv_resize")
     if spec is None or spec.origin is None:
         return None
-    fn = ctypes.CDLL(spec.origin).mimscale_resize_crop
+    try:  # a build that no longer loads (OpenCV replaced since): FFCV's own resize instead
+        fn = ctypes.CDLL(spec.origin).mimscale_resize_crop
+    except (OSError, AttributeError):
+        return None
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_void_p, ctypes.c_int]  # src, h, w, stride, dst, S
     return fn
@@ -198,7 +201,7 @@ def _decode_region(data, height, width, m, ax0, ay0, ax1, ay1, fast):
     buf = np.empty(rows * (ax1 - ax0 + 2 * jpeg_region.MARGIN + 64) * 3, np.uint8)
     info = np.zeros(jpeg_region.INFO, np.int32)
     status = _region(data.ctypes.data, data.size, m, ax0 - jpeg_region.MARGIN, ay0, ax1 + jpeg_region.MARGIN, ay1,
-                     buf.ctypes.data, buf.size, fast, 0, info.ctypes.data)
+                     buf.ctypes.data, buf.size, fast, 1, info.ctypes.data)  # strict: as FFCV's imdecode fails on warnings
     if status != 0:
         return buf[:3].reshape(1, 1, 3), ax0, status
     return buf[: rows * info[2] * 3].reshape(rows, info[2], 3), info[0], 0

@@ -3,6 +3,9 @@
 The pixels equal those of a full decode at the same scale (tests/unit/test_jpeg_region.py), so
 crops do not depend on whether the extension is built; it only makes them cheaper (ImageNet
 JPEGs, RandomResizedCrop scale (0.2, 1): ~25% less decode time, see the loader notes in README).
+One difference on damaged files: the rows below a crop are never read, so corrupt entropy data
+there goes unnoticed; a truncated file (no end-of-image marker) is refused in strict mode like a
+full decode refuses it.
 
 ``FUNCTION`` is the C entry point as a ctypes function (None when the extension is not built: a
 machine without libjpeg headers at install time); crop.py calls it through ``decode_region``,
@@ -29,7 +32,12 @@ def _load() -> Optional[ctypes._CFuncPtr]:
     spec = importlib.util.find_spec("mimscale.data._jpeg_region")
     if spec is None or spec.origin is None:
         return None
-    fn = ctypes.CDLL(spec.origin).mimscale_decode_region
+    try:  # a build that no longer loads (libjpeg removed or replaced since): fall back, do not fail
+        fn = ctypes.CDLL(spec.origin).mimscale_decode_region
+    except (OSError, AttributeError) as e:
+        print(f"[mimscale.data] {spec.origin} does not load ({e}): crops use full decodes; make setup rebuilds it",
+              file=sys.stderr)
+        return None
     fn.restype = ctypes.c_int
     # data, size, m, x0, y0, x1, y1, out, out_cap, fast, strict, info
     fn.argtypes = [ctypes.c_void_p, ctypes.c_ulong, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
