@@ -3,8 +3,9 @@
     python -m mimscale.bench step --method mae|amt|automae [--extractor online|ema|frozen|stored] --model vit_base --batch 16 --steps 3 [--vs-plain] --json
     python -m mimscale.bench loader --source pil|folder|wds|ffcv --path <data> --workers 2 --batch 64 --batches 20 --json
     python -m mimscale.bench convert --model vit_base|vit_large [--zero 1|2|3] --json
+    python -m mimscale.bench decode --path <folder of JPEGs> [--images 1000] --json
 
-``loader``: see mimscale/bench_loader.py.
+``loader``: see mimscale/bench_loader.py; ``decode`` (where a loader's time goes): mimscale/bench_decode.py.
 
 ``step`` (mimscale/bench_step.py) builds the same Trainer and DeepSpeed engine as pretrain.py (on
 one rank, or on every rank under torchrun), takes one synthetic batch onto the device (or reads
@@ -32,6 +33,7 @@ import safetensors.torch  # noqa: E402
 
 from mimscale import bench_step as step_bench  # noqa: E402
 from mimscale import dist, methods  # noqa: E402
+from mimscale.bench_decode import add_decode_parser, bench_decode  # noqa: E402
 from mimscale.bench_loader import add_parser, bench_loader  # noqa: E402
 from mimscale.config import ConfigError  # noqa: E402
 from mimscale.data.loader import build_loader  # noqa: E402
@@ -120,9 +122,10 @@ def main(argv=None) -> int:
     c.add_argument("--json", action="store_true", help="print only the JSON result")
     c.set_defaults(data="synthetic", compile=False)
     add_parser(sub)
+    add_decode_parser(sub)
     args = p.parse_args(argv)
     try:
-        result = {"step": bench_step, "convert": bench_convert, "loader": bench_loader}[args.what](args)
+        result = {"step": bench_step, "convert": bench_convert, "loader": bench_loader, "decode": bench_decode}[args.what](args)
     except ConfigError as e:
         print(f"mimscale.bench: configuration error: {e}", file=sys.stderr)
         return 2

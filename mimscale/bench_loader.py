@@ -20,16 +20,22 @@ from mimscale.config import DataConfig
 from mimscale.data.streams import build_source, open_stream
 
 
-def pil_reference(path: str, size: int, batch: int, workers: int):
-    root = Path(path)
-    root = root / "train" if (root / "train").is_dir() else root
-    tf = transforms.Compose([
-        transforms.RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
+def pil_transforms(size: int) -> tuple:
+    """The public MAE code's training transform, as its two halves: (RandomResizedCrop, flip +
+    ToTensor + Normalize); bench_decode.py times them apart."""
+    crop = transforms.RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC)
+    rest = transforms.Compose([
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
         transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
     ])
-    ds = datasets.ImageFolder(str(root), transform=tf)
+    return crop, rest
+
+
+def pil_reference(path: str, size: int, batch: int, workers: int):
+    root = Path(path)
+    root = root / "train" if (root / "train").is_dir() else root
+    ds = datasets.ImageFolder(str(root), transform=transforms.Compose(pil_transforms(size)))
     sampler = torch.utils.data.RandomSampler(ds, replacement=True, num_samples=10**9)  # endless, like the others
     return torch.utils.data.DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=True,
                                        prefetch_factor=4 if workers else None)

@@ -121,3 +121,15 @@ def test_bench_step_on_a_loader_reports_wait_and_transfer(tmp_path):
     assert d["pin_memory"] is False and d["h2d_gib_per_s"] is None and 0 <= d["h2d_s"] <= d["data_wait_s"] + 1e-3
     # one batch: 2 uint8 crops of 3 x 32 x 32, their boxes, flips, indices, labels and counters
     assert 2 * 3 * 32 * 32 / 2**20 < d["h2d_mib"] < 2 * 3 * 32 * 32 / 2**20 + 1e-3
+
+
+def test_bench_decode_prints_json(tmp_path, capsys):
+    """``python -m mimscale.bench decode --path P``: every stage timed on every JPEG, the shares derived."""
+    for i in range(4):
+        Image.new("RGB", (120 + 16 * i, 96), (30 * i, 90, 150)).save(tmp_path / f"img{i}.JPEG", quality=90)
+    (tmp_path / "notes.txt").write_text("not an image")
+    assert bench.main(["decode", "--path", str(tmp_path), "--size", "32", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert d["bench"] == "decode" and d["images"] == 4 and d["subsampling"] == {"420": 4}
+    assert set(d["ms_per_image"]) == set(d["median_ms"]) and all(v > 0 for v in d["ms_per_image"].values())
+    assert sum(d["resize_filters"].values()) == 4 and 0 < d["entropy_share"] and 0 < d["region_over_full"]

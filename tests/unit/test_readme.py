@@ -110,6 +110,7 @@ COVERED = [
                                                  'bench_step("--method", "automae", "--extractor"')}),
     Covered(r"python -m mimscale\.bench loader --source \S+ --path \S+ .*",
             {"tests/integration/test_bench.py": ('"loader", "--source"',)}),
+    Covered(r"python -m mimscale\.bench decode --path \S+ .*", {"tests/integration/test_bench.py": ('"decode", "--path"',)}),
     # on a GPU node; the plumbing test runs the same module on CPU (--tiny)
     Covered(r"make bench-gpu FFCV_BETON=\S+", {"Makefile": ("bench-gpu: setup", "-m benchmarks.gpu"),
                                                 "tests/integration/test_bench.py": ('"-m", "benchmarks.gpu", "--tiny"',)}),
