@@ -11,7 +11,7 @@ Runs the matrix
 each case one ``python -m mimscale.bench step`` (under ``torchrun --nproc_per_node <GPUs>`` when
 there are several), at the preset micro batch per GPU (the ds_config's 128), and prints one table
 and, as its last line, one JSON object: img/s per GPU, MFU against the device's bf16 peak
-(mimscale.flops.GPU_PEAK_BF16; an unknown GPU gets no MFU and says so), data wait %, peak memory.
+(mimscale.tracking.peak.GPU_PEAK_BF16; an unknown GPU gets no MFU and says so), data wait %, peak memory.
 A case that fails (e.g. out of memory) is a row with its error; the others still run. FFCV cases
 need ``--ffcv``: without it they are rows saying so. AMT and AutoMAE-stored first refresh their
 attention store over the whole data set (synthetic: a few batches; ffcv: the file), so give a

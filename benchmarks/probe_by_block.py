@@ -14,8 +14,9 @@ import json
 
 import torch
 
+from mimscale.data.normalize import normalize_uint8
 from mimscale.eval.cka import walk_blocks
-from mimscale.eval.features import eval_splits, normalize, open_checkpoint
+from mimscale.eval.features import eval_splits, open_checkpoint
 from mimscale.eval.knn import knn_classify
 from mimscale.eval.probe import linear_probe
 
@@ -30,7 +31,7 @@ def block_features(encoder, split, batch: int = 256) -> tuple[torch.Tensor, torc
     for b in open_full_pass(split.cfg, split.source, encoder.img_size, batch, 0, 1, 0, crop_pct=CROP_PCT):
         if len(b["image"]) == 0:
             continue
-        outs, _ = walk_blocks(encoder, normalize(b["image"]), reduce=lambda t: t[:, 1:].mean(dim=1))
+        outs, _ = walk_blocks(encoder, normalize_uint8(b["image"]), reduce=lambda t: t[:, 1:].mean(dim=1))
         feats.append(torch.stack(outs))  # [depth, B, D]
         labels.append(b["label"])
     return torch.cat(feats, dim=1), torch.cat(labels)

@@ -217,7 +217,7 @@ def install_project(args) -> None:
     chosen = json.loads((venv / "mimscale-torch.json").read_text())
     venv_python = venv / "bin" / "python"
     pip(venv_python, "--no-deps", "--editable", str(Path(args.project).resolve()))
-    check_torch(venv_python, chosen["torch"], ("mimscale.config", "mimscale.engine", "data_prep.wds"))
+    check_torch(venv_python, chosen["torch"], ("mimscale.config", "mimscale.trainer", "data_prep.wds"))
 
 
 def main(argv=None) -> int:

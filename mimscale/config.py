@@ -22,7 +22,7 @@ from mimscale.errors import ConfigError
 from mimscale.methods import MethodName
 from mimscale.models.registry import ENCODERS
 
-__all__ = ["Config", "ConfigError", "load_config", "validate", "check_paths", "to_dict", "flatten", "get_key", "changes_on_resume",
+__all__ = ["Config", "load_config", "validate", "check_paths", "to_dict", "flatten", "get_key", "changes_on_resume",
            "RESUMABLE_CHANGES"]
 
 # Closed choices: the loader refuses any other value, naming the key and these.

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from mimscale.config import ConfigError
+from mimscale.errors import ConfigError
 
 OWNED_BY_YAML = {
     "optimizer": "the optimizer is built in Python from the YAML's train.* keys (AdamW, param groups)",

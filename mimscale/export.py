@@ -13,11 +13,11 @@ mean/std, and the folder can be pushed to the Hugging Face Hub as is (``hf-hub:<
     num_features, model_args, pretrained_cfg with the ImageNet mean/std mimscale trains with,
     bicubic, crop 0.875;
   - ``decoder.safetensors``: the MAE decoder's weights (keys of models/decoder.py) plus its fixed
-    ``pos_embed`` [1, 1 + L, Dd] for convenience; ``mimscale.weights.load_decoder(out)`` rebuilds
+    ``pos_embed`` [1, 1 + L, Dd] for convenience; ``mimscale.checkpoint.weights.load_decoder(out)`` rebuilds
     the ``MAEDecoder``;
   - ``mimscale.json``: mimscale's own metadata beside timm's: the model section
-    (``mimscale.weights.load_encoder(out)`` reads it), the source checkpoint and step, the decoder's dims.
-mimscale.weights reads the checkpoint and checks the weights against the model; this module writes.
+    (``mimscale.checkpoint.weights.load_encoder(out)`` reads it), the source checkpoint and step, the decoder's dims.
+mimscale.checkpoint.weights reads the checkpoint and checks the weights against the model; this module writes.
 The export is written to a temporary folder beside ``--out`` and renamed at the end, so a failed
 export leaves nothing half-written.
 """
@@ -36,11 +36,11 @@ import timm
 import torch
 from timm.models._hub import save_config_for_hf
 
-from mimscale import weights
+from mimscale.checkpoint import weights
+from mimscale.checkpoint.weights import EXPORT_CONFIG, EXPORT_DECODER, EXPORT_ENCODER, TIMM_CONFIG
 from mimscale.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 from mimscale.models.registry import ENCODERS
 from mimscale.models.vit import sincos_pos_embed_2d
-from mimscale.weights import EXPORT_CONFIG, EXPORT_DECODER, EXPORT_ENCODER, TIMM_CONFIG
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

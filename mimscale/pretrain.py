@@ -36,16 +36,16 @@ warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.* is deprecat
 import deepspeed  # noqa: E402
 import yaml  # noqa: E402
 
-from mimscale import dist  # noqa: E402
-from mimscale.checkpoint import CONFIG, check_resume  # noqa: E402
+from mimscale.checkpoint.checkpointer import CONFIG, check_resume  # noqa: E402
+from mimscale.checkpoint.reshard import check_elastic, convert, converted  # noqa: E402
 from mimscale.config import Config, changes_on_resume, check_paths, load_config  # noqa: E402
 from mimscale.ds_config import load_ds_config  # noqa: E402
-from mimscale.elastic import check_elastic, convert, converted  # noqa: E402
-from mimscale.engine import Trainer  # noqa: E402
 from mimscale.errors import EXIT_CONFIG, EXIT_DIVERGED, EXIT_DONE, EXIT_STOPPED, ConfigError, TrainingDiverged  # noqa: E402
-from mimscale.failfast import FailFast  # noqa: E402
-from mimscale.ownership import OutputDirLock, check_not_foreign  # noqa: E402
-from mimscale.preempt import StopRequest  # noqa: E402
+from mimscale.runtime import dist  # noqa: E402
+from mimscale.runtime.failfast import FailFast  # noqa: E402
+from mimscale.runtime.output_dir import OutputDirLock, check_not_foreign  # noqa: E402
+from mimscale.runtime.preempt import StopRequest  # noqa: E402
+from mimscale.trainer import Trainer  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -19,12 +19,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
-from mimscale import dist
-from mimscale.checkpoint import Stateful
 from mimscale.data.full_pass import whole_image_loader
 from mimscale.data.loader import build_loader
 from mimscale.data.sources import FfcvFile, indexed_source
 from mimscale.data.wds_loader import ShardIndex, build_wds_loader, whole_image_stream
+from mimscale.runtime import dist
+from mimscale.runtime.stateful import Stateful
 
 SOURCES = ("synthetic", "folder", "wds", "ffcv")
 

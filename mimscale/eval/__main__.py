@@ -26,7 +26,6 @@ import json  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from mimscale import dist  # noqa: E402
 from mimscale.data.eval_transform import CROP_PCT, check_crop_pct  # noqa: E402
 from mimscale.data.imagenet import LayoutError, list_split  # noqa: E402
 from mimscale.data.sources import FolderSource  # noqa: E402
@@ -35,6 +34,7 @@ from mimscale.eval.features import ListedImages, OptionError, eval_splits, log, 
 from mimscale.eval.knn import knn_classify  # noqa: E402
 from mimscale.eval.mlflow_run import log_results, run_target  # noqa: E402
 from mimscale.eval.probe import RECIPES, linear_probe  # noqa: E402
+from mimscale.runtime import dist  # noqa: E402
 
 
 def _positive(kind, allow_zero: bool = False):

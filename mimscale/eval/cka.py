@@ -30,7 +30,7 @@ import torch
 
 from mimscale.data.eval_transform import CROP_PCT
 from mimscale.data.full_pass import WholeImages
-from mimscale.eval.features import normalize
+from mimscale.data.normalize import normalize_uint8
 from mimscale.models.vit import gather_tokens
 
 DEFAULT_RATIOS = tuple(round(0.1 * i, 1) for i in range(1, 10))
@@ -114,7 +114,7 @@ def cka_by_block(encoder, images: torch.Tensor, ratios: Sequence[float] = DEFAUL
     full = {r: [[] for _ in range(depth)] for r in ratios}  # r -> block -> [b, D] chunks
     occl = {r: [[] for _ in range(depth)] for r in ratios}
     for a in range(0, len(images), batch):
-        x = normalize(images[a:a + batch].to(device)).to(weight.dtype)
+        x = normalize_uint8(images[a:a + batch].to(device)).to(weight.dtype)
         vis = {r: m[a:a + batch].to(device) for r, m in masks.items()}
 
         def full_reduce(out, vis=vis):  # [b, 1 + L, D] -> per ratio [b, D]: the full view at the kept positions

@@ -3,7 +3,7 @@
     feats = split_features("runs/x", "/data/cifar10", pool="cls")   # every rank calls it
     feats.train_f [N_train, D] float32, feats.train_y [N_train] int64, feats.val_f, feats.val_y
 
-- **Encoder.** ``--checkpoint`` is anything ``mimscale.weights.load_encoder`` reads (a
+- **Encoder.** ``--checkpoint`` is anything ``mimscale.checkpoint.weights.load_encoder`` reads (a
   checkpoint directory of any ZeRO stage, an export directory or file), or
   ``random:<model>[:img_size[:patch_size]]``: an untrained encoder seeded by ``seed`` (the
   random-init baseline). The encoder is only built when some features are not cached.
@@ -38,7 +38,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from mimscale import dist
+from mimscale.checkpoint.weights import build_encoder, load_encoder, locate, model_section
 from mimscale.config import DataConfig
 from mimscale.data.eval_transform import CROP_PCT, check_crop_pct
 from mimscale.data.imagenet import LayoutError, list_split
@@ -47,7 +47,7 @@ from mimscale.data.sources import FfcvFile
 from mimscale.data.streams import open_full_pass
 from mimscale.data.wds_loader import ShardIndex
 from mimscale.models.registry import ENCODERS
-from mimscale.weights import build_encoder, load_encoder, locate, model_section
+from mimscale.runtime import dist
 
 POOLS = ("cls", "mean")
 SOURCES = ("folder", "wds", "ffcv")
@@ -217,11 +217,6 @@ def eval_splits(data=None, source: str = "folder", train_data=None, val_data=Non
 
 
 # ---------------------------------------------------------------------------------- extraction
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [B, 3, H, W] -> float32 [B, 3, H, W], normalized exactly as in training (MIMModel.normalize)."""
-    return normalize_uint8(images)
-
-
 def pool_tokens(tokens: torch.Tensor, pool: str) -> torch.Tensor:
     """tokens [B, 1 + L, D] -> [B, D]: the CLS token, or the mean of the L patch tokens."""
     if pool == "cls":
@@ -246,7 +241,7 @@ def extract_share(encoder, split: SplitData, img_size: int, batch: int = 128, ra
         skipped += int(b.get("skipped", 0))
         if not len(b["index"]):
             continue
-        tokens = encoder(normalize(b["image"].to(device, non_blocking=True)).to(dtype))  # [B, 1 + L, D]
+        tokens = encoder(normalize_uint8(b["image"].to(device, non_blocking=True)).to(dtype))  # [B, 1 + L, D]
         for p in pools:
             out[p].append(pool_tokens(tokens, p).float().cpu())
         out["index"].append(b["index"].long())
@@ -401,7 +396,7 @@ def split_features(checkpoint, data=None, *, pool: str = "cls", source: str = "f
         import deepspeed.comm as ds_comm
 
         if not ds_comm.is_initialized():  # the barriers below would pass silently and the ranks race
-            raise RuntimeError(f"WORLD_SIZE={world}: call mimscale.dist.init_distributed() before split_features")
+            raise RuntimeError(f"WORLD_SIZE={world}: call mimscale.runtime.dist.init_distributed() before split_features")
     cache_dir = Path(cache) if cache else ckpt.default_cache
     encoder = []  # built at most once, and only on a cache miss
 

@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from mimscale.checkpoint import DamagedCheckpoint
-from mimscale.weights import locate, marker
+from mimscale.checkpoint.checkpointer import DamagedCheckpoint
+from mimscale.checkpoint.weights import locate, marker
 
 CHOICES = ("run", "new", "none")  # or a run id
 NEW_EXPERIMENT = "mimscale-eval"

@@ -22,10 +22,11 @@ from typing import Optional
 import deepspeed.comm as ds_comm
 import torch
 
-from mimscale import checkpoint, dist
+from mimscale.checkpoint import checkpointer
 from mimscale.data.streams import open_full_pass
 from mimscale.hooks.base import LoopContext, LoopHooks
 from mimscale.masking.amt_store import AttentionStore, prune
+from mimscale.runtime import dist
 
 # masking.amt.normalize -> ViTEncoder's cls_attention mode: Algorithm 1 of the AMT paper (average
 # the heads' CLS attention, then min-max over patches) or min-max per head before the average
@@ -94,8 +95,8 @@ class AMTRefresh(LoopHooks):
         if not dist.is_rank0():
             return
         keep = {self.generation}
-        for _, d in checkpoint.complete_tags(checkpoint.checkpoint_root(self.t.out)):
-            keep.add(int(checkpoint.read_marker(d).get("amt_generation", 0)))
+        for _, d in checkpointer.complete_tags(checkpointer.checkpoint_root(self.t.out)):
+            keep.add(int(checkpointer.read_marker(d).get("amt_generation", 0)))
         prune(self.t.out, keep)
 
     # ------------------------------------------------------------------ per step
@@ -109,6 +110,10 @@ class AMTRefresh(LoopHooks):
 
     def host_inputs(self, batch: dict) -> dict:
         return {} if self.store is None else {"attn": self.store.lookup(batch["index"])}
+
+    def prime(self) -> float:
+        """The first refresh now (generation 1 at step 0): later steps mask and throw."""
+        return self.refresh(max(1, self.generation), 0)
 
     def summary(self) -> dict:
         return {"amt_refreshes": self.records, "amt_generation": self.generation}

@@ -7,7 +7,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from mimscale.checkpoint import Stateful
+from mimscale.runtime.stateful import Stateful
 
 
 @dataclass
@@ -42,6 +42,11 @@ class LoopHooks(Stateful):
 
     def after_optimizer_step(self) -> None:
         """After the engine applied an optimizer step."""
+
+    def prime(self) -> Optional[float]:
+        """Bring the method's state to its steady form now, outside the schedule (a benchmark of
+        steady steps calls it once); seconds spent, or None when there is nothing to prime."""
+        return None
 
     def host_inputs(self, batch: dict) -> dict:
         """Extra CPU tensors for the batch's meta, moved to the device with it."""

@@ -1,2 +1,2 @@
 """Maskers: modules that turn a batch into a ``MaskPlan`` (base.py). Which masker a run uses is
-chosen by the method registry (mimscale/methods.py), not here."""
+chosen by the method registry (mimscale/methods/), not here."""

@@ -113,7 +113,7 @@ class FrozenExtractor(nn.Module):
         return maps
 
 
-def build(state: dict[str, torch.Tensor], source: str, name: str, spec: EncoderSpec, patch_size: int, img_size: int,
+def build(state: dict[str, torch.Tensor], *, source: str, name: str, spec: EncoderSpec, patch_size: int, img_size: int,
           grid: int, encoder_patch: int, attention: str = "raw", ext_img_size: Optional[int] = None) -> FrozenExtractor:
     """The frozen extractor for ``state`` from ``source``: timm model ``name`` (or ``spec``'s
     architecture at patch_size / img_size) at ``ext_img_size`` (None/0: its own), checked against the encoder's patch size."""

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from mimscale.data.normalize import Normalizer
-from mimscale.losses import masked_pixel_loss
 from mimscale.masking.base import Masker, MaskPlan
 from mimscale.models.decoder import MAEDecoder
+from mimscale.models.losses import masked_pixel_loss
 from mimscale.models.vit import ViTEncoder
 
 

@@ -1,7 +1,7 @@
 """Training objectives other than MAE's pixel reconstruction.
 
 A method is a masker (which patches go where: ``mimscale.masking``) plus, optionally, an
-objective (what is computed from the plan); the registry (mimscale/methods.py) pairs them.
+objective (what is computed from the plan); the registry (mimscale/methods/) pairs them.
 MAE, AMT and AutoMAE use MIMModel's own reconstruction path; R-MAE and C-MAE read the plan as
 two complementary views:
     rmae.py    shared decoder, distance between the views' decodings + auto-encoding

@@ -28,12 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mimscale import dist
 from mimscale.data.normalize import Normalizer
 from mimscale.masking import noise as sample_noise
 from mimscale.masking.base import MaskPlan
 from mimscale.masking.random import RandomMasking
 from mimscale.objectives.color import JITTER_DRAWS, color_jitter
+from mimscale.runtime import dist
 
 VIEWS = ("independent", "complementary")
 POOLS = ("cls", "mean")

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mimscale.losses import masked_pixel_loss
 from mimscale.masking.base import MaskPlan
+from mimscale.models.losses import masked_pixel_loss
 
 
 class RMAEObjective(nn.Module):

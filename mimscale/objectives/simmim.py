@@ -12,7 +12,7 @@
                 sum(|x - x_rec| * mask) / (sum(mask) + 1e-5) / 3
             where ``mask`` is the per-pixel [B, 1, H, W] mask (one per location, hence / 3 channels).
 
-Predictions are in ``mimscale.losses.patchify``'s layout ((row, col, channel) inside a patch); the
+Predictions are in ``mimscale.models.losses.patchify``'s layout ((row, col, channel) inside a patch); the
 head's rows are a permutation of SimMIM's conv channels, so the two parametrize the same functions.
 ``model.norm_pix_loss`` is not read: SimMIM's target is the normalized image itself.
 """
@@ -23,8 +23,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from mimscale.losses import patchify
 from mimscale.masking.base import MaskPlan
+from mimscale.models.losses import patchify
 from mimscale.models.vit import gather_tokens
 
 

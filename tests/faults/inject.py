@@ -18,9 +18,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from mimscale import checkpoint, dist, pretrain  # noqa: E402
-from mimscale.checkpoint import Checkpointer  # noqa: E402
-from mimscale.engine import Trainer  # noqa: E402
+from mimscale import pretrain  # noqa: E402
+from mimscale.checkpoint import checkpointer  # noqa: E402
+from mimscale.checkpoint.checkpointer import Checkpointer  # noqa: E402
+from mimscale.runtime import dist  # noqa: E402
+from mimscale.trainer import Trainer  # noqa: E402
 
 
 def main() -> int:
@@ -55,7 +57,7 @@ def main() -> int:
 
         Checkpointer.save = save
     elif fault == "hold_save" and dist.rank() == rank:
-        original_fsync = checkpoint._fsync_written
+        original_fsync = checkpointer._fsync_written
 
         def fsync_written(tag_dir, r):
             if tag_dir.name == f"step{int(step):08d}":  # every file of this rank written, none fsynced, no marker
@@ -63,7 +65,7 @@ def main() -> int:
                 time.sleep(600)
             original_fsync(tag_dir, r)
 
-        checkpoint._fsync_written = fsync_written
+        checkpointer._fsync_written = fsync_written
     return pretrain.main(rest)
 
 

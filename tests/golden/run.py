@@ -12,10 +12,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for mimscale and tests
 
-from mimscale import dist  # noqa: E402
 from mimscale.config import load_config  # noqa: E402
 from mimscale.ds_config import load_ds_config  # noqa: E402
-from mimscale.engine import Trainer  # noqa: E402
+from mimscale.runtime import dist  # noqa: E402
+from mimscale.trainer import Trainer  # noqa: E402
 from tests.golden.cases import CASES, COMMON, CONFIGS, ds_config  # noqa: E402
 
 

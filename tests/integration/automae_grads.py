@@ -16,7 +16,7 @@ import torch
 from deepspeed.utils import safe_get_full_grad
 
 import mimscale.masking.automae as automae
-from mimscale import dist
+from mimscale.runtime import dist
 from tests.conftest import tiny_model
 
 

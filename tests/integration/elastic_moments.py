@@ -17,8 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state  # noqa: E402
 
-from mimscale import dist, pretrain  # noqa: E402
-from mimscale.checkpoint import Checkpointer  # noqa: E402
+from mimscale import pretrain  # noqa: E402
+from mimscale.checkpoint.checkpointer import Checkpointer  # noqa: E402
+from mimscale.runtime import dist  # noqa: E402
 
 
 def relink(engine) -> None:

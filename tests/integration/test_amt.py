@@ -70,7 +70,7 @@ def test_refreshes_cover_every_sample_once_and_switch_to_throwing(zero3):
     # refresh, the throwing plan's (3 + 7) after it
     flops = {m["step"]: m["gflop_per_img"] for m in map(json.loads, (zero3["ref"] / "metrics.jsonl").read_text().splitlines())}
     assert len({flops[k] for k in range(1, 5)}) == 1 and len({flops[k] for k in range(5, STEPS + 1)}) == 1
-    from mimscale.metrics import mim_flops_per_image
+    from mimscale.methods.mae import mim_flops_per_image
 
     tiny = dict(enc_dim=192, enc_depth=12, img_size=32, patch=8, dec_dim=128, dec_depth=2)  # vit_tiny, the mae tiny preset
     assert flops[4] == pytest.approx(mim_flops_per_image(visible=4, masked=12, **tiny) / 1e9)

@@ -42,7 +42,7 @@ def test_bench_step_amt_masks_and_throws(extra):
     for key in ("img_per_s", "step_s", "gflop_per_img", "peak_gflops", "mfu", "fwd_bwd_s", "optimizer_s"):
         assert isinstance(d[key], float) and d[key] > 0, key
     assert d["batch"] == 2 and d["precision"] == "fp32" and abs(d["img_per_s"] - 2 / d["step_s"]) < 1e-6
-    from mimscale.metrics import mim_flops_per_image
+    from mimscale.methods.mae import mim_flops_per_image
 
     tiny = dict(enc_dim=192, enc_depth=12, img_size=32, patch=8, dec_dim=32, dec_depth=1)
     assert d["gflop_per_img"] * 1e9 == pytest.approx(mim_flops_per_image(visible=3, masked=7, **tiny))  # L=16: 3 / 7 / 6

@@ -63,9 +63,9 @@ def test_cka_cli_writes_a_plot_and_a_table(tmp_path, capsys):
 # is an empty placeholder until a module's forward hooks gather it.
 ZERO3_HEALTH_CHECK = """
 import json, torch, deepspeed
-from mimscale import dist
+from mimscale.runtime import dist
 from mimscale.eval.cka import health_check
-from mimscale.weights import build_encoder
+from mimscale.checkpoint.weights import build_encoder
 dist.init_distributed()
 model = {"name": "vit_tiny", "img_size": 32, "patch_size": 8}
 torch.manual_seed(0)

@@ -96,7 +96,7 @@ def test_mlflow_run_has_name_configs_summary_system_metrics_dataset_and_encoder(
     # the encoder model is the final checkpoint's encoder: its export (no decoder) is the model's artifact
     import mlflow
 
-    from mimscale.weights import load_encoder
+    from mimscale.checkpoint.weights import load_encoder
 
     model_uri = tags["mimscale.encoder_model"]
     mlflow.set_tracking_uri(client.tracking_uri)  # a models:/ URI resolves in the global store
@@ -121,7 +121,7 @@ def test_mlflow_run_has_name_configs_summary_system_metrics_dataset_and_encoder(
 def test_timm_reproduces_the_checkpoints_encoder(trained, exported):
     import timm
 
-    from mimscale.weights import load_encoder
+    from mimscale.checkpoint.weights import load_encoder
 
     exp, stdout = exported
     hub = json.loads((exp / "config.json").read_text())  # timm's Hub config
@@ -148,7 +148,7 @@ def test_timm_reproduces_the_checkpoints_encoder(trained, exported):
 def test_decoder_round_trip(trained, exported):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from mimscale.weights import load_decoder
+    from mimscale.checkpoint.weights import load_decoder
 
     exp, _ = exported
     tag = trained["tag"]

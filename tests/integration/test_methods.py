@@ -7,7 +7,7 @@ import math
 import pytest
 
 from mimscale import methods
-from mimscale.flops import simmim_flops_per_image
+from mimscale.methods.simmim import simmim_flops_per_image
 from tests.integration.launch import run, summary, write_ds_config
 
 

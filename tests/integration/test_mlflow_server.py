@@ -24,11 +24,11 @@ import numpy as np
 import pytest
 import torch
 
-from mimscale import tracking
+from mimscale.checkpoint.weights import build_encoder
 from mimscale.data.streams import build_source
 from mimscale.eval.__main__ import main as eval_main
 from mimscale.export import write_export
-from mimscale.weights import build_encoder
+from mimscale.tracking import tracker as tracking
 from tests.conftest import tiny_config
 from tests.unit.test_eval import write_folder
 
@@ -171,8 +171,8 @@ def test_a_run_against_the_server(server, mlflow_env, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     cfg = tiny_config(None, f"output_dir={out}", "data.source=folder", f"data.path={data}", "tracking.enabled=true")
-    tracker = tracking.open_run(cfg, out, None, {"lr": 1e-3}, {"train_micro_batch_size_per_gpu": 4}, None, None,
-                                {"mimscale.extra": "x"}, data_source=build_source(cfg.data))
+    tracker = tracking.open_run(cfg, out, run_id=None, derived={"lr": 1e-3}, ds_raw={"train_micro_batch_size_per_gpu": 4},
+                                 preset=None, ds_config=None, tags={"mimscale.extra": "x"}, data_source=build_source(cfg.data))
     assert tracker.active and tracker.uri == server
     for step in (1, 2, STEP):
         tracker.log_metrics({"loss": 1.0 / step, "lr": 1e-3}, step)
@@ -252,7 +252,7 @@ def test_a_server_outage_is_retried_and_no_metric_is_lost(server, mlflow_env, tm
     proxy = CuttableProxy(int(server.rsplit(":", 1)[1]))
     mlflow_env.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{proxy.port}")
     try:
-        t = tracking.Tracker(True, tmp_path, "outage", "run-outage")
+        t = tracking.Tracker(tmp_path, experiment="outage", run_name="run-outage")
         assert t.active
         for step in (1, 2):
             t.log_metrics({"loss": float(step)}, step)

@@ -15,8 +15,8 @@ import deepspeed
 import torch
 from deepspeed.utils import safe_get_full_grad
 
-from mimscale import dist
 from mimscale.hooks.ema import EMAHooks
+from mimscale.runtime import dist
 from tests.conftest import tiny_model
 
 DECAY = 0.5

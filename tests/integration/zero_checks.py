@@ -22,7 +22,7 @@ import deepspeed  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as tdist  # noqa: E402
 
-from mimscale import dist  # noqa: E402
+from mimscale.runtime import dist  # noqa: E402
 from tests.conftest import tiny_model  # noqa: E402
 from tests.integration import automae_grads, views_zero  # noqa: E402
 

@@ -8,11 +8,12 @@ import torch
 from PIL import Image
 
 from mimscale import methods
-from mimscale.config import ConfigError, DataConfig, load_config
+from mimscale.config import DataConfig, load_config
 from mimscale.data.crop import crop_array, crop_bytes
 from mimscale.data.full_pass import share
 from mimscale.data.sources import SyntheticSource
 from mimscale.data.streams import open_full_pass
+from mimscale.errors import ConfigError
 from mimscale.hooks.amt_refresh import parse_when, refresh_steps
 from mimscale.masking.amt import AMTMasking
 from mimscale.masking.amt_store import AttentionStore, prune
@@ -208,7 +209,7 @@ def test_thrown_patches_get_no_gradient_and_are_not_in_the_decoder():
     V, M, T = plan.visible.shape[1], plan.masked.shape[1], plan.thrown.shape[1]
     assert (V, M, T) == (3, 7, 6)  # L=16: round(0.45 L)=7 masked, round(0.40 L)=6 thrown
     assert lengths == {"encoder": 1 + V, "decoder": 1 + V + M}
-    from mimscale.losses import patchify
+    from mimscale.models.losses import patchify
 
     g = patchify(x.grad, model.patch_size).abs().sum(-1)  # [B, L] gradient mass per patch
     for b in range(4):

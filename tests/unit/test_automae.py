@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mimscale.config import ConfigError
+from mimscale.errors import ConfigError
 from mimscale.masking.automae import AutoMAEMasking
 from mimscale.masking.automae_parts import Discriminator, lsgan_terms, pseudo_masks, sigma_max, straight_through_topk
 from mimscale.optim import param_groups

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from benchmarks import gpu
-from mimscale.flops import GPU_PEAK_BF16
+from mimscale.tracking.peak import GPU_PEAK_BF16
 
 
 def _args(**kw):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mimscale.checkpoint import (
+from mimscale.checkpoint.checkpointer import (
     CLIENT_KEY,
     CONFIG,
     MARKER,
@@ -20,7 +20,7 @@ from mimscale.checkpoint import (
     resolve_resume,
     tag_for,
 )
-from mimscale.elastic import check_elastic, needs_conversion
+from mimscale.checkpoint.reshard import check_elastic, needs_conversion
 from mimscale.errors import ConfigError
 
 
@@ -232,7 +232,7 @@ def test_rng_state_round_trips_exactly_through_a_weights_only_file(tmp_path):
 
     import numpy as np
 
-    from mimscale.checkpoint import rng_state, set_rng_state
+    from mimscale.checkpoint.checkpointer import rng_state, set_rng_state
 
     random.gauss(0, 1), np.random.standard_normal()  # leave a cached gaussian in both
     torch.save(rng_state(), tmp_path / "rng.pt")
@@ -274,7 +274,7 @@ class _Poison:
 
 
 def test_a_poisoned_rank_file_is_refused_naming_it(tmp_path):
-    from mimscale.safe_load import UnsafeFileError
+    from mimscale.checkpoint.safe_load import UnsafeFileError
 
     ckpt = Checkpointer(FakeEngine(), tmp_path, keep=1)
     ckpt.register("a", Counter())
@@ -288,7 +288,7 @@ def test_a_poisoned_rank_file_is_refused_naming_it(tmp_path):
 
 
 def test_the_loops_counters_round_trip_and_load_strictly():
-    from mimscale.checkpoint import TrackingState, TrainState
+    from mimscale.checkpoint.checkpointer import TrackingState, TrainState
 
     s = TrainState(step=5, samples_seen=80, skipped=1, converted=2)
     back = TrainState()

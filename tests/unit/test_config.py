@@ -377,7 +377,8 @@ def test_flattened_config_round_trips_through_overrides():
 
 
 def test_cka_health_check_keys_are_checked_by_name():
-    from mimscale.config import ConfigError, load_config
+    from mimscale.config import load_config
+    from mimscale.errors import ConfigError
 
     for key, bad in (("tracking.cka_every_epochs", "-1"), ("tracking.cka_images", "1")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import io
 import re
 
-from mimscale.console import Progress, format_step
+from mimscale.tracking.console import Progress, format_step
 
 METRICS = {"loss": 0.81234, "loss_g": 0.1, "loss_d": 0.5, "lr": 1.2e-4, "img_per_s": 812.34, "step_s": 0.3, "data_wait_pct": 1.3,
            "epoch": 0.24, "mfu": 0.412, "grad_norm": 1.0, "skipped_images": 0.0, "converted_images": 0.0, "gflop_per_img": 20.0}

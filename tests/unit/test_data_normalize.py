@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 
 from mimscale.data.normalize import IMAGENET_MEAN, IMAGENET_STD, Normalizer, denormalize, imagenet_stats, normalize, normalize_uint8
-from mimscale.eval.features import normalize as eval_normalize
 from mimscale.objectives.color import color_jitter
 
 
@@ -36,14 +35,14 @@ def test_uint8_normalize_equals_the_old_model_formula():
     mean, std = _old_model_buffers()
     old = (images.float() - mean.float()) / std.float()
     norm = Normalizer(255)
-    for new in (norm.normalize(images), norm(images), normalize_uint8(images), eval_normalize(images),
+    for new in (norm.normalize(images), norm(images), normalize_uint8(images),
                 normalize(images, *imagenet_stats(255))):
         assert new.dtype == torch.float32 and new.shape == images.shape
         assert torch.equal(new, old)
     # eval's old per-call version built the statistics on the images' device: the same bits
     m = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255
     s = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255
-    assert torch.equal(eval_normalize(images), (images.float() - m) / s)
+    assert torch.equal(normalize_uint8(images), (images.float() - m) / s)
 
 
 def test_bf16_cast_buffers_keep_their_rounded_values():

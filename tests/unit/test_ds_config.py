@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from mimscale.config import ConfigError
 from mimscale.ds_config import EngineSettings, check_ds_config, load_ds_config
+from mimscale.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 DS_CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))

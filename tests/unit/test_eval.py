@@ -16,7 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
+from mimscale.checkpoint.weights import build_encoder
 from mimscale.data.eval_transform import CROP_PCT, center_crop
+from mimscale.data.normalize import normalize_uint8
 from mimscale.data.streams import open_full_pass
 from mimscale.eval.__main__ import build_parser, main
 from mimscale.eval.cka import cka_by_block, drop_masks, health_check, linear_cka, plot, summarize, walk_blocks
@@ -27,7 +29,6 @@ from mimscale.eval.features import (
     cached_split,
     eval_splits,
     extract_features,
-    normalize,
     open_checkpoint,
     open_split,
     split_features,
@@ -35,7 +36,6 @@ from mimscale.eval.features import (
 from mimscale.eval.knn import knn_classify
 from mimscale.eval.probe import RECIPES, linear_probe, probe_head, resolve_recipe
 from mimscale.optim import build_lars
-from mimscale.weights import build_encoder
 
 REPO = Path(__file__).resolve().parents[2]
 RANDOM = "random:vit_tiny:32:8"  # 16 patches: a fraction of a second per batch on a CPU core
@@ -185,7 +185,7 @@ def test_linear_cka_of_independent_features_is_low_and_of_constants_nan():
 # ---------------------------------------------------------------- per-block occlusion CKA
 def test_block_walk_is_the_encoders_own_forward():
     enc = tiny_encoder()
-    x = normalize(torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8))
+    x = normalize_uint8(torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8))
     visible = drop_masks(3, enc.num_patches, 0.5, seed=0)  # [3, 8]
     with torch.no_grad():
         states, final = walk_blocks(enc, x, visible)
@@ -323,7 +323,7 @@ def test_checkpoint_identity_follows_the_weights(tmp_path):
     a = open_checkpoint(str(export))
     assert a.default_cache == export / "eval_cache" and a.model["img_size"] == 32
     loaded = a.load()
-    x = normalize(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8))
+    x = normalize_uint8(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8))
     with torch.no_grad():
         assert torch.equal(loaded(x), enc(x))
     os.utime(export / "model.safetensors", ns=(1, 1))  # rewritten weights: a new identity

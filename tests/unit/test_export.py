@@ -9,10 +9,10 @@ import torch
 from safetensors.torch import load_file
 
 from mimscale import export
+from mimscale.checkpoint.weights import load_decoder, load_encoder
 from mimscale.models.decoder import MAEDecoder
 from mimscale.models.registry import ENCODERS
 from mimscale.models.vit import ViTEncoder
-from mimscale.weights import load_decoder, load_encoder
 
 # vit_small's widths at a size and patch no preset has, so nothing can come from timm's defaults
 RUN_MODEL = dict(name="vit_small", img_size=96, patch_size=12, decoder_dim=128, decoder_depth=2, decoder_heads=4,

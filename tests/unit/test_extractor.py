@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from mimscale import methods
-from mimscale.config import ConfigError, load_config
+from mimscale.config import load_config
+from mimscale.errors import ConfigError
 from mimscale.masking import extractor as frozen_extractor
 from mimscale.masking.automae import AutoMAEMasking
 from mimscale.models.registry import ENCODERS
@@ -54,7 +55,7 @@ def test_extractor_attention_equals_timms_own(name, mae_like, tmp_path):
     path = _save(net, tmp_path / "w.safetensors")
     state = {k: v.float() for k, v in timm.models.load_state_dict(str(path)).items()}
     spec = ENCODERS["vit_base"]
-    ext = frozen_extractor.build(state, str(path), name, spec, 16, 224, grid=14, encoder_patch=16)
+    ext = frozen_extractor.build(state, source=str(path), name=name, spec=spec, patch_size=16, img_size=224, grid=14, encoder_patch=16)
     images = torch.randn(2, 3, 224, 224)
     maps = ext(images)
     heads = 12 if mae_like else 6
@@ -74,7 +75,8 @@ def test_a_mimscale_checkpoint_without_pos_embed_gets_its_sincos(tmp_path):
     path = _save(enc, tmp_path / "enc.safetensors")
     state = {k: v.float() for k, v in timm.models.load_state_dict(str(path)).items()}
     assert "pos_embed" not in state
-    ext = frozen_extractor.build(state, str(path), "", ENCODERS["vit_tiny"], 8, 32, grid=4, encoder_patch=8)
+    ext = frozen_extractor.build(state, source=str(path), name="", spec=ENCODERS["vit_tiny"], patch_size=8, img_size=32, grid=4,
+                                 encoder_patch=8)
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(ext(x).flatten(2), enc(x, cls_attention="heads"), atol=1e-6, rtol=1e-5)

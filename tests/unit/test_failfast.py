@@ -5,11 +5,11 @@ import textwrap
 
 import torch
 
-from mimscale.failfast import DataStallWatch
+from mimscale.runtime.failfast import DataStallWatch
 
 
 def _run(body: str) -> subprocess.CompletedProcess:
-    code = "import time, torch\nfrom mimscale.failfast import DataStallWatch\n" + textwrap.dedent(body)
+    code = "import time, torch\nfrom mimscale.runtime.failfast import DataStallWatch\n" + textwrap.dedent(body)
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
 
 

@@ -5,8 +5,8 @@ import torch
 
 from mimscale.config import load_config
 from mimscale.data.streams import build_source
-from mimscale.health import CKAHealth, fixed_images
 from mimscale.methods import build_model
+from mimscale.tracking.health import CKAHealth, fixed_images
 
 SETS = ["model.name=vit_tiny", "model.img_size=32", "model.patch_size=8", "data.source=synthetic",
         "data.synthetic_size=40", "tracking.cka_images=6", "tracking.cka_every_epochs=0.5"]

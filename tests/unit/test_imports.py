@@ -1,8 +1,11 @@
-"""The import graph of mimscale and data_prep: no cycle anywhere (function-level imports count),
-function-level imports only for optional heavy dependencies, and data at the bottom.
+"""The import graph of mimscale and data_prep: the layer order (every import points down or
+sideways), no cycle anywhere (function-level imports count), function-level imports only for
+optional heavy dependencies, one module naming the method key, and no method file importing the
+registry back.
 
 The graph is read from the source (ast), not from sys.modules: an import inside a function is an
-edge too, and importing ``a.b.c`` executes ``a/__init__`` and ``a/b/__init__`` first.
+edge too, and importing ``a.b.c`` executes ``a/__init__`` and ``a/b/__init__`` first (an edge to
+each, except to the importing module's own parent packages, which Python has already started).
 """
 from __future__ import annotations
 
@@ -15,6 +18,26 @@ PACKAGES = ("mimscale", "data_prep")
 # nothing but the binding of one (importing ffcv_loader imports ffcv and numba).
 LAZY_OK = {"ffcv", "numba", "mlflow", "matplotlib", "mimscale.data.ffcv_loader"}
 
+# The layers, bottom first: a module may import its own layer and those below, never one above.
+# A module's layer is that of the longest prefix listed (so a contract module can sit below the
+# rest of its package). config sits above the methods: it takes each method's section and the
+# method names from the registry.
+LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    ("bottom", ("mimscale.errors", "mimscale.ds_config", "mimscale.optim")),  # error types, the DeepSpeed JSON, optimizers
+    ("runtime", ("mimscale.runtime",)),  # process group, preemption, fail-fast, output-dir lock, Stateful
+    ("data", ("mimscale.data",)),
+    ("models", ("mimscale.models", "mimscale.masking.base")),  # MaskPlan/Masker: the contract models speak
+    ("checkpoint", ("mimscale.checkpoint",)),
+    ("masking", ("mimscale.masking", "mimscale.objectives")),
+    ("hooks", ("mimscale.hooks",)),
+    ("methods", ("mimscale.methods",)),
+    ("config", ("mimscale.config",)),
+    ("eval", ("mimscale.eval", "mimscale.export")),  # features, probes, CKA; the export writer
+    ("tracking", ("mimscale.tracking",)),
+    ("trainer", ("mimscale.trainer",)),
+    ("entry points", ("mimscale.pretrain", "mimscale.bench", "mimscale.eval.__main__", "mimscale.report", "data_prep")),
+]
+
 
 def _module_name(path: Path) -> str:
     parts = path.relative_to(REPO).with_suffix("").parts
@@ -23,6 +46,9 @@ def _module_name(path: Path) -> str:
 
 def _modules() -> dict[str, Path]:
     return {_module_name(p): p for pkg in PACKAGES for p in (REPO / pkg).rglob("*.py")}
+
+
+PACKAGE_INITS = {m for m, p in _modules().items() if p.name == "__init__.py"}
 
 
 def _imports(path: Path, modules: dict[str, Path]) -> list[tuple[str, bool]]:
@@ -48,17 +74,45 @@ def _imports(path: Path, modules: dict[str, Path]) -> list[tuple[str, bool]]:
 
 
 def _graph() -> dict[str, set[str]]:
-    """module -> our modules its import statements execute (packages' __init__ included)."""
+    """module -> our modules its import statements execute (packages' __init__ included, but not
+    the module's own parent packages unless it imports names from them)."""
     modules = _modules()
     graph: dict[str, set[str]] = {m: set() for m in modules}
     for name, path in modules.items():
+        parents = {".".join(name.split(".")[:k]) for k in range(1, name.count(".") + 1)}
         for imported, _ in _imports(path, modules):
             parts = imported.split(".")
             for k in range(1, len(parts) + 1):  # a.b.c runs a, a.b, a.b.c
                 target = ".".join(parts[:k])
-                if target in modules and target != name:
+                if target in modules and target != name and (target not in parents or target == imported):
                     graph[name].add(target)
     return graph
+
+
+def layer_of(module: str) -> int:
+    """The index in LAYERS of the longest listed prefix of ``module``."""
+    best, found = -1, None
+    for i, (_, prefixes) in enumerate(LAYERS):
+        for p in prefixes:
+            if (module == p or module.startswith(p + ".")) and len(p) > best:
+                best, found = len(p), i
+    if found is None:
+        raise KeyError(f"{module} is in no layer of tests/unit/test_imports.py LAYERS: add it")
+    return found
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Every arrow from a module to one in a higher layer, as 'a (layer) -> b (layer)'."""
+    out = []
+    # a package whose __init__ imports none of our modules is a folder with a docstring: no layer
+    bare = {m for m, targets in graph.items() if not targets and m in PACKAGE_INITS}
+    for a, targets in graph.items():
+        if a in bare:
+            continue
+        for b in targets - bare:
+            if layer_of(b) > layer_of(a):
+                out.append(f"{a} ({LAYERS[layer_of(a)][0]}) -> {b} ({LAYERS[layer_of(b)][0]})")
+    return sorted(out)
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -130,15 +184,54 @@ def test_only_the_registry_reads_the_method_key():
     """``masking.method`` is named in one module: every other one asks mimscale.methods."""
     files = [p for d in (*PACKAGES, "benchmarks", "docker", "scripts") for p in (REPO / d).rglob("*.py")]
     named = sorted(str(p.relative_to(REPO)) for p in files if "masking.method" in p.read_text())
-    assert named == ["mimscale/methods.py"], named
+    assert named == ["mimscale/methods/__init__.py"], named
+
+
+def test_every_module_has_a_layer_and_no_import_runs_upward():
+    graph = _graph()
+    for m in graph:
+        if m not in ("mimscale", "data_prep"):
+            layer_of(m)  # raises naming a module that no layer lists
+    up = upward_imports(graph)
+    assert not up, "imports that run from a lower layer to a higher one:\n" + "\n".join(up)
+
+
+def test_the_layer_check_sees_an_upward_import():
+    assert upward_imports({"mimscale.data.loader": {"mimscale.trainer"}, "mimscale.trainer": set()}) == [
+        "mimscale.data.loader (data) -> mimscale.trainer (trainer)"]
+    assert layer_of("mimscale.masking.base") < layer_of("mimscale.masking.amt")  # the longest prefix wins
+
+
+def test_lower_packages_never_import_methods_trainer_or_tracking():
+    """runtime, checkpoint, data and models know nothing of methods, the Trainer or tracking, even
+    indirectly."""
+    graph = _graph()
+    low = ("mimscale.runtime", "mimscale.checkpoint", "mimscale.data", "mimscale.models")
+    high = ("mimscale.methods", "mimscale.trainer", "mimscale.tracking")
+    for start in (m for m in graph if m.startswith(low)):
+        reached, todo = set(), [start]
+        while todo:
+            for t in graph[todo.pop()] - reached:
+                reached.add(t)
+                todo.append(t)
+        assert not [m for m in reached if m.startswith(high)], (start, sorted(m for m in reached if m.startswith(high)))
+
+
+def test_no_method_file_imports_the_registry_back():
+    modules = _modules()
+    for name, path in modules.items():
+        if name.startswith("mimscale.methods."):
+            named = {imported for imported, _ in _imports(path, modules)}
+            assert "mimscale.methods" not in named, f"{name} imports the registry (mimscale.methods) back"
 
 
 def test_data_reaches_no_layer_above_it():
     """data is at the bottom: nothing it imports, directly or not, is a model, masker, objective,
     loop hook, the engine or an entry point (small shared modules such as dist are fine)."""
     graph = _graph()
-    above = ("mimscale.models", "mimscale.masking", "mimscale.objectives", "mimscale.hooks", "mimscale.engine",
-             "mimscale.eval", "mimscale.export", "mimscale.pretrain", "mimscale.methods", "mimscale.bench")
+    above = ("mimscale.models", "mimscale.masking", "mimscale.objectives", "mimscale.hooks", "mimscale.trainer",
+             "mimscale.eval", "mimscale.export", "mimscale.pretrain", "mimscale.methods", "mimscale.bench",
+             "mimscale.checkpoint", "mimscale.tracking", "mimscale.config")
     reached, todo = set(), [m for m in graph if m.startswith("mimscale.data")]
     while todo:
         for t in graph[todo.pop()] - reached:

@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from mimscale.losses import masked_pixel_loss, patchify, unpatchify
+from mimscale.models.losses import masked_pixel_loss, patchify, unpatchify
 
 
 def test_patchify_roundtrip_and_layout():

@@ -55,7 +55,7 @@ def test_every_entry_builds_a_model_whose_loss_trains_its_parameters(name):
     assert (plan.thrown.shape[1] > 0) == (name in ("amt", "amt_simmim"))
     v, m, t = model.masker.initial_sizes()
     assert v + m + t == model.encoder.num_patches
-    assert methods.model_flops(cfg, v, m) > 0
+    assert methods.flops(cfg, v, m) > 0
 
 
 def test_config_takes_its_choices_and_sections_from_the_registry():

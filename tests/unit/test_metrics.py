@@ -5,10 +5,11 @@ import math
 import pytest
 import torch
 
-from mimscale import metrics
+from mimscale import methods
 from mimscale.config import load_config
 from mimscale.errors import TrainingDiverged
-from mimscale.metrics import LogWindow, RunMeter, model_flops_per_image
+from mimscale.tracking import metrics
+from mimscale.tracking.metrics import LogWindow, RunMeter
 
 
 @pytest.fixture(autouse=True)
@@ -82,15 +83,15 @@ def test_run_meter_leaves_the_first_window_out():
 
 def test_flops_follow_the_method():
     base = ["model.name=vit_base"]
-    mae = model_flops_per_image(load_config(None, base), 49, 147)
+    mae = methods.flops(load_config(None, base), 49, 147)
     assert 57e9 < mae < 61e9
-    rmae = model_flops_per_image(load_config(None, base + ["masking.method=rmae"]), 49, 147)
-    cmae = model_flops_per_image(load_config(None, base + ["masking.method=cmae"]), 49, 147)
+    rmae = methods.flops(load_config(None, base + ["masking.method=rmae"]), 49, 147)
+    cmae = methods.flops(load_config(None, base + ["masking.method=cmae"]), 49, 147)
     assert rmae > 2 * mae * 0.9 and cmae > rmae  # two views; C-MAE encodes all L patches four times
 
 
 def test_metrics_file_keeps_steps_up_to_the_resume_and_drops_a_torn_line(tmp_path, capsys):
-    from mimscale.metrics import MetricsFile
+    from mimscale.tracking.metrics import MetricsFile
 
     f = MetricsFile(tmp_path / "metrics.jsonl")
     f.trim(3)  # no file yet: nothing to do

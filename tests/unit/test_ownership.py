@@ -1,4 +1,4 @@
-"""mimscale/ownership.py: one job per output_dir."""
+"""mimscale/runtime/output_dir.py: one job per output_dir."""
 import json
 import os
 import socket
@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from mimscale import ownership
 from mimscale.errors import ConfigError
-from mimscale.ownership import LOCK, OutputDirLock, check_not_foreign
+from mimscale.runtime import output_dir
+from mimscale.runtime.output_dir import LOCK, OutputDirLock, check_not_foreign
 
 
 @pytest.fixture(autouse=True)
@@ -53,7 +53,7 @@ def test_a_gone_owner_is_taken_over(tmp_path, monkeypatch, capsys, how):
         p = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
         _foreign(tmp_path, pid=int(p.stdout))
     elif how == "no refresh":
-        _foreign(tmp_path, host="elsewhere", refreshed=time.time() - ownership.STALE_S - 1)
+        _foreign(tmp_path, host="elsewhere", refreshed=time.time() - output_dir.STALE_S - 1)
     elif how == "same job requeued":
         _foreign(tmp_path, host="elsewhere")
         monkeypatch.setenv("SLURM_JOB_ID", "77")
@@ -68,7 +68,7 @@ def test_a_gone_owner_is_taken_over(tmp_path, monkeypatch, capsys, how):
 
 
 def test_the_lock_is_refreshed_while_the_run_lives(tmp_path, monkeypatch):
-    monkeypatch.setattr(ownership, "REFRESH_S", 0.05)
+    monkeypatch.setattr(output_dir, "REFRESH_S", 0.05)
     lock = OutputDirLock(tmp_path)
     lock.acquire()
     first = json.loads((tmp_path / LOCK).read_text())["refreshed"]

@@ -3,7 +3,7 @@ tests/golden and tests/integration)."""
 import pytest
 import yaml
 
-from mimscale.checkpoint import CONFIG
+from mimscale.checkpoint.checkpointer import CONFIG
 from mimscale.config import load_config, to_dict
 from mimscale.errors import ConfigError
 from mimscale.pretrain import resume_changes

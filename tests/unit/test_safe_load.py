@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mimscale import dist, safe_load, weights
+from mimscale.checkpoint import safe_load, weights
+from mimscale.runtime import dist
 
 REPO = Path(__file__).resolve().parents[2]
 TAGS = [f"zero{stage}_{dtype}" for dtype in ("fp32", "bf16") for stage in (1, 2, 3)]

@@ -13,12 +13,12 @@ from torch import nn
 from mimscale import methods
 from mimscale.config import load_config
 from mimscale.errors import ConfigError
-from mimscale.flops import simmim_flops_per_image
 from mimscale.masking.amt import AMTMasking
 from mimscale.masking.base import MaskPlan
 from mimscale.masking.coarse import CoarseMasking, unit_patches
 from mimscale.masking.noise import SampleNoise
 from mimscale.masking.random import RandomMasking
+from mimscale.methods.simmim import simmim_flops_per_image
 from mimscale.models.registry import ENCODERS
 from mimscale.models.vit import ViTEncoder
 from mimscale.objectives.simmim import SimMIMObjective
@@ -219,14 +219,14 @@ def test_amt_simmims_thrown_patches_are_in_neither_encoder_nor_loss():
 def test_flops_count_the_encoder_on_kept_tokens_and_the_linear_head():
     cfg = load_config(None, [methods.select("simmim"), "masking.mask_ratio=0.6"])  # ViT-B/16 at 224, 32-px units
     model_v, model_m = 20 * 4, 29 * 4  # 49 units: round(29.4) masked
-    f = methods.model_flops(cfg, model_v, model_m)
-    assert f == simmim_flops_per_image(768, 12, 224, 16, model_v, model_m)
+    f = methods.flops(cfg, model_v, model_m)
+    assert f == simmim_flops_per_image(enc_dim=768, enc_depth=12, img_size=224, patch=16, visible=model_v, masked=model_m)
     # the encoder on all 197 tokens + a 768 -> 768 head on 196, forward + backward: a ViT-B step
     enc = 2.0 * 196 * 768 * 768 + 12 * (2.0 * 197 * 768 * 768 * 12 + 4.0 * 197 * 197 * 768)
     assert f == pytest.approx(3 * (enc + 2.0 * 196 * 768 * 768))
     amt = load_config(None, [methods.select("amt_simmim"), "masking.mask_ratio=0.6", "masking.amt.mask_ratio=0.44",
                              "masking.amt.throw_ratio=0.26"])
-    fa = methods.model_flops(amt, 14 * 4, 22 * 4)  # 13 of 49 units thrown
+    fa = methods.flops(amt, 14 * 4, 22 * 4)  # 13 of 49 units thrown
     assert 0.70 < fa / f < 0.76  # the AMT paper: ~0.76x SimMIM's pre-training cost at t = 0.26
 
 

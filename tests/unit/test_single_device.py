@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mimscale import dist
-from mimscale.engine import single_device_path
 from mimscale.optim import build_optimizer
+from mimscale.runtime import dist
+from mimscale.trainer import single_device_path
 from tests.conftest import make_batch, tiny_model
 
 REPO = Path(__file__).resolve().parents[2]

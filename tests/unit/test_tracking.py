@@ -19,8 +19,8 @@ def _closed_port() -> int:
 
 def _run_tracker(tmp_path, env_extra):
     code = textwrap.dedent(f"""
-        from mimscale.tracking import Tracker
-        t = Tracker(True, {str(tmp_path)!r}, "exp", "run-a")
+        from mimscale.tracking.tracker import Tracker
+        t = Tracker({str(tmp_path)!r}, experiment="exp", run_name="run-a")
         t.log_params({{"a.b": 1}})
         t.log_metrics({{"loss": 1.5}}, step=1)
         t.log_metrics({{"loss": 1.0}}, step=2)
@@ -57,9 +57,9 @@ def test_server_down_warns_once_and_continues(tmp_path):
 
 
 def _tracker_script(tmp_path, body: str, env_extra: dict) -> tuple[subprocess.CompletedProcess, dict]:
-    """Run ``body`` after ``from mimscale.tracking import *`` in a fresh process (MLflow keeps its
+    """Run ``body`` after ``from mimscale.tracking.tracker import *`` in a fresh process (MLflow keeps its
     active run and URI in globals); its ``print("OUT", json)`` line comes back as a dict."""
-    code = "import json, os, time\nfrom mimscale.tracking import Tracker, write_resolved_config\n" + textwrap.dedent(body)
+    code = "import json, os, time\nfrom mimscale.tracking.tracker import Tracker, write_resolved_config\n" + textwrap.dedent(body)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     r = subprocess.run([sys.executable, "-c", code], env={**env, **env_extra}, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -69,7 +69,7 @@ def _tracker_script(tmp_path, body: str, env_extra: dict) -> tuple[subprocess.Co
 
 def test_system_metrics_sampled_and_the_users_interval_wins(tmp_path):
     r, out = _tracker_script(tmp_path, f"""
-        t = Tracker(True, {str(tmp_path)!r}, "exp", "run-sys", system_metrics=True)
+        t = Tracker({str(tmp_path)!r}, experiment="exp", run_name="run-sys", system_metrics=True)
         time.sleep(3)  # 4 samples 0.25 s apart per logged point: several points
         print("OUT", json.dumps({{"run": t.run_id, "uri": t.uri,
                                   "interval": os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"],
@@ -92,7 +92,7 @@ def test_config_artifacts_no_system_metrics_and_a_failed_encoder_export_only_war
     ds = tmp_path / "zero3.json"
     ds.write_text('{"train_micro_batch_size_per_gpu": 4}')
     r, out = _tracker_script(tmp_path, f"""
-        t = Tracker(True, {str(tmp_path)!r}, "exp", "run-cfg", system_metrics=False)
+        t = Tracker({str(tmp_path)!r}, experiment="exp", run_name="run-cfg", system_metrics=False)
         resolved = write_resolved_config({str(tmp_path)!r}, {{"model": {{"name": "vit_tiny", "img_size": 32}}}})
         t.log_run_config(resolved, {str(preset)!r}, {str(ds)!r})
         exported = t.log_encoder({str(tmp_path / "no-such-run")!r}, {str(tmp_path / "export")!r})
@@ -117,7 +117,7 @@ def test_config_artifacts_no_system_metrics_and_a_failed_encoder_export_only_war
 
 
 def test_run_tags_name_method_model_preset_code_and_job(monkeypatch, tmp_path):
-    from mimscale import tracking
+    from mimscale.tracking import tracker as tracking
     from tests.conftest import tiny_config
 
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
@@ -137,7 +137,7 @@ def test_run_tags_name_method_model_preset_code_and_job(monkeypatch, tmp_path):
 def test_a_transient_outage_is_retried_and_only_a_persistent_one_turns_tracking_off(monkeypatch, capsys):
     from mlflow.entities import Metric
 
-    from mimscale import tracking
+    from mimscale.tracking import tracker as tracking
 
     class FlakyClient:
         """log_batch fails ``failures`` times, then stores what it is sent."""
@@ -155,7 +155,7 @@ def test_a_transient_outage_is_retried_and_only_a_persistent_one_turns_tracking_
     monkeypatch.setattr(tracking, "MAX_FAILURES", 4)
 
     def tracker(failures):
-        t = tracking.Tracker(False, ".", "exp", "run")
+        t = tracking.Tracker.disabled()
         t.active, t.run_id, t._client, t._Metric = True, "r", FlakyClient(failures), Metric
         return t
 

@@ -1,4 +1,4 @@
-"""mimscale.weights: every accepted input kind reads to the same encoder; one check names bad keys.
+"""mimscale.checkpoint.weights: every accepted input kind reads to the same encoder; one check names bad keys.
 
 The DeepSpeed checkpoint is written here in zero_to_fp32's ZeRO-2 layout by 2 ranks (no launch):
 one model-states file with the parameter shapes, one optimizer shard per rank holding its slice of
@@ -15,7 +15,8 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from mimscale import export, weights
+from mimscale import export
+from mimscale.checkpoint import weights
 from mimscale.models.decoder import MAEDecoder
 from mimscale.models.registry import ENCODERS
 from mimscale.models.vit import ViTEncoder

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from mimscale import dist
 from mimscale.errors import ConfigError
+from mimscale.runtime import dist
 
 LOCK = "OWNER.lock"
 REFRESH_S = float(os.environ.get("MIMSCALE_LOCK_REFRESH_S", 30))

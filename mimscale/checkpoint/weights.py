@@ -10,7 +10,7 @@
     file with a ``mimscale.json`` beside it. The model comes from ``mimscale.json``'s ``mimscale.model``;
   - ``file``: any other state-dict file, ``.safetensors`` or a torch pickle (``.pt``/``.pth``/
     ``.bin``), e.g. timm's, optionally nested under "model"/"state_dict"/"module". It names no model.
-No pickle read here runs code: each is loaded weights-only (mimscale.safe_load), and one that needs
+No pickle read here runs code: each is loaded weights-only (mimscale.checkpoint.safe_load), and one that needs
 more is refused with an error naming it.
 Encoder state dicts come back in ViTEncoder's keys and shapes, fp32: ``patch_embed.proj.weight``
 [D, 3, P, P], ``cls_token`` [1, 1, D], ``blocks.<i>.*``, ``norm.weight`` [D]; decoder ones in
@@ -30,8 +30,8 @@ import safetensors.torch
 import torch
 import yaml
 
-from mimscale import safe_load
-from mimscale.checkpoint import CONFIG, MARKER, DamagedCheckpoint, resolve_resume
+from mimscale.checkpoint import safe_load
+from mimscale.checkpoint.checkpointer import CONFIG, MARKER, DamagedCheckpoint, resolve_resume
 from mimscale.models.decoder import MAEDecoder
 from mimscale.models.registry import ENCODERS
 from mimscale.models.vit import ViTEncoder

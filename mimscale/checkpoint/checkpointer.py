@@ -30,8 +30,10 @@ import numpy as np
 import torch
 import yaml
 
-from mimscale import dist, safe_load
+from mimscale.checkpoint import safe_load
 from mimscale.errors import ConfigError
+from mimscale.runtime import dist
+from mimscale.runtime.stateful import Stateful
 
 MARKER = "COMPLETE"
 TAG_RE = re.compile(r"^step(\d{8,})$")
@@ -224,25 +226,6 @@ def read_marker(tag_dir: Path) -> dict:
         m = TAG_RE.match(tag_dir.name)
         marker["step"] = int(m.group(1)) if m else 0
     return marker
-
-
-class Stateful:
-    """A part of a run that a checkpoint carries. ``state_dict`` is the same on every rank and is
-    saved once; ``rank_state_dict`` is this rank's own (a data stream's cursor, a ZeRO partition's
-    fp32 shadow) and is saved per rank. The defaults hold nothing, so a part implements only the
-    scope it has. A rank file that is missing at load (another world size) gives ``{}``."""
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-    def rank_state_dict(self) -> dict:
-        return {}
-
-    def load_rank_state_dict(self, state: dict) -> None:
-        pass
 
 
 @dataclass

@@ -29,9 +29,10 @@ from typing import Optional
 
 import torch
 
-from mimscale import dist, safe_load
-from mimscale.checkpoint import PARAM_NAMES_KEY, fsync_path, read_marker
+from mimscale.checkpoint import safe_load
+from mimscale.checkpoint.checkpointer import PARAM_NAMES_KEY, fsync_path, read_marker
 from mimscale.errors import ConfigError
+from mimscale.runtime import dist
 
 UNIVERSAL = "universal"
 DONE = "UNIVERSAL_COMPLETE"
@@ -92,7 +93,7 @@ def convert(tag_dir: Path, workers: int = 4) -> Path:
     t = time.time()
     # A process of its own: the converter forks worker processes, and forking a trainer (its
     # heartbeat, data-stall and OpenMP threads) leaves the children deadlocked on inherited locks.
-    r = subprocess.run([sys.executable, "-m", "mimscale.elastic", str(tag_dir), str(tmp), "--workers", str(workers)],
+    r = subprocess.run([sys.executable, "-m", "mimscale.checkpoint.reshard", str(tag_dir), str(tmp), "--workers", str(workers)],
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).resolve().parents[1])
     if r.returncode != 0:
         raise RuntimeError(f"converting {tag_dir} to a universal checkpoint failed (status {r.returncode}):\n{r.stdout[-4000:]}")
@@ -212,12 +213,12 @@ def _from_client_optimizer(tag: Path, out: Path) -> None:
 
 
 def _convert_main(argv=None) -> int:
-    """``python -m mimscale.elastic <tag> <out> [--workers N]``: DeepSpeed's converter, with every
+    """``python -m mimscale.checkpoint.reshard <tag> <out> [--workers N]``: DeepSpeed's converter, with every
     unpickling weights-only (our own checkpoint, read as DeepSpeed's loads are in training); a
     stage-0 checkpoint (no ZeRO optimizer files) through _from_client_optimizer."""
     from deepspeed.checkpoint import ds_to_universal
 
-    p = argparse.ArgumentParser(prog="python -m mimscale.elastic", description=_convert_main.__doc__)
+    p = argparse.ArgumentParser(prog="python -m mimscale.checkpoint.reshard", description=_convert_main.__doc__)
     p.add_argument("tag")
     p.add_argument("out")
     p.add_argument("--workers", type=int, default=4)

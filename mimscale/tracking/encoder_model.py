@@ -3,7 +3,7 @@
 MLflow logs this file as the model's code ("models from code", tracking.Tracker.log_encoder) and
 runs it when the model is loaded; no mimscale module imports it. Its one artifact, ``encoder``, is
 the export directory (python -m mimscale.export: timm's config.json + model.safetensors and
-mimscale.json), read through mimscale.weights: safetensors only, nothing from the network.
+mimscale.json), read through mimscale.checkpoint.weights: safetensors only, nothing from the network.
 
     model = mlflow.pyfunc.load_model(model_uri)
     features = model.predict(images)                          # [N, D] float32, the CLS token
@@ -18,7 +18,7 @@ import torch
 from mlflow.models import set_model
 from mlflow.pyfunc import PythonModel
 
-from mimscale.weights import load_encoder
+from mimscale.checkpoint.weights import load_encoder
 
 ARTIFACT = "encoder"  # the artifacts key of the export directory
 POOLS = ("cls", "mean")

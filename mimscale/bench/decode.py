@@ -32,7 +32,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
-from mimscale.bench_loader import pil_transforms
+from mimscale.bench.loader import pil_transforms
 from mimscale.data import crop as crop_mod
 from mimscale.data import jpeg_region
 

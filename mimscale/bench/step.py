@@ -23,15 +23,17 @@ from types import SimpleNamespace
 
 import torch
 
-from mimscale import dist, methods
-from mimscale.config import ConfigError, load_config
+from mimscale import methods
+from mimscale.config import load_config
 from mimscale.data.loader import build_loader
 from mimscale.data.streams import open_stream
 from mimscale.ds_config import load_ds_config
-from mimscale.engine import Trainer
+from mimscale.errors import ConfigError
 from mimscale.hooks.amt_refresh import refresh_steps
-from mimscale.metrics import cpu_matmul_peak, model_flops_per_image, peak_flops
 from mimscale.optim import build_optimizer
+from mimscale.runtime import dist
+from mimscale.tracking.peak import peak_flops
+from mimscale.trainer import Trainer
 
 REPO = Path(__file__).resolve().parent.parent
 DATA_SOURCES = ("synthetic", "folder", "wds", "ffcv")
@@ -123,23 +125,25 @@ class PlainStep:
 
     def flops_per_img(self, cfg) -> float:
         plan = self.model.last_plan
-        return model_flops_per_image(cfg, plan.visible.shape[1], plan.masked.shape[1])
+        return methods.flops(cfg, plan.visible.shape[1], plan.masked.shape[1])
 
 
 class EngineStep:
-    """One engine step on a fixed device batch (synthetic) or on the next batch of a stream: the
-    calls of Trainer.micro_step, timed in parts: data wait (next batch), model compute (forward +
-    backward, which under ZeRO includes the gradient reduction hooks) and the engine's optimizer
-    step (ZeRO buffers, AdamW, EMA copies)."""
+    """One training step on a fixed device batch (synthetic) or on the next batch of a stream,
+    through the Trainer's own step calls (the loop's: to_device, with_noise, forward_backward,
+    optimizer_step), timed in parts: data wait (next batch), model compute (forward + backward,
+    which under ZeRO includes the gradient reduction hooks) and the optimizer step (ZeRO buffers,
+    AdamW, EMA copies)."""
 
     def __init__(self, trainer, images=None, meta=None, stream=None):
         self.trainer, self.images, self.meta, self.it = trainer, images, meta, iter(stream) if stream is not None else None
         # per stream step, inside the data wait: (host-to-device seconds, bytes) of the batch's copy
         self.h2d: list[tuple[float, int]] = []
+        self.step = 0  # the optimizer step the masks' keyed noise is drawn for, as in the loop
 
     def __call__(self) -> tuple[float, float, float]:
         """(seconds, of which data wait, of which forward + backward)."""
-        trainer, engine = self.trainer, self.trainer.engine
+        trainer = self.trainer
         sync(trainer.device)
         t = time.perf_counter()
         images, meta = self.images, self.meta
@@ -150,14 +154,14 @@ class EngineStep:
             sync(trainer.device)
             nbytes = sum(v.numel() * v.element_size() for v in batch.values() if torch.is_tensor(v))
             self.h2d.append((time.perf_counter() - t_h2d, nbytes))
+        meta = trainer.with_noise(meta, self.step, 0)
         t_data = time.perf_counter()
-        loss, _ = engine(images, meta)
-        engine.backward(loss)
+        trainer.forward_backward(images, meta)
         sync(trainer.device)
         t_mid = time.perf_counter()
-        engine.step()
-        trainer.hooks.after_optimizer_step()  # EMA copies: the update is part of the step
+        trainer.optimizer_step()  # EMA copies included: the update is part of the step
         sync(trainer.device)
+        self.step += 1
         return time.perf_counter() - t, t_data - t, t_mid - t_data
 
 
@@ -199,9 +203,9 @@ def bench_step(args, presets: dict, extractor_overrides) -> dict | None:
         return bench_plain(args, cfg)
     trainer, eng = build_trainer(args, cfg, tmp)
     refresh = None
-    if trainer.method.uses_store(cfg):
-        # AMT's store: fill it so the timed steps mask *and throw*; time it on the way
-        refresh = {"seconds": trainer.hooks.refresh(1, 0), "images": len(trainer.source)}
+    primed = trainer.prime_method()  # AMT's store filled, so the timed steps mask *and throw*; timed on the way
+    if primed is not None:
+        refresh = {"seconds": primed, "images": len(trainer.source)}
     if args.data == "synthetic":
         loader, _ = build_loader(cfg.data, cfg.model.img_size, args.batch, trainer.rank, trainer.world, cfg.train.seed)
         images, meta = trainer.to_device(next(iter(loader)))
@@ -215,7 +219,7 @@ def bench_step(args, presets: dict, extractor_overrides) -> dict | None:
         step()
         if plain:
             plain()
-    trainer._update_plan_sizes()  # FLOPs of the plan the timed steps use
+    trainer.refresh_plan_flops()  # FLOPs of the plan the timed steps use
     times, waits, fwd_bwd, plain_times, plain_fb = [], [], [], [], []
     for _ in range(args.steps):
         total, wait, fb = step()
@@ -225,11 +229,9 @@ def bench_step(args, presets: dict, extractor_overrides) -> dict | None:
             plain_times.append(p_total), plain_fb.append(p_fb)
     step_s = statistics.median(times)
     img_s = args.batch / step_s
-    # Re-measure the peak right after the steps, on the same threads, and keep the higher of the
-    # two probes: a peak measured low (a noisy neighbour) would flatter the MFU.
-    peak = trainer.peak
-    if trainer.device.type == "cpu":
-        peak = max(peak, cpu_matmul_peak())
+    # Re-measured right after the steps, on the same threads (the higher of this and the
+    # Trainer's probe: see peak_flops).
+    peak, _ = peak_flops(trainer.device, at_least=trainer.peak)
     fwd_bwd_s = statistics.median(fwd_bwd)
     result = {
         "bench": "step",
@@ -301,8 +303,7 @@ def bench_plain(args, cfg) -> dict:
         times.append(total), fb.append(f)
     step_s, fwd_bwd_s = statistics.median(times), statistics.median(fb)
     peak, source = peak_flops(device)
-    if device.type == "cpu":
-        peak = max(peak, peak_flops(device)[0])
+    peak, _ = peak_flops(device, at_least=peak)  # a second probe after the steps: the higher of the two
     flops = plain.flops_per_img(cfg)
     img_s = args.batch / step_s
     return {

@@ -32,16 +32,17 @@ from pathlib import Path  # noqa: E402
 import safetensors.torch  # noqa: E402
 
 from mimscale import bench_step as step_bench  # noqa: E402
-from mimscale import dist, methods  # noqa: E402
-from mimscale.bench_decode import add_decode_parser, bench_decode  # noqa: E402
-from mimscale.bench_loader import add_parser, bench_loader  # noqa: E402
-from mimscale.config import ConfigError  # noqa: E402
+from mimscale import methods  # noqa: E402
+from mimscale.bench.decode import add_decode_parser, bench_decode  # noqa: E402
+from mimscale.bench.loader import add_parser, bench_loader  # noqa: E402
+from mimscale.checkpoint.reshard import DONE as UNIVERSAL_DONE  # noqa: E402
+from mimscale.checkpoint.reshard import convert  # noqa: E402
 from mimscale.data.loader import build_loader  # noqa: E402
-from mimscale.elastic import DONE as UNIVERSAL_DONE  # noqa: E402
-from mimscale.elastic import convert  # noqa: E402
+from mimscale.errors import ConfigError  # noqa: E402
 from mimscale.masking.automae import EXTRACTORS  # noqa: E402
 from mimscale.models.registry import ENCODERS  # noqa: E402
 from mimscale.models.vit import ViTEncoder  # noqa: E402
+from mimscale.runtime import dist  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 # The methods with a ViT-B preset, by the name bench takes (the registry's alias where it has one: mae)

@@ -17,26 +17,28 @@ from typing import Optional
 import deepspeed
 import torch
 
-from mimscale import dist, methods
-from mimscale.checkpoint import Checkpointer, TrackingState, TrainState
+from mimscale import methods
+from mimscale.checkpoint.checkpointer import Checkpointer, TrackingState, TrainState
+from mimscale.checkpoint.reshard import after_universal_load
 from mimscale.config import Config, to_dict
-from mimscale.console import Progress
 from mimscale.data.streams import StreamPosition, build_source, open_stream
 from mimscale.ds_config import EngineSettings
-from mimscale.elastic import after_universal_load
-from mimscale.errors import ConfigError, TrainingDiverged
-from mimscale.failfast import DataStallWatch
-from mimscale.health import CKAHealth
+from mimscale.errors import ConfigError
 from mimscale.hooks.base import LoopContext
 from mimscale.masking.base import MaskPlan
 from mimscale.masking.noise import SampleNoise
 from mimscale.masking.viz import save_plan_grid
-from mimscale.metrics import LogWindow, MetricsFile, RunMeter, model_flops_per_image, peak_flops
 from mimscale.optim import build_optimizer, build_scheduler, rebase_scheduler
-from mimscale.preempt import StopRequest
-from mimscale.tracking import Tracker, open_run
+from mimscale.runtime import dist
+from mimscale.runtime.failfast import DataStallWatch
+from mimscale.runtime.preempt import StopRequest
+from mimscale.tracking.console import Progress
+from mimscale.tracking.health import CKAHealth
+from mimscale.tracking.metrics import LogWindow, MetricsFile, RunMeter
+from mimscale.tracking.peak import peak_flops
+from mimscale.tracking.tracker import Tracker, open_run
 
-__all__ = ["Trainer", "TrainingDiverged"]
+__all__ = ["Trainer"]
 META_KEYS = ("box", "flip", "index")
 
 
@@ -110,7 +112,7 @@ class Trainer:
             # DeepSpeed's own compile wraps the module so ZeRO hooks stay outside the graphs.
             self.engine.compile(backend=t.compile_backend)
 
-        self.tracker = Tracker(False, self.out, "", "")
+        self.tracker = Tracker.disabled()
         self.peak, self.peak_source = peak_flops(self.device)
         self.meter = RunMeter(eng.global_batch, self.world, self.peak)
         ctx = LoopContext(cfg=cfg, engine=self.engine, micro_batch=eng.micro_batch, zero_stage=eng.zero_stage, source=self.source,
@@ -142,7 +144,7 @@ class Trainer:
         self.resume_changes = resume_changes or {}
         self.stopped: Optional[str] = None
 
-        self.flops_per_img = model_flops_per_image(cfg, *self.plan_sizes[:2])
+        self.flops_per_img = methods.flops(cfg, *self.plan_sizes[:2])
         self.metrics_file = MetricsFile(self.out / "metrics.jsonl")
         if dist.is_rank0():
             self._start_tracking(ds_args, ds_config_path)
@@ -156,27 +158,55 @@ class Trainer:
         derived = {"lr": self.lr, "total_steps": self.total_steps, "warmup_steps": self.warmup_steps, "world_size": self.world,
                    "global_batch": self.eng.global_batch, "micro_batch": self.eng.micro_batch, "grad_accum": self.eng.grad_accum}
         tags = {f"mimscale.resume_change.{k}": f"{old!r} -> {new!r}" for k, (old, new) in self.resume_changes.items()}
-        self.tracker = open_run(self.cfg, self.out, self.tracking.run_id, derived, self.eng.raw, getattr(ds_args, "config", None),
-                                ds_config_path, tags, data_source=self.source)
+        self.tracker = open_run(self.cfg, self.out, run_id=self.tracking.run_id, derived=derived, ds_raw=self.eng.raw,
+                                preset=getattr(ds_args, "config", None), ds_config=ds_config_path, tags=tags, data_source=self.source)
         self.tracking.run_id = self.tracker.run_id or self.tracking.run_id
         self.metrics_file.trim(self.state.step)
 
     # ------------------------------------------------------------------ one step
+    # The loop and ``python -m mimscale.bench step`` both train through these four calls:
+    # to_device -> with_noise -> forward_backward -> optimizer_step (micro_step = the last two).
     def to_device(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        """A loader batch on the device: images [B, 3, S, S] uint8 and the meta the model reads
+        (box, flip, index, and what the method's hooks add, e.g. AMT's attention maps)."""
         images = batch["image"].to(self.device, non_blocking=True)
         pairs = [*((k, batch[k]) for k in META_KEYS), *self.hooks.host_inputs(batch).items()]
         return images, {k: v.to(self.device, non_blocking=True) for k, v in pairs}
 
-    def micro_step(self, images: torch.Tensor, meta: dict) -> tuple[torch.Tensor, dict]:
-        """Forward, backward and engine.step() for one micro batch (the engine applies the
-        optimizer, clipping and LR step at accumulation boundaries)."""
+    def with_noise(self, meta: dict, step: int, micro: int) -> dict:
+        """``meta`` plus the masks' keyed noise of micro batch ``micro`` of optimizer step ``step``:
+        keyed by its place in the global batch (sampler.py's chunk order), so masks do not depend
+        on the world size."""
+        offset = (micro * self.world + self.rank) * self.eng.micro_batch
+        return {**meta, "noise": SampleNoise(self.cfg.train.seed, step, offset, self.eng.global_batch)}
+
+    def forward_backward(self, images: torch.Tensor, meta: dict) -> tuple[torch.Tensor, dict]:
+        """The model's forward and the engine's backward for one micro batch (under ZeRO the
+        backward includes the gradient reduction hooks). Returns (loss, loss terms) on the device."""
         loss, terms = self.engine(images, meta)
         self.engine.backward(loss)
+        return loss, terms
+
+    def optimizer_step(self) -> bool:
+        """The engine's step (optimizer, clipping, LR at accumulation boundaries) and, at a
+        boundary, the method's after-step hooks (EMA copies). Returns whether it was a boundary."""
         boundary = self.engine.is_gradient_accumulation_boundary()  # asked before step() advances the count
         self.engine.step()
         if boundary:
             self.hooks.after_optimizer_step()
+        return boundary
+
+    def micro_step(self, images: torch.Tensor, meta: dict) -> tuple[torch.Tensor, dict]:
+        """Forward, backward and the engine's step for one micro batch."""
+        loss, terms = self.forward_backward(images, meta)
+        self.optimizer_step()
         return loss, terms
+
+    def prime_method(self) -> Optional[float]:
+        """Bring the method's state to its steady form now (AMT: fill the attention store, so
+        steps mask *and throw*), for a benchmark that times steady steps; seconds spent, or None
+        for a method with nothing to prime."""
+        return self.hooks.prime()
 
     # ------------------------------------------------------------------ the loop
     def save(self) -> None:
@@ -226,10 +256,7 @@ class Trainer:
                 self.data.observe(batch)
                 win.add_batch(batch, wait)
                 images, meta = self.to_device(batch)
-                # masks keyed by this micro batch's place in the global batch (sampler.py's chunk order)
-                meta["noise"] = SampleNoise(cfg.train.seed, state.step, (micro * self.world + self.rank) * eng.micro_batch,
-                                            eng.global_batch)
-                win.add_micro(*self.micro_step(images, meta))
+                win.add_micro(*self.micro_step(images, self.with_noise(meta, state.step, micro)))
             state.step += 1
             state.samples_seen += eng.global_batch
             win.end_step()
@@ -259,7 +286,7 @@ class Trainer:
 
     def _log(self, win: LogWindow) -> None:
         """Close the log window (its one packed all-reduce), then rank-0 logging. Raises TrainingDiverged."""
-        self._update_plan_sizes()
+        self.refresh_plan_flops()
 
         def grad_norm() -> Optional[float]:
             g = self.engine.get_global_grad_norm()
@@ -296,7 +323,7 @@ class Trainer:
             self.progress.step(self.state.step, metrics, per_step * (self.total_steps - self.state.step), mem)
             self.metrics_file.append(self.state.step, metrics)
 
-    def _update_plan_sizes(self) -> None:
+    def refresh_plan_flops(self) -> None:
         """FLOPs per image follow the plan actually used (AMT switches from random masking to
         masking-and-throwing at its first refresh); shapes only, no device sync."""
         plan: Optional[MaskPlan] = self.engine.module.last_plan
@@ -305,7 +332,7 @@ class Trainer:
         sizes = (plan.visible.shape[1], plan.masked.shape[1], plan.thrown.shape[1])
         if sizes != self.plan_sizes:
             self.plan_sizes = sizes
-            self.flops_per_img = model_flops_per_image(self.cfg, *sizes[:2])
+            self.flops_per_img = methods.flops(self.cfg, *sizes[:2])
 
     def _log_mask_grid(self, images: torch.Tensor) -> None:
         """Rank 0: image | masker weights (if any) | plan, for the first samples of the last

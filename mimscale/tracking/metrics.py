@@ -3,8 +3,8 @@
 Inside a step there is no host sync: loss terms accumulate in a device tensor, non-finite losses
 are flagged on the device, and data wait and file counts are host numbers. On a log step the
 ranks meet in ONE packed all-reduce (terms, non-finite count, micro batches, data wait, skipped
-and converted files), after which every rank holds the same metrics. FLOPs per image come from
-the method's entry in the registry (mimscale/methods.py) at the plan sizes actually used.
+and converted files), after which every rank holds the same metrics. FLOPs per image are the
+method's (``mimscale.methods.flops``) at the plan sizes actually used, passed in by the Trainer.
 """
 from __future__ import annotations
 
@@ -18,17 +18,8 @@ from typing import Callable, Optional
 import deepspeed.comm as ds_comm
 import torch
 
-from mimscale import dist, methods
 from mimscale.errors import TrainingDiverged
-from mimscale.flops import GPU_PEAK_BF16, block_flops, cpu_matmul_peak, mim_flops_per_image, peak_flops
-
-__all__ = ["LogWindow", "MetricsFile", "RunMeter", "TrainingDiverged", "model_flops_per_image", "block_flops", "mim_flops_per_image",
-           "peak_flops", "cpu_matmul_peak", "GPU_PEAK_BF16"]
-
-
-def model_flops_per_image(cfg, visible: int, masked: int) -> float:
-    """Training FLOPs per image of ``cfg``'s method at plan sizes (visible, masked)."""
-    return methods.model_flops(cfg, visible, masked)
+from mimscale.runtime import dist
 
 
 @dataclass

@@ -27,12 +27,12 @@ import yaml
 
 import mimscale
 from mimscale import methods
+from mimscale.checkpoint.weights import EXPORT_CONFIG
 from mimscale.config import flatten, to_dict
 from mimscale.data.describe import DatasetRecord, describe
 from mimscale.export import export_checkpoint
 from mimscale.models.registry import ENCODERS
-from mimscale.ownership import job_id
-from mimscale.weights import EXPORT_CONFIG
+from mimscale.runtime.output_dir import job_id
 
 # System metrics: a sample every 15 s, logged as the mean of 4 samples: one point a minute per
 # metric (MLflow's default, every 10 s, adds ~9k points a day per metric to a weeks-long run's
@@ -50,7 +50,7 @@ OUTBOX_LIMIT = 200_000  # metrics kept for a retry during an outage; older ones 
 # The encoder's MLflow model: this file is its code, the export its artifact, the mimscale package
 # its code_paths (a self-contained model: it loads where mimscale is not installed, e.g. under
 # `mlflow models serve`), and these packages (at the installed versions) its requirements:
-# what mimscale.weights and the model file import. Named, not inferred: MLflow's inference loads
+# what mimscale.checkpoint.weights and the model file import. Named, not inferred: MLflow's inference loads
 # the model in a subprocess, which costs a ViT-H run's end minutes.
 ENCODER_MODEL_CODE = Path(__file__).with_name("mlflow_encoder.py")
 ENCODER_MODEL_NAME = "encoder"
@@ -65,8 +65,12 @@ def write_resolved_config(output_dir: str | Path, config: dict) -> Path:
 
 
 class Tracker:
-    def __init__(self, enabled: bool, output_dir: str | Path, experiment: str, run_name: str, run_id: Optional[str] = None,
-                 system_metrics: bool = False):
+    """Rank 0's MLflow run: params, tags, metrics (sent from one thread), artifacts, the encoder
+    model. Every call is a no-op on an inactive tracker (``Tracker.disabled()``, or MLflow failed
+    to start), so callers never ask whether tracking is on."""
+
+    def __init__(self, output_dir: str | Path, *, experiment: str, run_name: str, run_id: Optional[str] = None,
+                 system_metrics: bool = False, enabled: bool = True):
         self.active = False
         self.run_id: Optional[str] = None
         self.uri: Optional[str] = None
@@ -121,6 +125,11 @@ class Tracker:
         except Exception as e:  # tracking must never stop training
             self._fail("start", e)
 
+
+    @classmethod
+    def disabled(cls) -> "Tracker":
+        """A tracker that records nothing: ranks other than 0, and rank 0 before its run opens."""
+        return cls(".", experiment="", run_name="", enabled=False)
     def _fail(self, what: str, e: Exception) -> None:
         """A failed call. One transient error (a server restart, a proxy timeout) must not end
         tracking for a days-long run: the next calls try again, spaced by a back-off that doubles
@@ -370,7 +379,7 @@ def run_tags(cfg) -> dict[str, str]:
             "mimscale.git_commit": code_version(), "mimscale.job_id": job_id()}
 
 
-def open_run(cfg, output_dir: Path, run_id: Optional[str], derived: dict, ds_raw: dict, preset: Optional[str],
+def open_run(cfg, output_dir: Path, *, run_id: Optional[str], derived: dict, ds_raw: dict, preset: Optional[str],
              ds_config: Optional[str], tags: dict, data_source=None) -> "Tracker":
     """Rank 0's MLflow run for a training run (``run_id``: the one a resumed run continues), with
     its params (the flattened config, ``ds.*`` and ``derived.*``), ``run_tags`` and ``tags``, config files (the
@@ -378,8 +387,8 @@ def open_run(cfg, output_dir: Path, run_id: Optional[str], derived: dict, ds_raw
     and the preset as given) and the data as its training input (``data_source``: what
     ``streams.build_source(cfg.data)`` built; None: none logged)."""
     name = cfg.tracking.run_name or f"{cfg.preset or 'mimscale'}-{time.strftime('%Y%m%d-%H%M%S')}"
-    tracker = Tracker(cfg.tracking.enabled, output_dir, cfg.tracking.experiment, name, run_id,
-                      system_metrics=cfg.tracking.system_metrics)
+    tracker = Tracker(output_dir, experiment=cfg.tracking.experiment, run_name=name, run_id=run_id,
+                      system_metrics=cfg.tracking.system_metrics, enabled=cfg.tracking.enabled)
     params = flatten(to_dict(cfg))
     params.update(flatten(ds_raw, "ds."))
     params.update({f"derived.{k}": v for k, v in derived.items()})

@@ -13,11 +13,11 @@ from typing import Optional
 
 import torch
 
-from mimscale import dist
 from mimscale.data.eval_transform import CROP_PCT
 from mimscale.data.sources import FolderSource, SyntheticSource
 from mimscale.data.streams import open_full_pass
 from mimscale.eval.cka import health_check, pick_whole_images
+from mimscale.runtime import dist
 
 RATIOS = (0.25, 0.5, 0.75)
 

@@ -1,0 +1,67 @@
+"""What every method family file builds on: the ``Method`` entry, the encoder a config names, and
+the transformer arithmetic the families' FLOP models are made of.
+
+A family file (mae.py, amt.py, ...) imports this module and the parts it assembles (maskers,
+objectives, hooks, models), never the registry (``mimscale/methods/__init__.py``), which imports
+the families.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from torch import nn
+
+from mimscale.hooks.base import LoopHooks
+from mimscale.masking.base import Masker
+from mimscale.models.registry import ENCODERS, EncoderSpec
+
+
+@dataclass(frozen=True)
+class Method:
+    """One masking method. ``cfg`` is the run's Config; ``encoder`` a ViTEncoder.
+
+    masker(cfg, encoder) -> Masker             which patches are visible / masked / thrown
+    flops(cfg, visible, masked) -> float        training FLOPs per image at those plan sizes
+    objective(cfg, encoder, decoder) -> Module  a loss other than MAE's pixel loss (None: MAE's)
+    hooks(cfg, ctx) -> LoopHooks                what the method needs from the loop (None: nothing)
+    section: (name, dataclass)                  its keys under ``masking.<name>``
+    check(cfg, selected)                        raises ConfigError naming the key; runs for every
+                                                entry (so a preset's unused sections stay valid),
+                                                ``selected`` when this entry is the run's method
+    needs_decoder                               False: no pixel decoder is built (it would hold
+                                                parameters that never get a gradient)
+    uses_store(cfg)                             the masker reads AMT's attention maps (meta ``attn``)
+    preset                                      the ViT-B preset bench uses (None: not benchmarked)
+    alias                                       another name bench and the README use (random: mae)
+    """
+
+    name: str
+    masker: Callable[..., Masker]
+    flops: Callable[..., float]
+    objective: Optional[Callable[..., nn.Module]] = None
+    hooks: Optional[Callable[..., LoopHooks]] = None
+    section: Optional[tuple[str, type]] = None
+    check: Optional[Callable[..., None]] = None
+    needs_decoder: bool = True
+    uses_store: Callable[..., bool] = lambda cfg: False
+    preset: Optional[str] = None
+    alias: Optional[str] = None
+
+
+def encoder_spec(cfg) -> tuple[EncoderSpec, int]:
+    """(the encoder's spec, its patch size) for ``cfg.model``."""
+    spec = ENCODERS[cfg.model.name]
+    return spec, cfg.model.patch_size or spec.patch_size
+
+
+def block_flops(tokens: int, dim: int, mlp_ratio: float = 4.0) -> float:
+    """Forward FLOPs of one transformer block on ``tokens`` tokens (multiply-add = 2 FLOPs):
+    qkv 3ND^2 + proj ND^2 + MLP 2rND^2 MACs, plus QK^T and AV at N^2 D MACs each."""
+    n, d = tokens, dim
+    return 2.0 * n * d * d * (4 + 2 * mlp_ratio) + 4.0 * n * n * d
+
+
+def patch_embed_flops(img_size: int, patch: int, dim: int) -> float:
+    """Forward FLOPs of the patch embedding over all L patches (thrown ones included)."""
+    return 2.0 * (img_size // patch) ** 2 * patch * patch * 3 * dim
