@@ -53,7 +53,7 @@ test-fast: setup
 # rebuild take seconds. Skipped, saying so, when no Python 3.12 is found (PY312= names another).
 PY312 ?= python3.12
 PY312_VENV := .venv-py3.12
-PY312_TESTS := tests/unit/test_config.py tests/unit/test_imports.py tests/unit/test_methods.py tests/unit/test_setup.py
+PY312_TESTS := tests/unit/test_config.py tests/unit/test_imports.py tests/unit/methods/test_methods.py tests/unit/test_setup.py
 test-py312: setup
 	@py=$$(bash scripts/find_python.sh $(PY312) 2>/dev/null) || { \
 	  echo "make test-py312: skipped: no Python 3.12 found ($(PY312)); install one (pyenv install 3.12) or set PY312=/path/to/python3.12"; \

@@ -8,7 +8,7 @@
 - ``position_code``: the loss of a code built from positions alone (view 1: the sum of the
   position embeddings it does not see, which a linear predictor can form; view 2: of those it
   sees), at 16 patches / 16 images and at ViT-B scale (196 patches, 768-d, 256 images).
-tests/unit/test_cmae.py asserts the same functions' results.
+tests/unit/objectives/test_cmae.py asserts the same functions' results.
 """
 from __future__ import annotations
 

@@ -29,7 +29,7 @@
 # Stopping: SIGTERM, SIGINT or SIGUSR1 sent to this script (Kubernetes and `docker stop` signal only
 # the container's first process, which is this script) becomes one SIGUSR1 to every process the
 # launcher started: the ranks save a checkpoint at a step they all agree on and exit 143 (see
-# mimscale/preempt.py). The launcher's own processes start with all three signals ignored and so
+# mimscale/runtime/preempt.py). The launcher's own processes start with all three signals ignored and so
 # keep waiting for the ranks. Left alone, DeepSpeed's outer launcher has no handler for them (as a
 # container's first process it would drop the signal; elsewhere it would die of it, and Slurm would
 # end the step while the ranks still save), and its node launcher answers SIGTERM by SIGKILLing the

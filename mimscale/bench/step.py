@@ -1,4 +1,4 @@
-"""``python -m mimscale.bench step``: timed training steps of one method (see mimscale/bench.py).
+"""``python -m mimscale.bench step``: timed training steps of one method (the command: mimscale/bench/cli.py).
 
 The engine's step is timed on the same Trainer and DeepSpeed engine pretrain.py builds, on any
 world size (``torchrun --nproc_per_node N -m mimscale.bench step ...``: the micro batch is
@@ -13,6 +13,7 @@ and reports ``engine_over_plain`` = engine step / plain step (medians).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import resource
 import statistics
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import safetensors.torch
 import torch
 
 from mimscale import methods
@@ -30,13 +32,47 @@ from mimscale.data.streams import open_stream
 from mimscale.ds_config import load_ds_config
 from mimscale.errors import ConfigError
 from mimscale.hooks.amt_refresh import refresh_steps
+from mimscale.masking.automae import EXTRACTORS
+from mimscale.models.registry import ENCODERS
+from mimscale.models.vit import ViTEncoder
 from mimscale.optim import build_optimizer
 from mimscale.runtime import dist
 from mimscale.tracking.peak import peak_flops
 from mimscale.trainer import Trainer
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DATA_SOURCES = ("synthetic", "folder", "wds", "ffcv")
+# The methods with a ViT-B preset, by the name bench takes (the registry's alias where it has one: mae)
+PRESETS = {m.alias or m.name: m for m in methods.METHODS.values() if m.preset}
+
+
+def _extractor_section(method) -> str | None:
+    """The method's config section when it has an ``extractor`` key (what ``--extractor`` sets)."""
+    if method.section is None or "extractor" not in {f.name for f in dataclasses.fields(method.section[1])}:
+        return None
+    return method.section[0]
+
+
+def _extractor_overrides(args, section: str, tmp: Path) -> list[str]:
+    """The extractor to time; ``frozen`` gets a freshly initialized encoder saved as a timm-format
+    safetensors file (its cost is what is measured, not its weights)."""
+    sets = [f"masking.{section}.extractor={args.extractor}"]
+    if args.extractor == "frozen":
+        img = next((s.split("=", 1)[1] for s in args.set if s.startswith("model.img_size=")), "224")
+        patch = next((s.split("=", 1)[1] for s in args.set if s.startswith("model.patch_size=")), None)
+        enc = ViTEncoder(ENCODERS[args.model], img_size=int(img), patch_size=int(patch) if patch else None)
+        path = tmp / "extractor.safetensors"
+        safetensors.torch.save_file({k: v.contiguous() for k, v in enc.state_dict().items()}, str(path))
+        sets.append(f"masking.{section}.extractor_checkpoint={path}")
+    return sets
+
+
+def extractor_overrides(args, tmp: Path) -> tuple[list[str], str | None]:
+    """(overrides, section): what ``--extractor`` sets, for methods that have one."""
+    section = _extractor_section(PRESETS[args.method])
+    return (_extractor_overrides(args, section, tmp) if section else []), section
+
+
 
 
 def sync(device: torch.device) -> None:
@@ -58,7 +94,7 @@ def data_overrides(args) -> list[str]:
     return [f"data.source={args.data}", f"data.path={args.data_path}", f"data.num_workers={args.workers}"]
 
 
-def bench_config(args, presets: dict, extra: list[str], tmp: Path):
+def bench_config(args, extra: list[str], tmp: Path):
     """The preset's Config for the bench: global batch = ``--batch`` x world size, no tracking."""
     overrides = [
         f"model.name={args.model}",
@@ -75,7 +111,7 @@ def bench_config(args, presets: dict, extra: list[str], tmp: Path):
         *extra,
         *args.set,
     ]
-    return load_config(REPO / "mimscale" / "configs" / presets[args.method].preset, overrides)
+    return load_config(REPO / "mimscale" / "configs" / PRESETS[args.method].preset, overrides)
 
 
 def build_trainer(args, cfg, tmp: Path):
@@ -188,7 +224,7 @@ def _stats(times: list[float]) -> dict:
     return {"min": min(times), "median": statistics.median(times), "max": max(times)}
 
 
-def bench_step(args, presets: dict, extractor_overrides) -> dict | None:
+def bench_step(args) -> dict | None:
     """The step benchmark's JSON (rank 0; other ranks return None)."""
     if args.vs_plain and args.data != "synthetic":
         raise ConfigError("--vs-plain compares compute on one fixed batch: use it with --data synthetic")
@@ -198,7 +234,7 @@ def bench_step(args, presets: dict, extractor_overrides) -> dict | None:
     cuda = torch.cuda.is_available()
     tmp = Path(tempfile.mkdtemp(prefix="mimscale-bench-"))
     extra, extractor = extractor_overrides(args, tmp)
-    cfg = bench_config(args, presets, extra, tmp)
+    cfg = bench_config(args, extra, tmp)
     if args.no_deepspeed:
         return bench_plain(args, cfg)
     trainer, eng = build_trainer(args, cfg, tmp)
@@ -320,10 +356,10 @@ def bench_plain(args, cfg) -> dict:
     }
 
 
-def add_step_parser(sub, presets: dict, extractors) -> None:
+def add_step_parser(sub) -> None:
     s = sub.add_parser("step", help="time full training steps of one method")
-    s.add_argument("--method", default="mae", choices=sorted(presets))
-    s.add_argument("--extractor", default="online", choices=extractors,
+    s.add_argument("--method", default="mae", choices=sorted(PRESETS))
+    s.add_argument("--extractor", default="online", choices=EXTRACTORS,
                    help="methods with an extractor (automae): where the generator's attention maps come from")
     s.add_argument("--model", default="vit_base")
     s.add_argument("--batch", type=int, default=16, help="micro batch per rank")

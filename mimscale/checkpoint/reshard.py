@@ -94,7 +94,7 @@ def convert(tag_dir: Path, workers: int = 4) -> Path:
     # A process of its own: the converter forks worker processes, and forking a trainer (its
     # heartbeat, data-stall and OpenMP threads) leaves the children deadlocked on inherited locks.
     r = subprocess.run([sys.executable, "-m", "mimscale.checkpoint.reshard", str(tag_dir), str(tmp), "--workers", str(workers)],
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).resolve().parents[1])
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).resolve().parents[2])
     if r.returncode != 0:
         raise RuntimeError(f"converting {tag_dir} to a universal checkpoint failed (status {r.returncode}):\n{r.stdout[-4000:]}")
     _ready_for_any_stage(tmp)

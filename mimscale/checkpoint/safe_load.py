@@ -15,7 +15,7 @@ calls torch.load(weights_only=True) itself):
     replaced by a wrapper that forces ``weights_only=True`` with ``DEEPSPEED_GLOBALS`` allowed, and
     put back afterwards, on error too. The allowlist is exactly the non-torch classes DeepSpeed
     0.19.8 pickles into its model_states / optim_states files under ZeRO-1, 2 and 3 in fp32 and
-    bf16 (found by writing each and reading it back; tests/unit/test_safe_load.py does so for every
+    bf16 (found by writing each and reading it back; tests/unit/checkpoint/test_safe_load.py does so for every
     stage and precision): the loss scaler and the ZeRO stage enum (every optim_states file) and the
     fragment addresses of ZeRO-1/2's param_slice_mappings.
 

@@ -105,7 +105,7 @@ def _decode_jpeg(data: bytes, m: int, span, width: int, height: int, fast: bool)
     """Decode the JPEG at scale m/8, at least the pixels ``span`` (bx0, by0, bx1, by1) of that scale.
     Returns (array [h, w, 3] uint8, x, y): the decoded pixels and where array[0, 0] lies in the
     scaled image; (None, 0, 0) when it needs the PIL fallback. The region decoder and simplejpeg's
-    full decode give the same pixels (tests/unit/test_jpeg_region.py); ``fast``: libjpeg's fast
+    full decode give the same pixels (tests/unit/data/test_jpeg_region.py); ``fast``: libjpeg's fast
     integer IDCT instead of the accurate one."""
     if jpeg_region.available():
         return jpeg_region.decode_region(data, m, *span, fast=fast)

@@ -1,6 +1,6 @@
 """Partial JPEG decoding: only the rows and columns a crop needs (mimscale/data/_jpeg_region.c).
 
-The pixels equal those of a full decode at the same scale (tests/unit/test_jpeg_region.py), so
+The pixels equal those of a full decode at the same scale (tests/unit/data/test_jpeg_region.py), so
 crops do not depend on whether the extension is built; it only makes them cheaper (ImageNet
 JPEGs, RandomResizedCrop scale (0.2, 1): ~20% less decode time, python -m mimscale.bench decode).
 One difference on damaged files: the rows below a crop are never read, so corrupt entropy data

@@ -17,7 +17,7 @@ Why whole-image codes and independent masks: a token-wise loss (a query per posi
 positions as negatives) is solved by position embeddings alone, and so is a pair of complementary
 masks (T2 = not T1): one view's mask pattern names the other's. ``views='independent'`` (default)
 draws T2's mask on its own, so on images without content nothing identifies the pair and the loss
-stays at chance (tests/unit/test_cmae.py); ``'complementary'`` is Eq. 6 of the paper, kept for
+stays at chance (tests/unit/objectives/test_cmae.py); ``'complementary'`` is Eq. 6 of the paper, kept for
 comparison.
 """
 from __future__ import annotations

@@ -361,7 +361,7 @@ class Tracker:
 def code_version() -> str:
     """The code a run trains with: the git commit of this checkout ("-dirty" with uncommitted
     changes), else the image's MIMSCALE_VERSION (``make docker`` builds it in), else "unknown"."""
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
         if commit.returncode == 0 and commit.stdout.strip():

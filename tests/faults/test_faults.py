@@ -148,7 +148,7 @@ def test_rank0_raising_ends_every_rank_within_a_minute(ds, tmp_path):
     assert f"rank {victim} raised RuntimeError: injected fault" in run.log()
 
 
-@pytest.mark.slow  # make test-all; ownership and changed-config checks: tests/unit/test_ownership.py, test_config.py
+@pytest.mark.slow  # make test-all; ownership and changed-config checks: tests/unit/runtime/test_output_dir.py, test_config.py
 def test_second_job_on_a_live_output_dir_and_a_changed_config_exit_2(tmp_path):
     """One process each (they stop before any process group exists)."""
     out = tmp_path / "run"

@@ -52,7 +52,7 @@ def zero3(tmp_path_factory):
 
 # The three ZeRO-3 launches of the fixture (~130 s) run in make test-all. make test keeps AMT's
 # ZeRO-1/3 training with refreshes (tests/golden, exact), the ZeRO-3 attention pass (below) and the
-# store and refresh units (tests/unit/test_amt.py).
+# store and refresh units (tests/unit/masking/test_amt.py).
 @pytest.mark.slow
 def test_refreshes_cover_every_sample_once_and_switch_to_throwing(zero3):
     s = summary(zero3["ref"])

@@ -7,7 +7,7 @@ import sys
 import pytest
 from PIL import Image
 
-from mimscale import bench
+from mimscale.bench import cli as bench
 from tests.integration.launch import REPO, env
 
 TINY = ["--model", "vit_tiny", "--batch", "2", "--steps", "1", "--warmup", "1", "--threads", "1",
@@ -54,8 +54,8 @@ def test_bench_step_amt_masks_and_throws(extra):
         assert d["refresh_pct_of_run"] == pytest.approx(d["refresh_pct_of_epoch"] * 9 / 400)
 
 
-@pytest.mark.slow  # make test-all; the frozen extractor's loading is tests/unit/test_automae.py's and test_weights.py's
-@pytest.mark.parametrize("extractor", ["frozen"])  # stored, online, ema: tests/unit/test_automae.py
+@pytest.mark.slow  # make test-all; the frozen extractor's loading is tests/unit/masking/test_automae.py's and test_weights.py's
+@pytest.mark.parametrize("extractor", ["frozen"])  # stored, online, ema: tests/unit/masking/test_automae.py
 def test_bench_step_automae_extractors(extractor):
     d = bench_step("--method", "automae", "--extractor", extractor)
     assert d["method"] == "automae" and d["extractor"] == extractor and d["step_s"] > 0

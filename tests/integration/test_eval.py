@@ -12,7 +12,7 @@ import torch
 
 from mimscale.eval.__main__ import main
 from tests.integration.launch import free_port, run_group
-from tests.unit.test_eval import RANDOM, write_folder
+from tests.unit.eval.test_eval import RANDOM, write_folder
 
 
 def _entries(cache: Path, split: str) -> dict[str, dict]:

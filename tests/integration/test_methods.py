@@ -11,7 +11,7 @@ from mimscale.methods.simmim import simmim_flops_per_image
 from tests.integration.launch import run, summary, write_ds_config
 
 
-@pytest.mark.slow  # make test-all; every registry entry builds and trains a step in tests/unit/test_methods.py
+@pytest.mark.slow  # make test-all; every registry entry builds and trains a step in tests/unit/methods/test_methods.py
 def test_blockwise_trains_through_pretrain(tmp_path):
     ds = write_ds_config(tmp_path / "z1.json", 1, micro=8, accum=1)
     out = tmp_path / "run"
@@ -25,7 +25,7 @@ def test_blockwise_trains_through_pretrain(tmp_path):
     assert sum(losses[-3:]) / 3 < 0.9 * sum(losses[:2]) / 2, losses
 
 
-@pytest.mark.slow  # make test-all; SimMIM and AMT-SimMIM step through the registry in tests/unit/test_methods.py and test_simmim.py
+@pytest.mark.slow  # make test-all; SimMIM and AMT-SimMIM step through the registry in tests/unit/methods/test_methods.py and test_simmim.py
 def test_amt_simmim_trains_through_pretrain_refreshing_on_the_unit_grid(tmp_path):
     """One launch for both SimMIM methods: amt_simmim is plain SimMIM (random 16-px units, mask
     tokens, linear head, L1) until its refresh at step 2, then AMT's plan on the 2 x 2 unit grid

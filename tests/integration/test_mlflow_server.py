@@ -30,7 +30,7 @@ from mimscale.eval.__main__ import main as eval_main
 from mimscale.export import write_export
 from mimscale.tracking import tracker as tracking
 from tests.conftest import tiny_config
-from tests.unit.test_eval import write_folder
+from tests.unit.eval.test_eval import write_folder
 
 MODEL = {"name": "vit_tiny", "img_size": 32, "patch_size": 8}  # 16 patches
 STEP = 3  # the checkpoint step the export names

@@ -4,7 +4,7 @@ import math
 import torch
 
 from mimscale.optim import build_scheduler, lr_factor, param_groups
-from tests.unit.test_model import small_model
+from tests.unit.models.test_model import small_model
 
 
 def test_param_groups_no_decay_on_bias_norm_tokens():

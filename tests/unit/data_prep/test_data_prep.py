@@ -23,9 +23,9 @@ from data_prep.manifest import sha256_file
 from data_prep.wds import OptionsMismatch, sample_order, write_shards
 from mimscale.data.imagenet import list_split
 from mimscale.data.sources import FolderSource
-from tests.unit.test_data_imagenet import flat_val, write_kaggle_csv
+from tests.unit.data.test_imagenet import flat_val, write_kaggle_csv
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 SAMPLE = REPO.parent / "shared" / "data" / "imagenet-sample"
 needs_sample = pytest.mark.skipif(not (SAMPLE / "train").is_dir(), reason=f"{SAMPLE} not present")
 

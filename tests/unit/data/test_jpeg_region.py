@@ -15,7 +15,7 @@ from mimscale.data import crop as crop_mod
 from mimscale.data import jpeg_region
 from mimscale.data.crop import crop_bytes, sample_box
 
-SAMPLE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "imagenet-sample" / "train"
+SAMPLE = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "imagenet-sample" / "train"
 
 
 def _real(n: int) -> list[bytes]:

@@ -9,7 +9,7 @@ Genuine checkpoints are written by real DeepSpeed engines (a world of one, in a 
 process stays without a process group) for ZeRO-1, 2 and 3 in fp32 and bf16: each is consolidated
 here through zero_to_fp32 under the allowlist, and resumed in the subprocess into a fresh engine
 whose next steps must match the original's exactly. Run this file as a module
-(``python -m tests.unit.test_safe_load OUT``) to write them.
+(``python -m tests.unit.checkpoint.test_safe_load OUT``) to write them.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import torch
 from mimscale.checkpoint import safe_load, weights
 from mimscale.runtime import dist
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 TAGS = [f"zero{stage}_{dtype}" for dtype in ("fp32", "bf16") for stage in (1, 2, 3)]
 OPTIM = "zero_pp_rank_0_mp_rank_00_optim_states.pt"  # bf16_ in front under bf16
 
@@ -113,7 +113,7 @@ def genuine(tmp_path_factory):
     out = tmp_path_factory.mktemp("ds")
     e = {**env(), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
          "MASTER_PORT": str(free_port())}
-    r = subprocess.run([sys.executable, "-m", "tests.unit.test_safe_load", str(out)], cwd=REPO, env=e,
+    r = subprocess.run([sys.executable, "-m", "tests.unit.checkpoint.test_safe_load", str(out)], cwd=REPO, env=e,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     return out, json.loads((out / "results.json").read_text())

@@ -37,7 +37,7 @@ from mimscale.eval.knn import knn_classify
 from mimscale.eval.probe import RECIPES, linear_probe, probe_head, resolve_recipe
 from mimscale.optim import build_lars
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 RANDOM = "random:vit_tiny:32:8"  # 16 patches: a fraction of a second per batch on a CPU core
 
 

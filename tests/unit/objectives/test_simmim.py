@@ -256,7 +256,7 @@ def test_other_methods_ignore_the_unit_size():
 
 
 def test_presets_are_the_papers_recipes():
-    configs = Path(__file__).resolve().parents[2] / "mimscale" / "configs"
+    configs = Path(__file__).resolve().parents[3] / "mimscale" / "configs"
     s = load_config(configs / "simmim_vit_base.yaml")
     assert (s.masking.method, s.masking.mask_ratio, s.masking.simmim.mask_patch_size) == ("simmim", 0.6, 32)
     assert (s.train.epochs, s.train.warmup_epochs, s.train.beta2, s.train.weight_decay) == (800, 10, 0.999, 0.05)

@@ -17,7 +17,7 @@ from mimscale.models.registry import ENCODERS
 from mimscale.models.vit import ViTEncoder, cls_attention_map
 from tests.conftest import tiny_model
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def timm_cls_rows(net, images: torch.Tensor) -> torch.Tensor:

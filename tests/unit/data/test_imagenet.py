@@ -12,7 +12,7 @@ import pytest
 from mimscale.data.imagenet import IMAGE_EXTS, LayoutError, list_folder, list_split, read_synsets
 from mimscale.data.sources import FolderSource
 
-SAMPLE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "imagenet-sample"
+SAMPLE = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "imagenet-sample"
 needs_sample = pytest.mark.skipif(not (SAMPLE / "train").is_dir(), reason=f"{SAMPLE} not present")
 
 

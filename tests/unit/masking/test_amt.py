@@ -105,7 +105,7 @@ def test_bad_amt_config_names_the_key(key, value, needle):
 def test_presets_load_and_match_the_paper():
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[2] / "mimscale" / "configs"
+    root = Path(__file__).resolve().parents[3] / "mimscale" / "configs"
     base = load_config(root / "amt_vit_base.yaml")
     a = base.masking.amt
     assert (base.masking.method, a.mask_ratio, a.throw_ratio, a.first_refresh, a.refresh_every) == ("amt", 0.45, 0.40, "40", "40")
@@ -155,7 +155,7 @@ def test_synthetic_full_pass_two_ranks_sees_each_whole_image_once():
 def test_wds_full_pass_two_ranks_sees_each_sample_once(tmp_path):
     from data_prep.wds import write_shards
     from mimscale.data.streams import build_source
-    from tests.unit.test_data_crop import _gradient
+    from tests.unit.data.test_crop import _gradient
 
     for i in range(19):
         d = tmp_path / "src" / "train" / f"n0{i % 2}"

@@ -13,7 +13,7 @@ from data_prep.wds import write_shards
 from mimscale.config import DataConfig
 from mimscale.data.streams import StreamPosition, build_source, open_stream
 from mimscale.data.wds_loader import ShardIndex, build_wds_loader, read_shards
-from tests.unit.test_data_crop import _expected_gradient_crop, _gradient
+from tests.unit.data.test_crop import _expected_gradient_crop, _gradient
 
 N = 45  # samples: shards of 7 leave a short last shard
 SIZE = 16

@@ -194,7 +194,7 @@ def test_dataset_records_name_digest_source_and_counts(tmp_path):
     from mimscale.data.describe import describe
     from mimscale.data.imagenet import list_split
     from mimscale.data.sources import FfcvFile, FolderSource, SyntheticSource
-    from tests.unit.test_eval import write_folder
+    from tests.unit.eval.test_eval import write_folder
 
     shards = tmp_path / "shards"
     shards.mkdir()

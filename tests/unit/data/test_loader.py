@@ -14,7 +14,7 @@ from mimscale.config import DataConfig
 from mimscale.data.loader import CropDataset, build_loader, collate
 from mimscale.data.sampler import ShardedBatchSampler
 from mimscale.data.sources import FolderSource, SyntheticSource
-from tests.unit.test_data_crop import _encode, _real_gray, _real_jpegs
+from tests.unit.data.test_crop import _encode, _real_gray, _real_jpegs
 
 # ----------------------------------------------------------------------------------------------
 # CropDataset: determinism and bad files

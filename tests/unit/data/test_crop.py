@@ -14,7 +14,7 @@ import mimscale.data.crop as crop_mod
 from mimscale.data.crop import RATIO, UnreadableImage, crop_array, crop_bytes, sample_box
 from mimscale.data.eval_transform import center_crop, center_offset, resize_size, resized_shape
 
-SAMPLE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "imagenet-sample" / "train"
+SAMPLE = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "imagenet-sample" / "train"
 GRAY_REAL = "n02096051/n02096051_Airedale.JPEG"  # a real grayscale ("L") ImageNet JPEG
 
 
