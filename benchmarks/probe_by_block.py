@@ -28,7 +28,7 @@ def block_features(encoder, split, batch: int = 256) -> tuple[torch.Tensor, torc
     from mimscale.data.streams import open_full_pass
 
     feats, labels = [], []
-    for b in open_full_pass(split.cfg, split.source, encoder.img_size, batch, 0, 1, 0, crop_pct=CROP_PCT):
+    for b in open_full_pass(split.cfg, split.source, img_size=encoder.img_size, batch_size=batch, rank=0, world_size=1, seed=0, crop_pct=CROP_PCT):
         if len(b["image"]) == 0:
             continue
         outs, _ = walk_blocks(encoder, normalize_uint8(b["image"]), reduce=lambda t: t[:, 1:].mean(dim=1))

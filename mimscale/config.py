@@ -39,11 +39,15 @@ class ModelConfig:
     decoder_depth: int = 8
     decoder_heads: int = 16
     norm_pix_loss: bool = True
+    # Activation checkpointing of encoder and decoder blocks (non-reentrant; training passes with grad only):
+    # 0 off; k >= 1: blocks with index % k == 0 keep only their input and are recomputed in the backward
+    # (1: every block). Same losses and gradients; less activation memory for one more forward of those blocks
+    grad_ckpt: int = 0
 
 
 # masking.<section> for each method that has one: the sections come from the method registry.
 MaskingConfig = dataclasses.make_dataclass("MaskingConfig", [
-    ("method", MethodName, field(default="random")),  # one of the registry's names (mimscale/methods.py)
+    ("method", MethodName, field(default="random")),  # one of the registry's names (mimscale/methods/)
     # random masking, AMT's before its first refresh, AutoMAE's, block-wise; R-MAE / C-MAE: the
     # share of the patches in the second view (the first view keeps the rest)
     ("mask_ratio", float, field(default=0.75)),
@@ -101,6 +105,14 @@ class TrainConfig:
 
 
 @dataclass
+class DistConfig:
+    # How long a collective may wait for the slowest rank before the process group fails (then
+    # every rank exits and the job restarts from its last checkpoint). Long enough for the
+    # slowest legitimate wait: rank 0's checkpoint write, an AMT refresh, a first torch.compile.
+    timeout_minutes: float = 30.0
+
+
+@dataclass
 class TrackingConfig:
     enabled: bool = True
     experiment: str = "mimscale"
@@ -129,6 +141,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     preset: str = ""  # file name of the YAML the config came from (set by the loader)
 
 
@@ -253,9 +266,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'data.hflip' = {cfg.data.hflip} must be in [0, 1]")
     if cfg.data.source == "folder" and not cfg.data.path:
         raise ConfigError("config key 'data.path' must name a folder when data.source is 'folder'")
+    if cfg.dist.timeout_minutes <= 0:
+        raise ConfigError(f"config key 'dist.timeout_minutes' = {cfg.dist.timeout_minutes} must be > 0")
     for key in ("train.beta1", "train.beta2"):
         if not 0.0 <= get_key(cfg, key) < 1.0:
             raise ConfigError(f"config key '{key}' = {get_key(cfg, key)} must be in [0, 1)")
+    if cfg.model.grad_ckpt < 0:
+        raise ConfigError(f"config key 'model.grad_ckpt' = {cfg.model.grad_ckpt} must be >= 0 (0: off, k: every k-th block)")
     if cfg.model.decoder_dim % 4:
         raise ConfigError(f"config key 'model.decoder_dim' = {cfg.model.decoder_dim} must be divisible by 4 (2-D sin-cos position embedding)")
     if cfg.train.compile:
@@ -337,7 +354,7 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 # tracking, and where things are; anything else changes what is trained (a key ending in "." is a
 # whole section).
 RESUMABLE_CHANGES = ("train.steps", "train.epochs", "train.stop_after", "train.log_every", "train.ckpt_every", "train.micro_batch",
-                     "train.keep_checkpoints", "train.threads", "data.num_workers", "data.jpeg_idct", "tracking.", "output_dir", "resume",
+                     "train.keep_checkpoints", "train.threads", "data.num_workers", "data.jpeg_idct", "tracking.", "dist.", "output_dir", "resume",
                      "resume_changes", "preset")
 
 

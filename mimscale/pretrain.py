@@ -134,7 +134,7 @@ def universal_for(resume_from: Path, eng) -> Path:
 
 
 def train(cfg: Config, args, eng, stop: StopRequest, resume_from, changes: dict, elastic_note: Optional[str] = None) -> int:
-    dist.init_distributed()
+    dist.init_distributed(cfg.dist.timeout_minutes)
     watch = FailFast.start()  # a rank that raises or dies ends every rank within a minute
     universal = None
     if elastic_note:

@@ -225,7 +225,8 @@ class Trainer:
         # Position in the data stream from samples seen: global batches done, each this rank's
         # `accumulation` micro batches (a resume on another world size continues at the same sample).
         start = state.samples_seen // eng.global_batch * eng.grad_accum
-        loader = open_stream(cfg.data, self.source, cfg.model.img_size, eng.micro_batch, self.rank, self.world, cfg.train.seed,
+        loader = open_stream(cfg.data, self.source, img_size=cfg.model.img_size, micro_batch=eng.micro_batch,
+                             rank=self.rank, world_size=self.world, seed=cfg.train.seed,
                              start_micro_batch=start, position=self.data, pin_memory=self.device.type == "cuda",
                              accumulation=eng.grad_accum)
         it = iter(loader)

@@ -25,7 +25,7 @@ def bench_convert(args) -> dict:
     extra, _ = extractor_overrides(args, tmp)
     cfg = bench_config(args, extra, tmp)
     trainer, eng = build_trainer(args, cfg, tmp)
-    loader, _ = build_loader(cfg.data, cfg.model.img_size, args.batch, 0, 1, cfg.train.seed)
+    loader, _ = build_loader(cfg.data, img_size=cfg.model.img_size, micro_batch=args.batch, rank=0, world_size=1, seed=cfg.train.seed)
     trainer.micro_step(*trainer.to_device(next(iter(loader))))
     t = time.perf_counter()
     tag = trainer.checkpointer.save(1)

@@ -44,7 +44,7 @@ def pil_reference(path: str, size: int, batch: int, workers: int):
 def mimscale_loader(source: str, path: str, size: int, batch: int, workers: int, shuffle_buffer: int):
     cfg = DataConfig(source=source, path=path, num_workers=workers, shuffle_buffer=shuffle_buffer)
     src = build_source(cfg)
-    return open_stream(cfg, src, size, batch, rank=0, world_size=1, seed=0)
+    return open_stream(cfg, src, img_size=size, micro_batch=batch, rank=0, world_size=1, seed=0)
 
 
 def bench_loader(args) -> dict:

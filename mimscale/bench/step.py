@@ -124,7 +124,7 @@ def build_trainer(args, cfg, tmp: Path):
     ds_path = tmp / f"ds_config-rank{dist.rank()}.json"  # one writer per file
     ds_path.write_text(json.dumps(ds))
     eng = load_ds_config(ds_path, dist.world_size(), cfg.train.global_batch)
-    dist.init_distributed()
+    dist.init_distributed(cfg.dist.timeout_minutes)
     trainer = Trainer(cfg, SimpleNamespace(deepspeed_config=str(ds_path), local_rank=dist.local_rank(), deepspeed=True), eng)
     return trainer, eng
 
@@ -243,11 +243,13 @@ def bench_step(args) -> dict | None:
     if primed is not None:
         refresh = {"seconds": primed, "images": len(trainer.source)}
     if args.data == "synthetic":
-        loader, _ = build_loader(cfg.data, cfg.model.img_size, args.batch, trainer.rank, trainer.world, cfg.train.seed)
+        loader, _ = build_loader(cfg.data, img_size=cfg.model.img_size, micro_batch=args.batch,
+                                 rank=trainer.rank, world_size=trainer.world, seed=cfg.train.seed)
         images, meta = trainer.to_device(next(iter(loader)))
         step = EngineStep(trainer, images, meta)
     else:
-        stream = open_stream(cfg.data, trainer.source, cfg.model.img_size, args.batch, trainer.rank, trainer.world, cfg.train.seed,
+        stream = open_stream(cfg.data, trainer.source, img_size=cfg.model.img_size, micro_batch=args.batch,
+                             rank=trainer.rank, world_size=trainer.world, seed=cfg.train.seed,
                              pin_memory=cuda)
         step = EngineStep(trainer, stream=stream)
     plain = PlainStep(cfg, trainer.device, step.images, step.meta) if args.vs_plain else None
@@ -326,7 +328,7 @@ def bench_plain(args, cfg) -> dict:
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     threads = dist.set_threads(args.threads)
     dist.seed_all(cfg.train.seed)
-    loader, _ = build_loader(cfg.data, cfg.model.img_size, args.batch, 0, 1, cfg.train.seed)
+    loader, _ = build_loader(cfg.data, img_size=cfg.model.img_size, micro_batch=args.batch, rank=0, world_size=1, seed=cfg.train.seed)
     batch = next(iter(loader))
     images = batch["image"].to(device)
     meta = {k: batch[k].to(device) for k in ("box", "flip", "index")}

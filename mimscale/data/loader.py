@@ -104,7 +104,7 @@ def collate(samples: list[dict]) -> dict:
     }
 
 
-def build_loader(data_cfg, img_size: int, micro_batch: int, rank: int, world_size: int, seed: int, start_micro_batch: int = 0,
+def build_loader(data_cfg, *, img_size: int, micro_batch: int, rank: int, world_size: int, seed: int, start_micro_batch: int = 0,
                  pin_memory: bool = False, source=None, accumulation: int = 1):
     """(DataLoader, sampler) for this rank, positioned at micro-batch ``start_micro_batch``, over a
     folder or synthetic source; micro batches dealt from global batches of micro x accumulation x

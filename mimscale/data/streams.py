@@ -87,7 +87,7 @@ def build_source(data_cfg, seed: int = 0):
     raise ValueError(f"data.source {data_cfg.source!r}: allowed values: {', '.join(SOURCES)}")
 
 
-def open_stream(data_cfg, source, img_size: int, micro_batch: int, rank: int, world_size: int, seed: int,
+def open_stream(data_cfg, source, *, img_size: int, micro_batch: int, rank: int, world_size: int, seed: int,
                 start_micro_batch: int = 0, position: Optional[StreamPosition] = None, pin_memory: bool = False,
                 accumulation: int = 1) -> Iterable[dict]:
     """This rank's endless training stream of micro batches, starting after ``start_micro_batch``
@@ -109,12 +109,13 @@ def open_stream(data_cfg, source, img_size: int, micro_batch: int, rank: int, wo
                                       scale=(data_cfg.scale_min, data_cfg.scale_max), hflip=data_cfg.hflip,
                                       num_workers=max(1, data_cfg.num_workers), mode="train", accumulation=accumulation,
                                       fast_idct=data_cfg.jpeg_idct == "fast")
-    loader, _ = build_loader(data_cfg, img_size, micro_batch, rank, world_size, seed, start_micro_batch, pin_memory, source,
-                             accumulation)
+    loader, _ = build_loader(data_cfg, img_size=img_size, micro_batch=micro_batch,
+                             rank=rank, world_size=world_size, seed=seed, start_micro_batch=start_micro_batch, pin_memory=pin_memory, source=source,
+                             accumulation=accumulation)
     return loader
 
 
-def open_full_pass(data_cfg, source, img_size: int, batch_size: int, rank: int, world_size: int, seed: int = 0,
+def open_full_pass(data_cfg, source, *, img_size: int, batch_size: int, rank: int, world_size: int, seed: int = 0,
                    crop_pct: Optional[float] = None) -> Iterable[dict]:
     """This rank's share of one full pass (batches and shares: see ``mimscale.data.full_pass``).
     ``crop_pct`` None: whole images resized to S x S (AMT's refresh); a float: the evaluation

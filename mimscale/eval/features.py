@@ -237,7 +237,8 @@ def extract_share(encoder, split: SplitData, img_size: int, batch: int = 128, ra
     dtype = encoder.patch_embed.proj.weight.dtype
     out = {"index": [], "label": [], **{p: [] for p in pools}}
     skipped = 0
-    for b in open_full_pass(split.cfg, split.source, img_size, batch, rank, world, seed, crop_pct=check_crop_pct(crop_pct)):
+    for b in open_full_pass(split.cfg, split.source, img_size=img_size, batch_size=batch,
+                            rank=rank, world_size=world, seed=seed, crop_pct=check_crop_pct(crop_pct)):
         skipped += int(b.get("skipped", 0))
         if not len(b["index"]):
             continue

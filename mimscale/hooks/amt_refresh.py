@@ -132,7 +132,8 @@ class AMTRefresh(LoopHooks):
         lockstep = t.zero_stage == 3
         batch_size = cfg.refresh_batch or 4 * t.micro_batch
         mode = NORMALIZE_MODES[cfg.normalize]  # which order of head average and min-max (models/vit.py)
-        loader = open_full_pass(t.cfg.data, t.source, t.cfg.model.img_size, batch_size, t.rank, t.world, t.cfg.train.seed)
+        loader = open_full_pass(t.cfg.data, t.source, img_size=t.cfg.model.img_size, batch_size=batch_size,
+                                rank=t.rank, world_size=t.world, seed=t.cfg.train.seed)
         it, done = iter(loader), False
         written = skipped = 0
         first = -1

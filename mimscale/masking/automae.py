@@ -36,7 +36,7 @@ EXTRACTORS = ("online", "ema", "frozen", "stored")
 
 
 class AutoMAEMasking(Masker):
-    def __init__(self, encoder: nn.Module, mask_ratio: float = 0.75, throw_ratio: float = 0.0, lam: float = 0.2,
+    def __init__(self, encoder: nn.Module, *, mask_ratio: float = 0.75, throw_ratio: float = 0.0, lam: float = 0.2,
                  extractor: str = "online", frozen: Optional[FrozenExtractor] = None, attention: str = "raw"):
         super().__init__()
         if extractor not in EXTRACTORS:

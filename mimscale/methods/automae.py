@@ -73,7 +73,7 @@ def frozen_extractor_for(cfg, encoder) -> nn.Module:
 def automae_masker(cfg, encoder) -> Masker:
     m, a = cfg.masking, cfg.masking.automae
     frozen = frozen_extractor_for(cfg, encoder) if a.extractor == "frozen" else None
-    return AutoMAEMasking(encoder, m.mask_ratio, a.throw_ratio, a.lam, a.extractor, frozen, a.attention)
+    return AutoMAEMasking(encoder, mask_ratio=m.mask_ratio, throw_ratio=a.throw_ratio, lam=a.lam, extractor=a.extractor, frozen=frozen, attention=a.attention)
 
 
 def automae_hooks(cfg, ctx: LoopContext) -> Optional[LoopHooks]:

@@ -5,6 +5,7 @@ import os
 import random
 import socket
 import sys
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -53,8 +54,9 @@ def set_threads(threads: int) -> int:
     return threads
 
 
-def init_distributed() -> None:
-    """Initialize DeepSpeed's process group (nccl on GPUs, gloo on CPU)."""
+def init_distributed(timeout_minutes: float = 30.0) -> None:
+    """Initialize DeepSpeed's process group (nccl on GPUs, gloo on CPU); a collective that waits
+    longer than ``timeout_minutes`` for a rank fails (config key dist.timeout_minutes)."""
     import deepspeed
 
     ensure_env()
@@ -64,7 +66,7 @@ def init_distributed() -> None:
     here = os.path.dirname(sys.executable)
     if os.path.isfile(os.path.join(here, "ninja")) and not os.environ.get("PATH", "").startswith(here + os.pathsep):
         os.environ["PATH"] = here + os.pathsep + os.environ.get("PATH", "")
-    deepspeed.init_distributed()
+    deepspeed.init_distributed(timeout=timedelta(minutes=timeout_minutes))
     _unlink_shm_workspace()
 
 

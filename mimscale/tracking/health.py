@@ -28,7 +28,7 @@ def fixed_images(data_cfg, source, img_size: int, count: int, seed: int) -> torc
     indexable source (synthetic, folder), else the first batch of a single-rank full pass (wds, ffcv)."""
     if isinstance(source, (SyntheticSource, FolderSource)):
         return pick_whole_images(source, img_size, count, seed, CROP_PCT)
-    images = next(iter(open_full_pass(data_cfg, source, img_size, count, 0, 1, seed, crop_pct=CROP_PCT)))["image"]
+    images = next(iter(open_full_pass(data_cfg, source, img_size=img_size, batch_size=count, rank=0, world_size=1, seed=seed, crop_pct=CROP_PCT)))["image"]
     if len(images) < 2:
         raise ValueError(f"CKA needs at least 2 images, the first whole-image batch has {len(images)}")
     return images

@@ -588,7 +588,8 @@ FAKE_SRUN = """#!{python}
 import json, os, signal, sys, time
 out = os.environ["FAKE_OUT"]
 keys = ("NNODES", "MASTER_ADDR", "MASTER_PORT", "MIMSCALE_OUTPUT_DIR", "NCCL_DEBUG", "PATH", "MLFLOW_TRACKING_URI")
-json.dump(dict(argv=sys.argv[1:], env={{k: os.environ.get(k) for k in keys}}), open(os.path.join(out, "srun.json"), "w"))
+nccl = {{k: v for k, v in os.environ.items() if k.startswith(("NCCL_", "TORCH_NCCL_"))}}
+json.dump(dict(argv=sys.argv[1:], env={{k: os.environ.get(k) for k in keys}}, nccl=nccl), open(os.path.join(out, "srun.json"), "w"))
 got = []
 signal.signal(signal.SIGUSR1, lambda n, f: got.append(n))
 open(os.path.join(out, "srun.pid"), "w").write(str(os.getpid()))
@@ -707,3 +708,31 @@ def test_sbatch_rejects_an_unknown_runtime(slurm):
     r = subprocess.run(["bash", str(SBATCH)], env={**env, "RUNTIME": "docker"}, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "pyxis, apptainer, bare" in r.stderr
     assert not (out / "srun.json").exists()
+
+
+# ---------------------------------------------------------------------------------------- multi-node NCCL
+
+def test_sbatch_exports_the_nccl_settings_it_is_given_and_no_empty_ones(slurm):
+    """Async NCCL error handling is on; the InfiniBand/RoCE placeholders reach the ranks when set at
+    submission, and an unset one is not exported as an empty value (NCCL would read it)."""
+    env, out = slurm
+    r = subprocess.run(["bash", str(SBATCH)], env={**env, "RUNTIME": "bare", "NCCL_IB_HCA": "mlx5_0,mlx5_1", "NCCL_IB_GID_INDEX": ""},
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    got = srun_record(out)["nccl"]
+    assert got["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1" and got["NCCL_IB_HCA"] == "mlx5_0,mlx5_1"
+    assert "NCCL_IB_GID_INDEX" not in got and "NCCL_SOCKET_IFNAME" not in got and "NCCL_NET_GDR_LEVEL" not in got
+    text = SBATCH.read_text()
+    assert all(f"#   {v}" in text for v in ("NCCL_SOCKET_IFNAME", "NCCL_IB_HCA", "NCCL_IB_GID_INDEX"))  # documented
+
+
+@pytest.mark.parametrize("kind", sorted(MANIFESTS))
+def test_manifests_request_rdma_and_ipc_lock_for_multi_node_nccl(kind):
+    for template, _ in pod_templates(kind):
+        (c,) = template["spec"]["containers"]
+        for side in ("limits", "requests"):
+            assert c["resources"][side].get("rdma/rdma_shared_device_a") == 1, side
+        assert c["securityContext"]["capabilities"]["add"] == ["IPC_LOCK"]
+        assert env_of(c)["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
+    text = MANIFESTS[kind].read_text()
+    assert all(f"# - name: {v}" in text for v in ("NCCL_IB_HCA", "NCCL_IB_GID_INDEX", "NCCL_SOCKET_IFNAME"))  # placeholders

@@ -224,3 +224,11 @@ def test_a_json_batch_that_disagrees_with_the_recipe_names_both(tmp_path):
         check_ds_config({"train_micro_batch_size_per_gpu": 128, "gradient_accumulation_steps": 2}, 8, global_batch=4096)
     with pytest.raises(ConfigError, match=r"set 'train_micro_batch_size_per_gpu'"):
         check_ds_config({"train_batch_size": 4096}, 8, global_batch=4096)
+
+
+def test_fp32_gradient_reduction_passes_through_to_deepspeed(tmp_path):
+    """The README's fp32-reduction block: ``communication_data_type`` reaches the engine unchanged."""
+    raw = {"train_micro_batch_size_per_gpu": 8, "bf16": {"enabled": True}, "communication_data_type": "fp32",
+           "zero_optimization": {"stage": 1}}
+    eng = load_ds_config(_write(tmp_path, raw), 2, global_batch=64)
+    assert eng.raw["communication_data_type"] == "fp32" and eng.precision == "bf16" and eng.grad_accum == 4

@@ -166,7 +166,7 @@ def test_build_loader_workers_do_not_change_batches(tmp_path, kind):
     out = {}
     for workers in (0, 2):
         cfg = DataConfig(**{**base.__dict__, "num_workers": workers})
-        loader, sampler = build_loader(cfg, size, micro, rank=1, world_size=2, seed=4, start_micro_batch=1)
+        loader, sampler = build_loader(cfg, img_size=size, micro_batch=micro, rank=1, world_size=2, seed=4, start_micro_batch=1)
         assert sampler.world == 2 and sampler.rank == 1 and sampler.start == 1
         it = iter(loader)
         out[workers] = [next(it) for _ in range(nb)]
@@ -191,7 +191,7 @@ def test_build_loader_folder_labels_and_skips(tmp_path):
     cfg = _folder_cfg(tmp_path)
     cfg.num_workers = 0
     source = FolderSource(cfg.path, cfg.split)
-    loader, sampler = build_loader(cfg, 16, 4, rank=0, world_size=1, seed=0)
+    loader, sampler = build_loader(cfg, img_size=16, micro_batch=4, rank=0, world_size=1, seed=0)
     it = iter(loader)
     total_skipped = 0
     for _ in range(len(sampler)):  # one full epoch
@@ -206,8 +206,8 @@ def test_build_loader_folder_labels_and_skips(tmp_path):
 
 def test_build_loader_start_matches_skip():
     cfg = DataConfig(source="synthetic", synthetic_count=30, synthetic_size=40, num_workers=0)
-    full, _ = build_loader(cfg, 16, 4, rank=0, world_size=1, seed=1)
-    resumed, _ = build_loader(cfg, 16, 4, rank=0, world_size=1, seed=1, start_micro_batch=9)
+    full, _ = build_loader(cfg, img_size=16, micro_batch=4, rank=0, world_size=1, seed=1)
+    resumed, _ = build_loader(cfg, img_size=16, micro_batch=4, rank=0, world_size=1, seed=1, start_micro_batch=9)
     a = iter(full)
     for _ in range(9):
         next(a)
@@ -223,6 +223,6 @@ def test_build_loader_does_not_touch_global_rng():
     expected = torch.rand(3)
     torch.manual_seed(123)
     cfg = DataConfig(source="synthetic", synthetic_count=16, synthetic_size=32, num_workers=0)
-    loader, _ = build_loader(cfg, 16, 4, rank=0, world_size=1, seed=0)
+    loader, _ = build_loader(cfg, img_size=16, micro_batch=4, rank=0, world_size=1, seed=0)
     next(iter(loader))
     assert torch.equal(torch.rand(3), expected)

@@ -49,14 +49,14 @@ def test_build_source_kinds(tmp_path):
 def test_open_stream_is_the_indexed_loader():
     cfg = _cfg()
     src = build_source(cfg, seed=1)
-    loader, _ = build_loader(cfg, 16, 4, 1, 2, 1, start_micro_batch=3, source=src)
-    _equal_batches(open_stream(cfg, src, 16, 4, 1, 2, 1, start_micro_batch=3), loader, 3)
+    loader, _ = build_loader(cfg, img_size=16, micro_batch=4, rank=1, world_size=2, seed=1, start_micro_batch=3, source=src)
+    _equal_batches(open_stream(cfg, src, img_size=16, micro_batch=4, rank=1, world_size=2, seed=1, start_micro_batch=3), loader, 3)
 
 
 def test_open_full_pass_is_the_whole_image_loader():
     cfg = _cfg()
     src = build_source(cfg)
-    _equal_batches(open_full_pass(cfg, src, 16, 3, 0, 2), whole_image_loader(src, 16, 3, 0, 2), 4)
+    _equal_batches(open_full_pass(cfg, src, img_size=16, batch_size=3, rank=0, world_size=2), whole_image_loader(src, 16, 3, 0, 2), 4)
 
 
 def test_importing_the_dispatcher_does_not_import_ffcv():

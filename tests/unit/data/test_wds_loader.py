@@ -79,7 +79,7 @@ def test_train_streams_resume_exactly(shards):
     assert set(state["cursors"]) == {0, 1}  # both streams were consumed from
     restored, warning = StreamPosition.restore(state, 2)
     assert warning is None
-    resumed = _take(open_stream(cfg, index, SIZE, 4, 1, 2, seed=3, start_micro_batch=m, position=restored), more)
+    resumed = _take(open_stream(cfg, index, img_size=SIZE, micro_batch=4, rank=1, world_size=2, seed=3, start_micro_batch=m, position=restored), more)
     for a, b in zip(full[m:], resumed):
         assert torch.equal(a["index"], b["index"])
         assert torch.equal(a["image"], b["image"])

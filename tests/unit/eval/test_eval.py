@@ -471,7 +471,7 @@ def write_odd_folder(root: Path, per_class: int = 3, classes: int = 2) -> tuple[
 def _full_pass(split, size=32, crop_pct=CROP_PCT, rank=0, world=1) -> dict[int, tuple[np.ndarray, int]]:
     """{global index: (image [S, S, 3] uint8, label)} of one full pass of this rank."""
     out = {}
-    for b in open_full_pass(split.cfg, split.source, size, 4, rank, world, 0, crop_pct=crop_pct):
+    for b in open_full_pass(split.cfg, split.source, img_size=size, batch_size=4, rank=rank, world_size=world, seed=0, crop_pct=crop_pct):
         for img, i, y in zip(b["image"], b["index"].tolist(), b["label"].tolist()):
             assert i not in out
             out[i] = (img.permute(1, 2, 0).numpy(), y)

@@ -143,7 +143,7 @@ def test_synthetic_full_pass_two_ranks_sees_each_whole_image_once():
     src = SyntheticSource(23, 24)
     seen = []
     for rank in range(2):
-        for b in open_full_pass(cfg, src, 16, 4, rank, 2):
+        for b in open_full_pass(cfg, src, img_size=16, batch_size=4, rank=rank, world_size=2):
             assert b["image"].shape[1:] == (3, 16, 16)
             seen += b["index"].tolist()
             i = b["index"][0].item()
@@ -166,7 +166,7 @@ def test_wds_full_pass_two_ranks_sees_each_sample_once(tmp_path):
     src = build_source(cfg)
     seen = []
     for rank in range(2):
-        for b in open_full_pass(cfg, src, 16, 3, rank, 2):
+        for b in open_full_pass(cfg, src, img_size=16, batch_size=3, rank=rank, world_size=2):
             assert torch.equal(b["box"], torch.tensor([[0.0, 0.0, 1.0, 1.0]]).expand(len(b["index"]), 4))
             assert not b["flip"].any()
             seen += b["index"].tolist()

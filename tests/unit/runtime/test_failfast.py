@@ -1,10 +1,16 @@
 """mimscale/failfast.py: the data-stall watch (the cross-rank failure watch runs in tests/faults)."""
+import datetime
 import subprocess
 import sys
 import textwrap
 
+import deepspeed
+import pytest
 import torch
 
+from mimscale.config import load_config
+from mimscale.errors import ConfigError
+from mimscale.runtime import dist
 from mimscale.runtime.failfast import DataStallWatch
 
 
@@ -43,3 +49,16 @@ def test_watch_records_the_last_sample_and_its_shard():
     assert w.since is None and w.last == "sample 9"
     w.got({"index": torch.tensor([3]), "shard": "train-000012.tar"})  # a WebDataset batch
     assert w.last == "sample 3 of shard train-000012.tar"
+
+
+def test_the_process_group_timeout_comes_from_the_config_key(monkeypatch):
+    """dist.timeout_minutes reaches DeepSpeed's process group as its timeout; a bad value names the key."""
+    seen = {}
+    monkeypatch.setattr(deepspeed, "init_distributed", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(dist, "_unlink_shm_workspace", lambda: None)
+    cfg = load_config(None, ["dist.timeout_minutes=45"])
+    dist.init_distributed(cfg.dist.timeout_minutes)
+    assert seen["timeout"] == datetime.timedelta(minutes=45)
+    assert load_config(None, []).dist.timeout_minutes == 30.0
+    with pytest.raises(ConfigError, match="dist.timeout_minutes"):
+        load_config(None, ["dist.timeout_minutes=0"])
