@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from mimscale.errors import ConfigError
 from mimscale.masking.base import Masker, plan_sizes
@@ -15,8 +16,9 @@ from mimscale.objectives.simmim import SimMIMObjective
 @dataclass
 class SimMIMConfig:
     # Side of SimMIM's square mask unit in pixels (the paper's 32: 2 x 2 patches of a ViT-B/16). A
-    # multiple of the patch size that divides model.img_size; simmim masks masking.mask_ratio of
-    # the units at random, amt_simmim plans AMT on this unit grid.
+    # multiple of the patch size that divides model.img_size (a /14 model: 28, 2 x 2 patches of 14,
+    # 8 x 8 units at 224 px); simmim masks masking.mask_ratio of the units at random, amt_simmim
+    # plans AMT on this unit grid.
     mask_patch_size: int = 32
 
 
@@ -41,15 +43,40 @@ def simmim_flops(cfg, visible: int, masked: int) -> float:
                                   visible=visible, masked=masked, mlp_ratio=spec.mlp_ratio)
 
 
+def valid_units(img: int, patch: int, mask_ratio: float) -> list[int]:
+    """Every mask unit side (pixels, ascending) that tiles an ``img``-px image in whole ``patch``-px
+    patches and whose random masking at ``mask_ratio`` keeps some units visible and some masked."""
+    out = []
+    for unit in range(patch, img + 1, patch):
+        if img % unit:
+            continue
+        try:
+            plan_sizes((img // unit) ** 2, mask_ratio)
+        except ValueError:
+            continue
+        out.append(unit)
+    return out
+
+
+def nearest_unit(mps: int, img: int, patch: int, mask_ratio: float) -> Optional[int]:
+    """The valid unit (``valid_units``) closest to ``mps``, the smaller on a tie (None: none is valid):
+    28 for SimMIM's 32 on a /14 model at 224 px (2 x 2 patches, as 32 is on a /16 one)."""
+    units = valid_units(img, patch, mask_ratio)
+    return min(units, key=lambda u: (abs(u - mps), u)) if units else None
+
+
 def unit_count(cfg) -> int:
     """Mask units in the image, after checking the unit tiles it in whole patches (ConfigError
-    naming the key otherwise)."""
+    naming the key and the nearest valid unit otherwise)."""
     mps = cfg.masking.simmim.mask_patch_size
     _, patch = encoder_spec(cfg)
     img = cfg.model.img_size
     if mps % patch or img % mps:
+        best = nearest_unit(mps, img, patch, cfg.masking.mask_ratio)
+        hint = (f" (e.g. {best}: {best // patch} x {best // patch} patches of {patch} px, {img // best} x {img // best} units)"
+                if best else "")
         raise ConfigError(f"config key '{KEY}' = {mps} must be a multiple of the patch size {patch} and divide "
-                          f"model.img_size {img} (e.g. {2 * patch} when {img} is a multiple of it)")
+                          f"model.img_size {img}{hint}")
     units = (img // mps) ** 2
     try:
         plan_sizes(units, cfg.masking.mask_ratio)
