@@ -97,6 +97,10 @@ class TrainConfig:
     beta2: float = 0.95
     log_every: int = 20
     ckpt_every: int = 1000  # optimizer steps between checkpoints (and one at the end)
+    # > 0: also a checkpoint when this many minutes passed since the last one (rank 0's clock, agreed
+    # through the stop-request reduction so every rank saves at the same step); 0: steps only.
+    # Minutes keep the cost of saving the same share of the run on any number of GPUs.
+    ckpt_every_minutes: float = 0.0
     keep_checkpoints: int = 2  # complete checkpoints kept on disk (older ones are deleted)
     compile: bool = False  # torch.compile the engine's module (pays on GPU)
     compile_backend: str = "inductor"  # any torch.compile backend (aot_eager: checks graphs without codegen)
@@ -266,6 +270,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'data.hflip' = {cfg.data.hflip} must be in [0, 1]")
     if cfg.data.source == "folder" and not cfg.data.path:
         raise ConfigError("config key 'data.path' must name a folder when data.source is 'folder'")
+    if cfg.train.ckpt_every_minutes < 0:
+        raise ConfigError(f"config key 'train.ckpt_every_minutes' = {cfg.train.ckpt_every_minutes} must be >= 0 (0: steps only)")
     if cfg.dist.timeout_minutes <= 0:
         raise ConfigError(f"config key 'dist.timeout_minutes' = {cfg.dist.timeout_minutes} must be > 0")
     for key in ("train.beta1", "train.beta2"):
@@ -353,7 +359,7 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 # Keys a resume may change without resume_changes=allow: the run's length and cadence, the micro batch (hardware), workers,
 # tracking, and where things are; anything else changes what is trained (a key ending in "." is a
 # whole section).
-RESUMABLE_CHANGES = ("train.steps", "train.epochs", "train.stop_after", "train.log_every", "train.ckpt_every", "train.micro_batch",
+RESUMABLE_CHANGES = ("train.steps", "train.epochs", "train.stop_after", "train.log_every", "train.ckpt_every", "train.ckpt_every_minutes", "train.micro_batch",
                      "train.keep_checkpoints", "train.threads", "data.num_workers", "data.jpeg_idct", "tracking.", "dist.", "output_dir", "resume",
                      "resume_changes", "preset")
 

@@ -54,6 +54,7 @@ TIMM_ARCH = {
     "vit_base": "vit_base_patch16_224",
     "vit_large": "vit_large_patch16_224",
     "vit_huge": "vit_huge_patch14_224",
+    "vit_giant": "vit_giant_patch14_224",
     "vit_2b": "vit_huge_patch14_224",
 }
 

@@ -34,7 +34,7 @@ from mimscale.runtime.failfast import DataStallWatch
 from mimscale.runtime.preempt import StopRequest
 from mimscale.tracking.console import Progress
 from mimscale.tracking.health import CKAHealth
-from mimscale.tracking.metrics import LogWindow, MetricsFile, RunMeter
+from mimscale.tracking.metrics import LogWindow, MetricsFile, PhaseClock, RunMeter
 from mimscale.tracking.peak import peak_flops
 from mimscale.tracking.tracker import Tracker, open_run
 
@@ -114,6 +114,7 @@ class Trainer:
 
         self.tracker = Tracker.disabled()
         self.peak, self.peak_source = peak_flops(self.device)
+        self.clock = PhaseClock(self.device)  # forward / backward / optimizer seconds, read at log steps
         self.meter = RunMeter(eng.global_batch, self.world, self.peak)
         ctx = LoopContext(cfg=cfg, engine=self.engine, micro_batch=eng.micro_batch, zero_stage=eng.zero_stage, source=self.source,
                           out=self.out, rank=self.rank, world=self.world, device=self.device, total_steps=self.total_steps,
@@ -143,6 +144,7 @@ class Trainer:
         self.last_checkpoint: Optional[str] = str(resume_from) if resume_from else None
         self.resume_changes = resume_changes or {}
         self.stopped: Optional[str] = None
+        self.last_save_at = time.monotonic()  # the start counts as a save for train.ckpt_every_minutes
 
         self.flops_per_img = methods.flops(cfg, *self.plan_sizes[:2])
         self.metrics_file = MetricsFile(self.out / "metrics.jsonl")
@@ -183,17 +185,22 @@ class Trainer:
     def forward_backward(self, images: torch.Tensor, meta: dict) -> tuple[torch.Tensor, dict]:
         """The model's forward and the engine's backward for one micro batch (under ZeRO the
         backward includes the gradient reduction hooks). Returns (loss, loss terms) on the device."""
+        self.clock.start()
         loss, terms = self.engine(images, meta)
+        self.clock.mark("forward")
         self.engine.backward(loss)
+        self.clock.mark("backward")
         return loss, terms
 
     def optimizer_step(self) -> bool:
         """The engine's step (optimizer, clipping, LR at accumulation boundaries) and, at a
         boundary, the method's after-step hooks (EMA copies). Returns whether it was a boundary."""
         boundary = self.engine.is_gradient_accumulation_boundary()  # asked before step() advances the count
+        self.clock.start()
         self.engine.step()
         if boundary:
             self.hooks.after_optimizer_step()
+        self.clock.mark("optimizer")
         return boundary
 
     def micro_step(self, images: torch.Tensor, meta: dict) -> tuple[torch.Tensor, dict]:
@@ -211,6 +218,7 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def save(self) -> None:
         path = self.checkpointer.save(self.state.step, marker_extra=self.hooks.marker_extra())
+        self.last_save_at = time.monotonic()  # train.ckpt_every_minutes counts training time, from a save's end
         self.last_checkpoint = str(path)
         self.hooks.after_save()
 
@@ -231,7 +239,7 @@ class Trainer:
                              accumulation=eng.grad_accum)
         it = iter(loader)
         self.progress.advance(state.step)  # a resumed run's bar starts where it stopped
-        win = LogWindow(self.device, state.step)
+        win = LogWindow(self.device, state.step, self.clock)
         stall = DataStallWatch(cfg.data.stall_seconds, f"data.source={cfg.data.source} {cfg.data.path}".rstrip(), self.rank)
         with stall:
             stopped = self._loop(it, end, win, stall)
@@ -272,17 +280,23 @@ class Trainer:
             grid_every = cfg.tracking.mask_grid_every
             if grid_every and state.step % grid_every == 0 and dist.is_rank0():
                 self._log_mask_grid(images)
-            stop = self.stop_request.poll()  # the same answer on every rank
-            ckpt_now = state.step % cfg.train.ckpt_every == 0 or state.step == end
+            minutes = cfg.train.ckpt_every_minutes
+            due = bool(minutes) and dist.is_rank0() and time.monotonic() - self.last_save_at >= 60.0 * minutes
+            stop, timed_save = self.stop_request.poll(save_due=due)  # the same answers on every rank
+            ckpt_now = state.step % cfg.train.ckpt_every == 0 or state.step == end or timed_save
             # Every rank takes the same branch (the all-reduce in _log): decided on the step
             # count and the agreed stop request only.
             if state.step % cfg.train.log_every == 0 or ckpt_now or stop:
                 self._log(win)
                 if stop:
                     return self.stop_request.signal_name or "SIGTERM"
+                ckpt_s = 0.0
                 if ckpt_now:
+                    t = time.perf_counter()
                     self.save()
+                    ckpt_s = time.perf_counter() - t
                 win.reset()  # after the save: checkpoint time is not billed to training steps
+                win.note_checkpoint(ckpt_s)  # but the next log line reports it
         return None
 
     def _log(self, win: LogWindow) -> None:
@@ -306,6 +320,7 @@ class Trainer:
             "img_per_s": timed.img_per_s,
             "step_s": w["seconds"] / w["steps"],
             "data_wait_pct": w["data_wait_pct"],
+            **{f"time/{k}": v for k, v in w["time"].items()},
             "skipped_images": float(self.state.skipped),
             "converted_images": float(self.state.converted),
             "epoch": self.state.step / self.steps_per_epoch,

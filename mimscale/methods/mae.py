@@ -7,15 +7,16 @@ from mimscale.methods.base import Method, block_flops, encoder_spec, patch_embed
 
 
 def mim_flops_per_image(*, enc_dim: int, enc_depth: int, img_size: int, patch: int, visible: int, masked: int,
-                        dec_dim: int, dec_depth: int, mlp_ratio: float = 4.0, train: bool = True) -> float:
+                        dec_dim: int, dec_depth: int, mlp_ratio: float = 4.0, dec_mlp_ratio: float = 4.0, train: bool = True) -> float:
     """FLOPs per image of one MIM step: patch embedding (over all L patches), encoder on
     1 + V tokens, decoder on 1 + V + M tokens, pixel head on M tokens. Thrown patches cost
-    nothing past the patch embedding. ``train``: forward + backward = 3 x forward."""
+    nothing past the patch embedding. ``train``: forward + backward = 3 x forward. ``mlp_ratio``
+    is the encoder's (ViT-g: 48/11), ``dec_mlp_ratio`` the decoder's (MAE's: 4)."""
     pix = patch * patch * 3
     fwd = patch_embed_flops(img_size, patch, enc_dim)
     fwd += enc_depth * block_flops(1 + visible, enc_dim, mlp_ratio)
     fwd += 2.0 * (1 + visible) * enc_dim * dec_dim
-    fwd += dec_depth * block_flops(1 + visible + masked, dec_dim, mlp_ratio)
+    fwd += dec_depth * block_flops(1 + visible + masked, dec_dim, dec_mlp_ratio)
     fwd += 2.0 * masked * dec_dim * pix
     return 3.0 * fwd if train else fwd
 

@@ -2,9 +2,12 @@
 
 Slurm signals every task, Kubernetes and the deepspeed launcher signal the ranks one by one, and
 the launcher SIGKILLs them 30 s later, so the decision cannot wait for a log step. Each optimizer
-step starts an asynchronous all-reduce of the local flag on a small CPU (gloo) group and reads
+step starts an asynchronous all-reduce of the local flags on a small CPU (gloo) group and reads
 the previous step's result: all ranks see the same value at the same step, at most two steps
 after the signal, and the GPU stream is never synchronized for it.
+
+The same reduction carries a second flag, "a timed checkpoint is due" (``train.ckpt_every_minutes``,
+decided on rank 0's clock), so every rank saves at the same step without another collective.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ class StopRequest:
         self.signal_name: Optional[str] = None
         self._group = None
         self._pending = None
-        self._buf = torch.zeros(1)
+        self._buf = torch.zeros(2)
 
     def install(self) -> None:
         """Catch the signals (call early: a signal during start-up is honoured at step one)."""
@@ -38,20 +41,22 @@ class StopRequest:
         if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
             self._group = tdist.new_group(backend="gloo")
 
-    def poll(self) -> bool:
-        """Called once per optimizer step on every rank: True when some rank was signalled at
-        or before the previous poll (the same answer on every rank)."""
+    def poll(self, save_due: bool = False) -> tuple[bool, bool]:
+        """Called once per optimizer step on every rank: (stop, save), the same answer on every
+        rank. stop: some rank was signalled at or before the previous poll; save: some rank
+        (rank 0, which keeps the checkpoint clock) passed ``save_due`` at the previous poll."""
         if self._group is None:
-            return self.signal_name is not None
+            return self.signal_name is not None, save_due
         import torch.distributed as tdist
 
-        stop = False
+        stop = save = False
         if self._pending is not None:
             self._pending.wait()
-            stop = bool(self._buf.item() > 0)  # a CPU tensor: no device sync
-        self._buf = torch.tensor([1.0 if self.signal_name else 0.0])
+            flags = self._buf.tolist()  # a CPU tensor: no device sync
+            stop, save = flags[0] > 0, flags[1] > 0
+        self._buf = torch.tensor([1.0 if self.signal_name else 0.0, 1.0 if save_due else 0.0])
         self._pending = tdist.all_reduce(self._buf, group=self._group, async_op=True)
-        return stop
+        return stop, save
 
     def drain(self) -> None:
         """Finish the in-flight reduction (before the group is torn down)."""

@@ -6,7 +6,10 @@ the console gets one plain line per log step instead, as MAE, timm and torchtita
 per-run ``<output_dir>/train.log`` always gets the plain lines (appended across resumes), plus the
 start-up lines that say how the run resolved its settings.
 
-    step 120/1000 (12.0%) epoch 0.24 | loss 0.8123 loss_rec 0.8123 | lr 1.20e-04 | 812.3 img/s | MFU 41.2% | data wait 1.3% | mem 12.3 GiB | ETA 0:11:52
+    step 120/1000 (12.0%) epoch 0.24 | loss 0.8123 loss_rec 0.8123 | lr 1.20e-04 | 812.3 img/s | MFU 41.2% | data wait 1.3%
+        | s/step: data 0.006 fwd 0.142 bwd 0.290 opt 0.031 | ckpt 41.7 s | mem 12.3 GiB | ETA 0:11:52
+
+(one line; ``s/step`` is where an optimizer step's seconds go, ``ckpt`` the save before this window)
 """
 from __future__ import annotations
 
@@ -26,13 +29,19 @@ _OWN = ("loss", "lr", "img_per_s", "step_s", "data_wait_pct", "skipped_images", 
 def format_step(step: int, total: int, metrics: dict, eta_s: Optional[float], mem_gib: Optional[float]) -> str:
     """One plain progress line (see the module docstring)."""
     parts = [f"step {step}/{total} ({100.0 * step / max(total, 1):.1f}%) epoch {metrics.get('epoch', 0.0):.2f}"]
-    terms = " ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()) if k not in _OWN and isinstance(v, float))
+    terms = " ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())
+                     if k not in _OWN and not k.startswith("time/") and isinstance(v, float))
     parts.append(f"loss {metrics['loss']:.4f}" + (f" {terms}" if terms else ""))
     parts.append(f"lr {metrics['lr']:.2e}")
     parts.append(f"{metrics['img_per_s']:.1f} img/s")
     if metrics.get("mfu") is not None:
         parts.append(f"MFU {100.0 * metrics['mfu']:.1f}%")
     parts.append(f"data wait {metrics.get('data_wait_pct', 0.0):.1f}%")
+    if "time/forward_s" in metrics:  # where a step's time goes (seconds per optimizer step)
+        split = " ".join(f"{name} {metrics[f'time/{key}_s']:.3f}" for name, key in
+                         (("data", "data"), ("fwd", "forward"), ("bwd", "backward"), ("opt", "optimizer")))
+        ckpt = metrics.get("time/ckpt_s", 0.0)
+        parts.append(f"s/step: {split}" + (f" | ckpt {ckpt:.1f} s" if ckpt else ""))
     if mem_gib is not None:
         parts.append(f"mem {mem_gib:.1f} GiB")
     if eta_s is not None:

@@ -32,11 +32,59 @@ class Window:
     flops_per_img: float
 
 
+PHASES = ("forward", "backward", "optimizer")
+
+
+class PhaseClock:
+    """Seconds spent in each phase of the micro steps (forward, backward, optimizer step), with no
+    host sync inside a step: on a GPU a CUDA event is recorded at each phase boundary (a few
+    microseconds on the host, nothing on the device's queue) and the pairs are read at the log
+    step, after the window's all-reduce has synchronized; on a CPU, where kernels run as they are
+    called, the host clock is the device's. ``start()`` opens a phase, ``mark(phase)`` closes it
+    (and opens the next)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.reset()
+
+    def reset(self) -> None:
+        self.totals = dict.fromkeys(PHASES, 0.0)
+        self.pending: list = []  # GPU: (phase, start event, end event) not read yet
+        self.last = None
+
+    def _now(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def start(self) -> None:
+        self.last = self._now()
+
+    def mark(self, phase: str) -> None:
+        now = self._now()
+        if self.last is not None:
+            if self.cuda:
+                self.pending.append((phase, self.last, now))
+            else:
+                self.totals[phase] += now - self.last
+        self.last = now
+
+    def seconds(self) -> dict[str, float]:
+        """Each phase's seconds so far. On a GPU call it after a sync (the log step's all-reduce)."""
+        for phase, a, b in self.pending:
+            self.totals[phase] += a.elapsed_time(b) / 1000.0
+        self.pending.clear()
+        return dict(self.totals)
+
+
 class LogWindow:
     """Accumulates the micro steps of one log window on the device; ``close`` reduces it."""
 
-    def __init__(self, device: torch.device, first_step: int):
+    def __init__(self, device: torch.device, first_step: int, clock: Optional[PhaseClock] = None):
         self.device = device
+        self.clock = clock or PhaseClock(device)
         # The optimizer step being taken, kept on the device so recording a bad step needs no
         # host-to-device copy (a synchronous cudaMemcpy would stall the queue every micro step).
         self.step_dev = torch.full((), float(first_step + 1), device=device)
@@ -47,6 +95,8 @@ class LogWindow:
 
     def reset(self) -> None:
         self.t0 = time.perf_counter()
+        self.clock.reset()
+        self.ckpt_s = 0.0  # the save just before this window (see note_checkpoint)
         self.wait = 0.0
         self.steps = 0
         self.micro = 0
@@ -56,6 +106,11 @@ class LogWindow:
     def exclude(self, seconds: float) -> None:
         """Time spent outside training (a refresh, a health check) is not billed to the steps."""
         self.t0 += seconds
+
+    def note_checkpoint(self, seconds: float) -> None:
+        """The seconds of the save that closed the previous window, reported as this window's
+        ``ckpt_s`` (never part of any window's step time: windows reset after the save)."""
+        self.ckpt_s += seconds
 
     def add_batch(self, batch: dict, wait: float) -> None:
         self.wait += wait
@@ -87,8 +142,10 @@ class LogWindow:
         ds_comm.all_reduce(packed)
         v = packed.tolist()  # the one host sync of this window
         elapsed = time.perf_counter() - self.t0  # after the sync: all queued work is counted
+        # this rank's phase times (rank 0 logs them: ranks run in lockstep, so they differ little)
+        phases = self.clock.seconds()
         sums, n_bad = v[: 1 + n_terms], v[1 + n_terms]
-        micro_all, wait_all, skipped_all, converted_all = v[2 + n_terms:]
+        micro_all, wait_all, skipped_all, converted_all = v[2 + n_terms:6 + n_terms]
         grad_norm = grad_norm()  # read after the sync above (a device scalar on GPUs)
         if n_bad > 0 or (grad_norm is not None and not math.isfinite(grad_norm)):
             if n_bad > 0:
@@ -104,6 +161,9 @@ class LogWindow:
             "seconds": elapsed,
             "steps": self.steps,
             "data_wait_pct": 100.0 * wait_all / world / max(elapsed, 1e-9),
+            # where a step's time goes, seconds per optimizer step (this rank's; checkpoint: per save window)
+            "time": {"data_s": wait_all / world / max(self.steps, 1),
+                     **{f"{p}_s": phases[p] / max(self.steps, 1) for p in PHASES}, "ckpt_s": self.ckpt_s},
             "skipped": int(skipped_all),
             "converted": int(converted_all),
             "grad_norm": grad_norm,

@@ -60,3 +60,12 @@ def test_other_ranks_write_nothing(tmp_path):
     p.step(1, METRICS, None)
     p.close()
     assert out.getvalue() == "" and not (tmp_path / "run").exists()
+
+
+def test_a_line_says_where_the_step_went_without_listing_it_as_a_loss_term():
+    times = {"time/data_s": 0.006, "time/forward_s": 0.142, "time/backward_s": 0.29, "time/optimizer_s": 0.031, "time/ckpt_s": 41.7}
+    line = format_step(120, 1000, {**METRICS, **times}, eta_s=None, mem_gib=None)
+    assert "| s/step: data 0.006 fwd 0.142 bwd 0.290 opt 0.031 | ckpt 41.7 s" in line
+    assert "time/" not in line
+    no_save = format_step(120, 1000, {**METRICS, **times, "time/ckpt_s": 0.0}, eta_s=None, mem_gib=None)
+    assert "ckpt" not in no_save

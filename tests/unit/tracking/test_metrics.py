@@ -104,3 +104,37 @@ def test_metrics_file_keeps_steps_up_to_the_resume_and_drops_a_torn_line(tmp_pat
 
     assert [json.loads(line)["step"] for line in f.path.read_text().splitlines()] == [1, 2, 3]
     assert "dropped a torn line" in capsys.readouterr().err
+
+
+def test_phase_clock_sums_each_phase_on_the_host_clock_of_a_cpu(monkeypatch):
+    clock = metrics.PhaseClock(torch.device("cpu"))
+    ticks = iter([0.0, 1.0, 3.0, 10.0, 14.0, 20.0, 20.5, 21.0])
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(ticks))
+    for _ in range(2):  # two micro steps: forward, backward, then the optimizer
+        clock.start()
+        clock.mark("forward")
+        clock.mark("backward")
+    clock.start()
+    clock.mark("optimizer")
+    assert clock.seconds() == {"forward": 1.0 + 4.0, "backward": 2.0 + 6.0, "optimizer": 0.5}
+    clock.reset()
+    assert clock.seconds() == dict.fromkeys(metrics.PHASES, 0.0)
+
+
+def test_the_log_window_reports_where_a_step_went(monkeypatch):
+    """Per optimizer step: data wait, forward, backward, optimizer; the save before the window."""
+    monkeypatch.setattr(metrics.ds_comm, "all_reduce", lambda t, op=None: None)  # one rank
+    clock = metrics.PhaseClock(torch.device("cpu"))
+    win = LogWindow(torch.device("cpu"), 0, clock)
+    win.note_checkpoint(7.5)
+    for _ in range(2):
+        win.add_batch({"skipped": torch.tensor(0), "converted": torch.tensor(0)}, 0.5)
+        clock.totals["forward"] += 1.0
+        clock.totals["backward"] += 2.0
+        clock.totals["optimizer"] += 0.5
+        win.add_micro(torch.tensor(1.0), {})
+        win.end_step()
+    out = win.close(2, 1, lambda: None, None)
+    assert out["time"] == {"data_s": 0.5, "forward_s": 1.0, "backward_s": 2.0, "optimizer_s": 0.5, "ckpt_s": 7.5}
+    win.reset()
+    assert win.ckpt_s == 0.0 and clock.seconds()["forward"] == 0.0
