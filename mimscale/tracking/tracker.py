@@ -8,7 +8,7 @@ Besides params and metrics a run gets: MLflow's system metrics (``system/*``: CP
 network, and NVIDIA GPUs through nvidia-ml-py, of rank 0's node), its config files under
 ``config/``, ``summary.json``, the training data as a dataset input (``log_dataset``: name,
 digest, path, counts), and at the end of a finished run the exported encoder as an MLflow model
-named ``encoder`` (``log_encoder``: a pyfunc returning features, see mimscale/mlflow_encoder.py).
+named ``encoder`` (``log_encoder``: a pyfunc returning features, see mimscale/tracking/encoder_model.py).
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ OUTBOX_LIMIT = 200_000  # metrics kept for a retry during an outage; older ones 
 # `mlflow models serve`), and these packages (at the installed versions) its requirements:
 # what mimscale.checkpoint.weights and the model file import. Named, not inferred: MLflow's inference loads
 # the model in a subprocess, which costs a ViT-H run's end minutes.
-ENCODER_MODEL_CODE = Path(__file__).with_name("mlflow_encoder.py")
+ENCODER_MODEL_CODE = Path(__file__).with_name("encoder_model.py")
 ENCODER_MODEL_NAME = "encoder"
 MODEL_REQUIREMENTS = ("torch", "torchvision", "timm", "safetensors", "numpy", "pyyaml", "pillow")
 
@@ -280,7 +280,7 @@ class Tracker:
         return uri
 
     def log_encoder_model(self, export_dir: str | Path) -> Optional[str]:
-        """Log an export as the pyfunc model ``encoder`` of this run (mimscale/mlflow_encoder.py:
+        """Log an export as the pyfunc model ``encoder`` of this run (mimscale/tracking/encoder_model.py:
         float32 images [N, 3, S, S], normalized, -> features [N, D]), with a signature (a ``pool``
         param, "cls" or "mean"), an input example (one image of zeros: the normalized mean image)
         and the export as its artifact. Tags the run ``mimscale.encoder_model`` with the model's
