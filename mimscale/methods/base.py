@@ -62,6 +62,13 @@ def block_flops(tokens: int, dim: int, mlp_ratio: float = 4.0) -> float:
     return 2.0 * n * d * d * (4 + 2 * mlp_ratio) + 4.0 * n * n * d
 
 
+def block_recompute_flops(tokens: int, dim: int, mlp_ratio: float = 4.0) -> float:
+    """Forward FLOPs of re-running one checkpointed block in the backward (models/vit.run_blocks:
+    torch's non-reentrant checkpoint with early stop): ``block_flops`` less the MLP's second linear
+    (2 r N D^2), whose output no backward formula reads, so the re-run stops at its input."""
+    return block_flops(tokens, dim, mlp_ratio) - 2.0 * tokens * mlp_ratio * dim * dim
+
+
 def patch_embed_flops(img_size: int, patch: int, dim: int) -> float:
     """Forward FLOPs of the patch embedding over all L patches (thrown ones included)."""
     return 2.0 * (img_size // patch) ** 2 * patch * patch * 3 * dim

@@ -14,13 +14,15 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from mimscale.masking.base import MaskPlan
-from mimscale.models.vit import gather_tokens, init_mae_weights, sincos_pos_embed_2d
+from mimscale.models.vit import check_grad_ckpt, gather_tokens, init_mae_weights, run_blocks, sincos_pos_embed_2d
 
 
 class MAEDecoder(nn.Module):
-    def __init__(self, encoder_dim: int, grid: int, patch_size: int, dim: int = 512, depth: int = 8, heads: int = 16, mlp_ratio: float = 4.0):
+    def __init__(self, encoder_dim: int, grid: int, patch_size: int, dim: int = 512, depth: int = 8, heads: int = 16, mlp_ratio: float = 4.0,
+                 grad_ckpt: int = 0):
         super().__init__()
         self.dim = dim
+        self.grad_ckpt = check_grad_ckpt(grad_ckpt)  # model.grad_ckpt, as the encoder's (vit.run_blocks)
         self.embed = nn.Linear(encoder_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.register_buffer("pos_embed", sincos_pos_embed_2d(dim, grid)[None], persistent=False)
@@ -44,8 +46,7 @@ class MAEDecoder(nn.Module):
         vis = x[:, 1:] + gather_tokens(pos_patches, plan.visible)
         msk = self.mask_token.to(x.dtype).expand(B, M, -1) + gather_tokens(pos_patches, plan.masked)
         x = torch.cat([cls, vis, msk], dim=1)  # [B, 1 + V + M, D]
-        for blk in self.blocks:
-            x = blk(x)
+        x = run_blocks(self.blocks, x, self.grad_ckpt, self.training)  # [B, 1 + V + M, D]
         if with_visible:
             out = self.pred(self.norm(x[:, 1:]))  # [B, V + M, P]
             return out[:, -M:], out[:, :-M]

@@ -3,6 +3,9 @@
 Built from timm's layers (PatchEmbed, Block with fused scaled-dot-product attention) so its
 weights map one-to-one onto ``timm.models.vision_transformer.VisionTransformer``.
 Position embeddings are fixed 2-D sin-cos (not learned), so they are a buffer, not a parameter.
+
+Activation checkpointing (``model.grad_ckpt`` = k, see ``run_blocks``): in a training forward with
+grad, every k-th block keeps only its input and recomputes its internals in the backward.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import torch
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from mimscale.models.registry import EncoderSpec
 
@@ -44,6 +48,51 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
+def checkpointed(index: int, every: int) -> bool:
+    """Whether block ``index`` (0-based) is recomputed under ``model.grad_ckpt`` = ``every``:
+    0 = none; k >= 1 = the blocks with index % k == 0 (k = 1: all; k = 2: 0, 2, 4, ...; k >= depth:
+    the first only), i.e. ceil(depth / k) of them (``checkpointed_count``)."""
+    return every > 0 and index % every == 0
+
+
+def checkpointed_count(depth: int, every: int) -> int:
+    """How many of ``depth`` blocks ``checkpointed`` picks: ceil(depth / every), 0 when off."""
+    return -(-depth // every) if every > 0 and depth > 0 else 0
+
+
+def check_grad_ckpt(every: int) -> int:
+    if not isinstance(every, int) or isinstance(every, bool) or every < 0:
+        raise ValueError(f"grad_ckpt must be an integer >= 0 (0: off, k: every k-th block), got {every!r}")
+    return every
+
+
+def run_blocks(blocks, x: torch.Tensor, every: int, training: bool) -> torch.Tensor:
+    """x [B, N, D] through ``blocks`` in order -> [B, N, D].
+
+    With ``every`` > 0, in a training forward that records a graph, the blocks ``checkpointed``
+    picks run under non-reentrant ``torch.utils.checkpoint``: autograd saves only the block's input
+    x [B, N, D] and re-runs the block in the backward, trading one more forward of it for its
+    internal activations (norms, qkv, attention output, MLP hidden: about (6 + 2 * mlp_ratio) N D values).
+    Non-reentrant, because it nests inside one graph with the rest of the step (AutoMAE's token
+    scales and discriminator, C-MAE's two views, R-MAE's two passes share one backward), accepts
+    inputs without grad, and re-runs the block through its ``__call__``: ZeRO-3's module hooks
+    gather the partitioned weights again for the recomputation (its backward hooks release them).
+    ``early_stop``: the re-run ends as soon as the last tensor the backward needs exists (the input
+    of the MLP's fc2), so fc2's matmul is not recomputed and the re-run's forward post-hooks do not
+    fire (pre-hooks do); methods.recompute_flops counts exactly this work. The RNG state is saved
+    and restored around the re-run (checkpoint's ``preserve_rng_state``), so dropout / drop path,
+    if a block had them, would draw the same masks twice. Eval and ``no_grad`` passes (AMT's
+    refresh, the extractors, C-MAE's EMA target, CKA, export) never checkpoint: nothing would be
+    recomputed."""
+    recompute = every > 0 and training and torch.is_grad_enabled()
+    for i, blk in enumerate(blocks):
+        if recompute and checkpointed(i, every):
+            x = checkpoint(blk, x, use_reentrant=False, early_stop=True)
+        else:
+            x = blk(x)
+    return x
+
+
 def init_mae_weights(module: nn.Module) -> None:
     """MAE's init: xavier-uniform linears with zero bias, unit LayerNorms."""
     for m in module.modules():
@@ -57,9 +106,12 @@ def init_mae_weights(module: nn.Module) -> None:
 
 
 class ViTEncoder(nn.Module):
-    def __init__(self, spec: EncoderSpec, img_size: int = 224, patch_size: Optional[int] = None):
+    def __init__(self, spec: EncoderSpec, img_size: int = 224, patch_size: Optional[int] = None, grad_ckpt: int = 0):
         super().__init__()
         self.spec = spec
+        # model.grad_ckpt: 0 off, k: blocks with index % k == 0 recomputed in the backward (run_blocks).
+        # A plain attribute, not a buffer: it changes memory and time, never the weights or the result.
+        self.grad_ckpt = check_grad_ckpt(grad_ckpt)
         self.patch_size = patch_size or spec.patch_size
         self.img_size = img_size
         self.embed_dim = spec.dim
@@ -114,15 +166,15 @@ class ViTEncoder(nn.Module):
         x = torch.cat([cls, x], dim=1)
         if cls_attention:
             return self._cls_attention(x, "amt" if cls_attention is True else cls_attention)
-        for blk in self.blocks:
-            x = blk(x)
+        x = run_blocks(self.blocks, x, self.grad_ckpt, self.training)  # [B, 1 + K, D], K tokens kept
         return self.norm(x)
 
     def _cls_attention(self, x: torch.Tensor, mode: str = "amt") -> torch.Tensor:
         """The last block's attention of the CLS query over the patch keys, from tokens x [B, 1 + L, D]
-        (``cls_attention_map``); the last block's value path and MLP are skipped."""
-        for blk in self.blocks[:-1]:
-            x = blk(x)
+        (``cls_attention_map``); the last block's value path and MLP are skipped. Its callers run it
+        under no_grad (nothing checkpoints then); with grad the blocks before the last checkpoint as
+        in forward."""
+        x = run_blocks(self.blocks[:-1], x, self.grad_ckpt, self.training)  # [B, 1 + L, D]
         return cls_attention_map(self.blocks[-1], x, 1, mode)
 
 
