@@ -147,6 +147,8 @@ class Trainer:
         self.last_save_at = time.monotonic()  # the start counts as a save for train.ckpt_every_minutes
 
         self.flops_per_img = methods.flops(cfg, *self.plan_sizes[:2])
+        # model.grad_ckpt's recomputed forwards: hardware work, not model FLOPs (MFU leaves them out)
+        self.recompute_per_img = methods.recompute_flops(cfg, *self.plan_sizes[:2])
         self.metrics_file = MetricsFile(self.out / "metrics.jsonl")
         if dist.is_rank0():
             self._start_tracking(ds_args, ds_config_path)
@@ -328,6 +330,10 @@ class Trainer:
         }
         if mfu is not None:
             metrics["mfu"] = mfu
+            if self.recompute_per_img:  # hardware FLOP utilisation: the model's FLOPs plus the recomputation
+                metrics["hfu"] = self.meter.mfu(timed.img_per_s, self.flops_per_img + self.recompute_per_img)
+        if self.recompute_per_img:
+            metrics["gflop_recompute_per_img"] = self.recompute_per_img / 1e9
         if w["grad_norm"] is not None:
             metrics["grad_norm"] = w["grad_norm"]
         self.last_metrics = metrics
@@ -349,6 +355,7 @@ class Trainer:
         if sizes != self.plan_sizes:
             self.plan_sizes = sizes
             self.flops_per_img = methods.flops(self.cfg, *sizes[:2])
+            self.recompute_per_img = methods.recompute_flops(self.cfg, *sizes[:2])
 
     def _log_mask_grid(self, images: torch.Tensor) -> None:
         """Rank 0: image | masker weights (if any) | plan, for the first samples of the last

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 # metrics a line names on its own, in this order; other keys of the step's metrics are loss terms
 _OWN = ("loss", "lr", "img_per_s", "step_s", "data_wait_pct", "skipped_images", "converted_images", "epoch", "gflop_per_img",
-        "mfu", "grad_norm")
+        "mfu", "hfu", "gflop_recompute_per_img", "grad_norm")
 
 
 def format_step(step: int, total: int, metrics: dict, eta_s: Optional[float], mem_gib: Optional[float]) -> str:
@@ -35,7 +35,8 @@ def format_step(step: int, total: int, metrics: dict, eta_s: Optional[float], me
     parts.append(f"lr {metrics['lr']:.2e}")
     parts.append(f"{metrics['img_per_s']:.1f} img/s")
     if metrics.get("mfu") is not None:
-        parts.append(f"MFU {100.0 * metrics['mfu']:.1f}%")
+        parts.append(f"MFU {100.0 * metrics['mfu']:.1f}%" + (f" (HFU {100.0 * metrics['hfu']:.1f}% with recomputation)"
+                                                             if metrics.get("hfu") is not None else ""))
     parts.append(f"data wait {metrics.get('data_wait_pct', 0.0):.1f}%")
     if "time/forward_s" in metrics:  # where a step's time goes (seconds per optimizer step)
         split = " ".join(f"{name} {metrics[f'time/{key}_s']:.3f}" for name, key in

@@ -69,3 +69,8 @@ def test_a_line_says_where_the_step_went_without_listing_it_as_a_loss_term():
     assert "time/" not in line
     no_save = format_step(120, 1000, {**METRICS, **times, "time/ckpt_s": 0.0}, eta_s=None, mem_gib=None)
     assert "ckpt" not in no_save
+
+
+def test_with_activation_checkpointing_the_line_gives_mfu_and_hfu_apart():
+    line = format_step(120, 1000, {**METRICS, "hfu": 0.55, "gflop_recompute_per_img": 12.0}, eta_s=None, mem_gib=None)
+    assert "MFU 41.2% (HFU 55.0% with recomputation)" in line and "gflop_recompute" not in line
