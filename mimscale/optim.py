@@ -25,7 +25,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             continue
         if ".discriminator." in f".{name}":  # AutoMAE's D: Adam without weight decay, as its paper
             disc.append(p)
-        elif p.ndim <= 1 or name.endswith(".bias") or any(n in name for n in NO_DECAY_NAMES):
+        # ds_shape: a parameter zero.Init partitioned keeps its real shape there (its data is a placeholder)
+        elif len(getattr(p, "ds_shape", p.shape)) <= 1 or name.endswith(".bias") or any(n in name for n in NO_DECAY_NAMES):
             no_decay.append(p)
         else:
             decay.append(p)

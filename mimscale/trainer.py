@@ -77,7 +77,12 @@ class Trainer:
 
         # Same seed on every rank while building, so all ranks start from identical weights.
         dist.seed_all(cfg.train.seed)
-        model = methods.build_model(cfg)
+        # ZeRO-3: parameters are partitioned as each module is built, so no rank ever holds the
+        # whole model (models/partitioned.py); a method whose parts copy built weights cannot.
+        self.partitioned_build = eng.zero_stage == 3 and self.method.partitioned_build(cfg)
+        with deepspeed.zero.Init(config_dict_or_path=eng.raw, enabled=self.partitioned_build):
+            model = methods.build_model(cfg)
+        build_note = self._build_note(model, eng)
         self.num_patches = model.encoder.num_patches
         self.plan_sizes = model.masker.initial_sizes()  # (visible, masked, thrown)
 
@@ -107,7 +112,7 @@ class Trainer:
             + ("" if cfg.train.global_batch else " (train.global_batch unset: the ds_config's batch, which grows with the world size)")
             + f"; lr {self.lr:.3g} (base_lr {t.base_lr:g} x {eng.global_batch}/256); {eng.precision}; ZeRO stage {eng.zero_stage}"
             + (" on one rank: no gradient all-reduce, the client AdamW steps the parameters in place" if self.single_device else "")
-            + f"; {self.total_steps} steps, {self.steps_per_epoch} per epoch")
+            + f"; {self.total_steps} steps, {self.steps_per_epoch} per epoch" + build_note)
         if t.compile:
             # DeepSpeed's own compile wraps the module so ZeRO hooks stay outside the graphs.
             self.engine.compile(backend=t.compile_backend)
@@ -155,6 +160,18 @@ class Trainer:
         self.loss_history: list[dict] = []
         self.last_metrics: dict = {}
         self.term_names: list[str] = []  # the model's loss terms, known after the first log step
+
+    def _build_note(self, model, eng: EngineSettings) -> str:
+        """What the start-up line says about a ZeRO-3 build: this rank's share of the parameters."""
+        if eng.zero_stage != 3:
+            return ""
+        if not self.partitioned_build:
+            return (f"; ZeRO-3: method {self.method.name} builds the whole model on every rank before partitioning "
+                    "(its parts copy built weights)")
+        params = list(model.parameters())
+        whole = sum(p.ds_numel * p.element_size() for p in params)
+        mine = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in params)
+        return f"; ZeRO-3: built under deepspeed.zero.Init, this rank holds {mine / 2**20:.1f} of {whole / 2**20:.1f} MiB of parameters"
 
     def _start_tracking(self, ds_args, ds_config_path: str) -> None:
         """Rank 0: the MLflow run (the resumed one, if any) and metrics.jsonl trimmed to the step

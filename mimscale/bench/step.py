@@ -132,14 +132,16 @@ def build_trainer(args, cfg, tmp: Path):
 class PlainStep:
     """The same model, batch and fused AdamW in plain torch (no DeepSpeed engine, one process):
     the reference that shows what the engine's own work costs. bf16 weights on a GPU (no fp32
-    master copy: a lower bound for DeepSpeed's bf16 path), fp32 on a CPU."""
+    master copy: a lower bound for DeepSpeed's bf16 path), fp32 on a CPU. ``optimizer=False``:
+    the bare model's forward + backward alone (gradients dropped after each call), what
+    ``bare_fwd_bwd_s`` times beside the step's ``fwd_bwd_s``."""
 
-    def __init__(self, cfg, device: torch.device, images: torch.Tensor, meta: dict):
+    def __init__(self, cfg, device: torch.device, images: torch.Tensor, meta: dict, optimizer: bool = True):
         dist.seed_all(cfg.train.seed)
         self.device = device
         self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         self.model = methods.build_model(cfg).to(device=device, dtype=self.dtype)
-        self.opt = build_optimizer(self.model, 1e-4, cfg.train.weight_decay)
+        self.opt = build_optimizer(self.model, 1e-4, cfg.train.weight_decay) if optimizer else None
         self.images = images
         self.meta = {k: v for k, v in meta.items() if k != "noise"}
         if methods.of(cfg).uses_store(cfg) and "attn" not in self.meta:
@@ -154,8 +156,9 @@ class PlainStep:
         loss.backward()
         sync(self.device)
         t_mid = time.perf_counter()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        if self.opt is not None:
+            self.opt.step()
+        self.model.zero_grad(set_to_none=True)
         sync(self.device)
         return time.perf_counter() - t, t_mid - t
 
@@ -253,17 +256,22 @@ def bench_step(args) -> dict | None:
                              pin_memory=cuda)
         step = EngineStep(trainer, stream=stream)
     plain = PlainStep(cfg, trainer.device, step.images, step.meta) if args.vs_plain else None
+    # The bare model's forward + backward on the same batch, interleaved with the steps: what the
+    # step's fwd_bwd_s costs over the model itself (--vs-plain: the plain step's own part).
+    bare = None
+    if not args.no_bare and step.images is not None:
+        bare = plain or PlainStep(cfg, trainer.device, step.images, step.meta, optimizer=False)
     for _ in range(args.warmup):
         step()
-        if plain:
-            plain()
+        if bare:
+            bare()
     trainer.refresh_plan_flops()  # FLOPs of the plan the timed steps use
     times, waits, fwd_bwd, plain_times, plain_fb = [], [], [], [], []
     for _ in range(args.steps):
         total, wait, fb = step()
         times.append(total), waits.append(wait), fwd_bwd.append(fb)
-        if plain:  # interleaved: the same noise on both sides of the ratio
-            p_total, p_fb = plain()
+        if bare:  # interleaved: the same noise on both sides of the ratio
+            p_total, p_fb = bare()
             plain_times.append(p_total), plain_fb.append(p_fb)
     step_s = statistics.median(times)
     img_s = args.batch / step_s
@@ -299,6 +307,10 @@ def bench_step(args) -> dict | None:
         "plan": dict(zip(("visible", "masked", "thrown"), trainer.plan_sizes)),
         **memory_fields(trainer.device),
     }
+    if bare is not None:
+        result["bare_fwd_bwd_s"] = statistics.median(plain_fb)
+        result["fwd_bwd_over_bare"] = fwd_bwd_s / result["bare_fwd_bwd_s"]
+        result["fwd_bwd_over_bare_pairs"] = _stats([e / b for e, b in zip(fwd_bwd, plain_fb)])
     if step.h2d:  # a loader's batches: their copy to the device (pinned host memory on a GPU), within data_wait_s
         timed = step.h2d[-args.steps:]
         seconds, nbytes = sum(t for t, _ in timed), sum(b for _, b in timed)
@@ -379,4 +391,7 @@ def add_step_parser(sub) -> None:
     s.add_argument("--no-deepspeed", action="store_true", help="plain torch reference alone: same model and AdamW, no engine")
     s.add_argument("--vs-plain", action="store_true",
                    help="also time the plain-torch reference, interleaved step by step, and report engine_over_plain")
+    s.add_argument("--no-bare", action="store_true",
+                   help="skip bare_fwd_bwd_s (the bare model's forward + backward on the same batch, interleaved with the steps; "
+                        "it keeps a second copy of the model in memory)")
     s.add_argument("--json", action="store_true", help="print only the JSON result")

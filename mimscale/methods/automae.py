@@ -89,5 +89,8 @@ def automae_hooks(cfg, ctx: LoopContext) -> Optional[LoopHooks]:
 ENTRIES = (
     Method("automae", preset="automae_vit_base.yaml", section=("automae", AutoMAEConfig), check=check_automae,
            flops=reconstruction_flops, masker=automae_masker, hooks=automae_hooks,
-           uses_store=lambda cfg: cfg.masking.automae.extractor == "stored"),
+           uses_store=lambda cfg: cfg.masking.automae.extractor == "stored",
+           # the discriminator's spectral norm reads its weights when it is built, the ema
+           # extractor is a deep copy of the encoder: both need whole weights at build time
+           partitioned_build=lambda cfg: False),
 )

@@ -32,6 +32,9 @@ class Method:
     needs_decoder                               False: no pixel decoder is built (it would hold
                                                 parameters that never get a gradient)
     uses_store(cfg)                             the masker reads AMT's attention maps (meta ``attn``)
+    partitioned_build(cfg)                      under ZeRO-3 the model can be built inside
+                                                deepspeed.zero.Init (False: a part copies or
+                                                reparametrizes weights after they were built)
     preset                                      the ViT-B preset bench uses (None: not benchmarked)
     alias                                       another name bench and the README use (random: mae)
     """
@@ -45,6 +48,7 @@ class Method:
     check: Optional[Callable[..., None]] = None
     needs_decoder: bool = True
     uses_store: Callable[..., bool] = lambda cfg: False
+    partitioned_build: Callable[..., bool] = lambda cfg: True
     preset: Optional[str] = None
     alias: Optional[str] = None
 

@@ -81,7 +81,9 @@ ENTRIES = (
     Method("rmae", section=("rmae", RMAEConfig), check=check_rmae, flops=rmae_flops,
            masker=lambda cfg, enc: RandomMasking(enc.num_patches, cfg.masking.mask_ratio),
            objective=lambda cfg, enc, dec: RMAEObjective(enc, dec, lam=cfg.masking.rmae.lam, norm_pix=cfg.model.norm_pix_loss)),
+    # partitioned_build False: the EMA target is a deep copy of the built encoder and projector
     Method("cmae", section=("cmae", CMAEConfig), check=check_cmae, flops=cmae_flops, needs_decoder=False,
+           partitioned_build=lambda cfg: False,
            masker=lambda cfg, enc: RandomMasking(enc.num_patches, cfg.masking.mask_ratio),
            objective=lambda cfg, enc, dec: cmae_objective(cfg, enc),
            hooks=lambda cfg, ctx: EMAHooks(ctx.engine.module.objective.ema_pairs(), cfg.masking.cmae.momentum)),

@@ -18,6 +18,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from mimscale.models.partitioned import gathered
 from mimscale.models.registry import EncoderSpec
 
 
@@ -94,15 +95,18 @@ def run_blocks(blocks, x: torch.Tensor, every: int, training: bool) -> torch.Ten
 
 
 def init_mae_weights(module: nn.Module) -> None:
-    """MAE's init: xavier-uniform linears with zero bias, unit LayerNorms."""
+    """MAE's init: xavier-uniform linears with zero bias, unit LayerNorms (each module's weights
+    gathered first when zero.Init partitioned them: models/partitioned.py)."""
     for m in module.modules():
         if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+            with gathered(m.parameters(recurse=False)):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
         elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+            with gathered(m.parameters(recurse=False)):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
 
 
 class ViTEncoder(nn.Module):
@@ -130,9 +134,10 @@ class ViTEncoder(nn.Module):
 
     def _init_weights(self) -> None:
         init_mae_weights(self)
-        w = self.patch_embed.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a linear over flattened patches
-        nn.init.normal_(self.cls_token, std=0.02)
+        with gathered(self.patch_embed.proj.parameters(recurse=False)):
+            w = self.patch_embed.proj.weight
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a linear over flattened patches
+        nn.init.normal_(self.cls_token, std=0.02)  # this module's own: partitioned only when its __init__ returns
 
     def forward(
         self,
