@@ -78,11 +78,19 @@ bench: setup
 	OMP_NUM_THREADS= $(PY) -m mimscale.bench step --method mae --model vit_base --batch 16 --steps 3 --json
 
 # A GPU node's numbers: MAE / AMT / AutoMAE (stored, online) ViT-B/16 bf16 steps, ZeRO-1/2, with and
-# without torch.compile, synthetic and FFCV data; one table and one JSON (benchmarks/gpu.py).
-# FFCV_BETON=<.beton> for the FFCV cases (without it they are rows saying so).
+# without torch.compile, synthetic and FFCV data, and one checkpoint save per model and stage; one
+# table and one JSON (benchmarks/gpu.py). FFCV_BETON=<.beton> for the FFCV cases (without it they are
+# rows saying so). Lists, comma-separated, when given: MODELS=vit_base,vit_large, BATCHES=128,64 (micro
+# batch per GPU; default the preset's), ZERO=1,2,3, GRAD_CKPT=0,1 (model.grad_ckpt: every k-th block).
+# benchmarks/gpu_quick.sh: the first rows in 5 minutes on a bare GPU node.
 FFCV_BETON ?=
+MODELS ?=
+BATCHES ?=
+ZERO ?=
+GRAD_CKPT ?=
 bench-gpu: setup
-	$(PY) -m benchmarks.gpu $(if $(FFCV_BETON),--ffcv $(FFCV_BETON)) --json-out runs/bench_gpu.json
+	$(PY) -m benchmarks.gpu $(if $(FFCV_BETON),--ffcv $(FFCV_BETON)) $(if $(MODELS),--models $(MODELS)) $(if $(BATCHES),--batches $(BATCHES)) \
+	  $(if $(ZERO),--zero $(ZERO)) $(if $(GRAD_CKPT),--grad-ckpt $(GRAD_CKPT)) --ckpt-save --json-out runs/bench_gpu.json
 
 clean:
 	rm -rf runs .pytest_cache

@@ -1,6 +1,7 @@
 """The benchmark CLI runs end to end and prints one JSON object with the documented fields
 (numbers are printed, never asserted against a target)."""
 import json
+import os
 import subprocess
 import sys
 
@@ -9,6 +10,12 @@ from PIL import Image
 
 from mimscale.bench import cli as bench
 from tests.integration.launch import REPO, env
+from tests.unit.bench.test_bench_gpu import node_blocked_modules
+
+QUICK = REPO / "benchmarks" / "gpu_quick.sh"
+# benchmarks/gpu_quick.sh's rows, as benchmarks.gpu names them (--tiny: ViT-Tiny for ViT-B, ViT-Small for L and H)
+QUICK_ROWS = ["mae vit_base zero1 eager synthetic", "mae vit_large zero1 eager synthetic", "amt vit_base zero1 eager synthetic",
+              "automae-frozen vit_base zero1 eager synthetic", "mae vit_huge zero2 eager synthetic micro128", "mae vit_base zero1 eager wds"]
 
 TINY = ["--model", "vit_tiny", "--batch", "2", "--steps", "1", "--warmup", "1", "--threads", "1",
         "--set", "model.img_size=32", "--set", "model.patch_size=8", "--set", "model.decoder_depth=1",
@@ -92,6 +99,109 @@ def test_bench_gpu_matrix_on_cpu():
         assert (c["plan"]["thrown"] > 0) == (c["method"] == "amt"), c  # AMT masks and throws after its refresh
         assert (c["refresh_s_per_img"] is not None) == (c["method"] in ("amt", "automae-stored")), c
     assert table.count("\n") == 2 + len(d["cases"])  # header, rule, one row per case
+
+
+def test_bench_gpu_grad_ckpt_and_checkpoint_save_on_cpu(tmp_path):
+    """--grad-ckpt sets model.grad_ckpt on a step case; --ckpt-save adds one timed save (bench convert
+    --no-convert) into a fresh folder under --save-dir, removed after; the markdown table has both rows."""
+    d, table = bench_gpu("--methods", "mae", "--zero", "1", "--compile", "off", "--data", "synthetic", "--grad-ckpt", "1",
+                         "--ckpt-save", "--save-dir", str(tmp_path / "saves"), "--md-out", str(tmp_path / "t.md"))
+    step, save = d["cases"]
+    assert (step["kind"], step["model"], step["micro_batch"], step["grad_ckpt"], step["error"]) == ("step", "vit_tiny", 2, 1, None)
+    assert step["img_per_s"] > 0 and step["save_s"] is None
+    assert (save["kind"], save["model"], save["zero"], save["error"]) == ("save", "vit_tiny", 1, None)
+    assert save["save_s"] > 0 and 0 < save["checkpoint_gib"] < 1 and save["params"] > 5e6 and save["world_size"] == 1
+    assert list((tmp_path / "saves").iterdir()) == []  # each save's folder is removed after it
+    lines = table.splitlines()
+    assert lines[1].split()[:2] == ["case", "method"] and lines[3].split()[:3] == ["step", "mae", "vit_tiny"]
+    assert lines[4].split()[:3] == ["save", "mae", "vit_tiny"]
+    md = (tmp_path / "t.md").read_text().splitlines()
+    assert md[2].startswith("| case | method | model | micro | zero | grad_ckpt | compile | data |") and len(md) == 6
+
+
+def node_env(tmp_path) -> dict:
+    """env() for a process that imports as on the bare GPU check node: a sitecustomize on PYTHONPATH
+    refuses every module whose distribution the node, after gpu_quick.sh's install, will not have
+    (tests/unit/bench/test_bench_gpu.py: NODE_HAS and gpu_wheels.sh's wheels)."""
+    site = tmp_path / "node_site"
+    site.mkdir()
+    # the path finder does not see them: importing raises ModuleNotFoundError, importlib.util.find_spec
+    # says None (as torch's optional-module probes expect of a missing module)
+    (site / "sitecustomize.py").write_text(
+        '"""Imports as on the GPU check node: what it lacks is not found."""\nimport sys\nfrom importlib.machinery import PathFinder\n\n'
+        f"BLOCKED = set({sorted(node_blocked_modules())!r})\n\n\n"
+        "class NodePathFinder(PathFinder):\n"
+        "    @classmethod\n"
+        "    def find_spec(cls, name, path=None, target=None):\n"
+        "        return None if name.partition('.')[0] in BLOCKED else PathFinder.find_spec(name, path, target)\n\n\n"
+        "sys.meta_path[sys.meta_path.index(PathFinder)] = NodePathFinder\n")
+    e = env()
+    e["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), e.get("PYTHONPATH")]))
+    return e
+
+
+def test_the_bench_path_imports_only_what_the_gpu_node_has(tmp_path):
+    """What gpu_quick.sh runs imports with the node's packages and the wheels alone (mlflow and FFCV
+    refused): the modules of bench step / convert, the Trainer, the loaders, data_prep.wds."""
+    code = ("import importlib, sys\n"
+            "for m in ('mimscale.bench.cli', 'mimscale.bench.step', 'mimscale.bench.convert', 'mimscale.trainer', 'mimscale.data.loader',\n"
+            "          'mimscale.data.wds_loader', 'mimscale.data.streams', 'data_prep.wds', 'benchmarks.gpu', 'deepspeed.runtime.engine'):\n"
+            "    importlib.import_module(m)\n"
+            "try:\n    import mlflow\nexcept ModuleNotFoundError as e:\n    print('refused:', e)\n"
+            "print(sorted(m for m in ('mlflow', 'ffcv', 'matplotlib', 'pandas') if m in sys.modules))\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=node_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout.strip().splitlines()
+    assert out[-2] == "refused: No module named 'mlflow'" and out[-1] == "[]"
+
+
+def test_gpu_quick_dry_run_plans_every_row(tmp_path):
+    """gpu_quick.sh --dry-run prints its install, data and bench commands, and benchmarks.gpu --list
+    parses its six rows; nothing is written."""
+    out, wheels = tmp_path / "out", tmp_path / "wheels"
+    r = subprocess.run(["bash", str(QUICK), "--dry-run"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                       env={**env(), "PYTHON": sys.executable, "OUT": str(out), "WHEELS": str(wheels), "VENV": str(tmp_path / "venv"),
+                            "WORK": str(tmp_path / "work")})
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    assert lines[0] == f"+ {tmp_path}/venv/bin/python -m pip install --no-index --find-links {wheels} deepspeed webdataset simplejpeg tqdm"
+    assert any("synthetic JPEGs" in ln and f"{tmp_path}/work/imagenet" in ln for ln in lines)
+    assert f"-m data_prep.wds --src {tmp_path}/work/imagenet --split train --out {tmp_path}/work/shards" in r.stdout
+    bench_line = next(ln for ln in lines if " -m benchmarks.gpu " in ln)
+    assert bench_line.count("--case ") == 6 and f"--json-out {out}/gpu_quick.json --md-out {out}/gpu_quick.md" in bench_line
+    listed = [ln.split(" ", 1)[1].rstrip(":") for ln in lines if ln[:1].isdigit()]
+    assert listed == [*QUICK_ROWS[:4], QUICK_ROWS[4] + " (vs plan)", QUICK_ROWS[5]]
+    commands = [ln.strip() for ln in lines if ln.startswith("    ")]
+    assert all("--batch 128" in c and "--warmup 3 --data" in c for c in commands) and "--data-path " + str(tmp_path / "work/shards") in commands[5]
+    assert not out.exists() and not (tmp_path / "work").exists()
+
+
+@pytest.mark.slow  # make test-all (~2 min on 2 cores); make test runs its dry run and the bench path's imports above
+def test_gpu_quick_plumbing_on_cpu(tmp_path):
+    """QUICK_TINY=1 SKIP_INSTALL=1 bash benchmarks/gpu_quick.sh, importing as the node does: synthetic
+    JPEGs, WebDataset shards, the six rows at toy sizes; the JSON and the markdown table in OUT."""
+    out = tmp_path / "out"
+    r = subprocess.run(["bash", str(QUICK)], cwd=REPO, capture_output=True, text=True, timeout=900,
+                       env={**node_env(tmp_path), "QUICK_TINY": "1", "SKIP_INSTALL": "1", "PYTHON": sys.executable, "OUT": str(out),
+                            "WORK": str(tmp_path / "work")})
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    d = json.loads((out / "gpu_quick.json").read_text())
+    assert d["tiny"] and d["precision"] == "fp32" and len(d["cases"]) == 6
+    tiny = {"vit_base": "vit_tiny", "vit_large": "vit_small", "vit_huge": "vit_small"}
+    for case, row in zip(d["cases"], QUICK_ROWS):
+        method, model, _, _, data = row.split()[:5]
+        assert (case["method"], case["model"], case["data"], case["error"]) == (method, tiny[model], data, None), case
+        assert case["img_per_s"] > 0 and 0 < case["mfu"] < 1 and case["max_rss_gib"] > 0, case
+    vs_plan = d["cases"][4]["vs_plan"]
+    assert d["cases"][4]["micro_batch"] == 4 and d["cases"][4]["zero"] == 2 and vs_plan["measured_gib"] > 0
+    # the planner's row of ZeRO-2 without checkpointing, or a note saying why there is none (no mimscale/plan.py)
+    assert vs_plan["note"] or (vs_plan["plan_gib"] > 0 and vs_plan["plan_row"]["zero_stage"] == 2), vs_plan
+    assert d["cases"][5]["data_wait_pct"] > 0 and d["cases"][5]["h2d_s"] >= 0  # the wds loader's wait
+    assert (tmp_path / "work" / "shards" / "train-manifest.json").exists()
+    md = (out / "gpu_quick.md").read_text().splitlines()
+    assert md[2].startswith("| case | method | model | micro | zero | grad_ckpt | compile | data | img/s/GPU | MFU % |")
+    assert len([ln for ln in md if ln.startswith("| step |")]) == 6
+    assert "img/s/GPU" in (out / "gpu_quick.log").read_text()
 
 
 @pytest.mark.parametrize("source", ["folder", "pil"])
