@@ -33,9 +33,9 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("methods", ("mimscale.methods",)),
     ("config", ("mimscale.config",)),
     ("eval", ("mimscale.eval", "mimscale.export")),  # features, probes, CKA; the export writer
-    ("tracking", ("mimscale.tracking",)),
+    ("tracking", ("mimscale.tracking", "mimscale.planning")),  # planning: the memory planner's parts
     ("trainer", ("mimscale.trainer",)),
-    ("entry points", ("mimscale.pretrain", "mimscale.bench", "mimscale.eval.__main__", "mimscale.report", "data_prep")),
+    ("entry points", ("mimscale.pretrain", "mimscale.bench", "mimscale.eval.__main__", "mimscale.report", "mimscale.plan", "data_prep")),
 ]
 
 
