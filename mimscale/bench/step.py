@@ -63,7 +63,8 @@ def _extractor_overrides(args, section: str, tmp: Path) -> list[str]:
         enc = ViTEncoder(ENCODERS[args.model], img_size=int(img), patch_size=int(patch) if patch else None)
         path = tmp / "extractor.safetensors"
         safetensors.torch.save_file({k: v.contiguous() for k, v in enc.state_dict().items()}, str(path))
-        sets.append(f"masking.{section}.extractor_checkpoint={path}")
+        # the encoder's own architecture (model.name at the bench's patch size), not the preset's timm name
+        sets += [f"masking.{section}.extractor_checkpoint={path}", f"masking.{section}.extractor_model="]
     return sets
 
 
