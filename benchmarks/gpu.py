@@ -507,7 +507,9 @@ def main(argv=None) -> int:
         nproc = args.nproc or 1
         for i, case in enumerate(cases, 1):
             print(f"{i}/{len(cases)} {case.name}{' (vs plan)' if case.vs_plan else ''}:")
-            print("    " + " ".join(case_command(case, args, nproc, Path(args.save_dir) / "save-XXXX" if case.kind == "save" else None)))
+            # a save case writes into a fresh mkdtemp folder under --save-dir, named when it runs
+            save_dir = Path(args.save_dir) / "save-<mkdtemp suffix>" if case.kind == "save" else None
+            print("    " + " ".join(case_command(case, args, nproc, save_dir)))
         return 0
     nproc, device = detect(args)
     for i, case in enumerate(cases, 1):
