@@ -401,7 +401,7 @@ def plan_note(case: Case) -> Optional[str]:
 
 CASE_FIELDS = ("batch", "world_size", "img_per_s", "img_per_s_total", "mfu", "data_wait_pct", "max_memory_gib", "max_rss_gib", "step_s",
                "fwd_bwd_s", "optimizer_s", "gflop_per_img", "plan", "refresh_s_per_img", "refresh_pct_of_epoch", "h2d_s", "h2d_gib_per_s")
-SAVE_FIELDS = ("world_size", "params", "save_s", "checkpoint_gib", "save_gib_per_s", "max_memory_gib", "max_rss_gib")
+SAVE_FIELDS = ("world_size", "params", "save_s", "save_stall_s", "checkpoint_gib", "save_gib_per_s", "max_memory_gib", "max_rss_gib")
 
 
 def summary(cases: list[Case], args, nproc: int, device: str) -> dict:

@@ -102,6 +102,10 @@ class TrainConfig:
     # Minutes keep the cost of saving the same share of the run on any number of GPUs.
     ckpt_every_minutes: float = 0.0
     keep_checkpoints: int = 2  # complete checkpoints kept on disk (older ones are deleted)
+    # true: a save stalls training only while this rank's state is copied to host memory; a thread
+    # writes and fsyncs the files while training goes on, and the COMPLETE marker follows once every
+    # rank's files are on disk (checkpoint/background.py). false: every rank waits for the write.
+    ckpt_background: bool = True
     compile: bool = False  # torch.compile the engine's module (pays on GPU)
     compile_backend: str = "inductor"  # any torch.compile backend (aot_eager: checks graphs without codegen)
     seed: int = 0
@@ -359,7 +363,7 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 # Keys a resume may change without resume_changes=allow: the run's length and cadence, the micro batch (hardware), workers,
 # tracking, and where things are; anything else changes what is trained (a key ending in "." is a
 # whole section).
-RESUMABLE_CHANGES = ("train.steps", "train.epochs", "train.stop_after", "train.log_every", "train.ckpt_every", "train.ckpt_every_minutes", "train.micro_batch",
+RESUMABLE_CHANGES = ("train.steps", "train.epochs", "train.stop_after", "train.log_every", "train.ckpt_every", "train.ckpt_every_minutes", "train.ckpt_background", "train.micro_batch",
                      "train.keep_checkpoints", "train.threads", "data.num_workers", "data.jpeg_idct", "tracking.", "dist.", "output_dir", "resume",
                      "resume_changes", "preset")
 

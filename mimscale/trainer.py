@@ -133,7 +133,9 @@ class Trainer:
         self.state = TrainState()
         self.data = StreamPosition(cfg.data.num_workers)
         self.tracking = TrackingState()
-        self.checkpointer = Checkpointer(self.engine, self.out, t.keep_checkpoints, config=to_dict(cfg))
+        self.checkpointer = Checkpointer(self.engine, self.out, t.keep_checkpoints, config=to_dict(cfg),
+                                         background=t.ckpt_background)
+        self._pending_asked: Optional[int] = None  # the pending save's step at the previous stop-request poll
         for name, part in (("train", self.state), ("data", self.data), ("method", self.hooks), ("tracking", self.tracking)):
             self.checkpointer.register(name, part)
         self.resumed_from = resume_from
@@ -236,10 +238,27 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def save(self) -> None:
+        """A checkpoint of this step on every rank. In the background mode (train.ckpt_background)
+        it returns once staged; ``_published`` runs when its marker is out (``_agree_on_writes``,
+        the next save, or the end of ``fit``)."""
+        published = self.checkpointer.finish_pending()  # a save still writing: wait for it first
+        if published is not None:
+            self._published(published)
         path = self.checkpointer.save(self.state.step, marker_extra=self.hooks.marker_extra())
         self.last_save_at = time.monotonic()  # train.ckpt_every_minutes counts training time, from a save's end
+        if self.checkpointer.pending_step() is None:
+            self._published(path)
+
+    def _published(self, path) -> None:
+        """A checkpoint is complete on disk (its marker published)."""
         self.last_checkpoint = str(path)
         self.hooks.after_save()
+
+    def _finish_saves(self) -> None:
+        """Every rank: the pending background save waited for and published (collective)."""
+        published = self.checkpointer.finish_pending()
+        if published is not None:
+            self._published(published)
 
     def fit(self) -> dict:
         cfg, eng, state = self.cfg, self.eng, self.state
@@ -266,6 +285,8 @@ class Trainer:
         if stopped:
             self.progress.note(f"[mimscale] {stopped} received: saving a checkpoint at step {state.step} and exiting")
             self.save()
+        self._finish_saves()
+        self.checkpointer.close()
         self.progress.close()
         self.stopped = stopped
         return self.finish(stopped)
@@ -301,7 +322,12 @@ class Trainer:
                 self._log_mask_grid(images)
             minutes = cfg.train.ckpt_every_minutes
             due = bool(minutes) and dist.is_rank0() and time.monotonic() - self.last_save_at >= 60.0 * minutes
-            stop, timed_save = self.stop_request.poll(save_due=due)  # the same answers on every rank
+            # the same answers on every rank; `busy`: this rank's files of a background save are still being written
+            asked = self.checkpointer.pending_step()
+            stop, timed_save, idle = self.stop_request.poll(save_due=due, busy=self.checkpointer.writing())
+            if idle and self._pending_asked is not None and self._pending_asked == self.checkpointer.pending_step():
+                self._published(self.checkpointer.publish_pending())  # every rank had written it at the last poll
+            self._pending_asked = asked
             ckpt_now = state.step % cfg.train.ckpt_every == 0 or state.step == end or timed_save
             # Every rank takes the same branch (the all-reduce in _log): decided on the step
             # count and the agreed stop request only.

@@ -1,6 +1,7 @@
 """``python -m mimscale.bench convert``: one optimizer step, a checkpoint, and its conversion to
 DeepSpeed's universal checkpoint (what a resume on another world size or ZeRO stage does once).
-``--no-convert`` times the checkpoint's save alone (``save_s``), on one rank or on every rank under
+``--no-convert`` times the checkpoint's save alone (``save_s``; ``save_stall_s`` the part that stalls
+a training loop, see train.ckpt_background), on one rank or on every rank under
 torchrun (ZeRO shards are written by every rank): the save case of ``python -m benchmarks.gpu``."""
 from __future__ import annotations
 
@@ -32,14 +33,20 @@ def bench_convert(args) -> dict | None:
     trainer.micro_step(*trainer.to_device(next(iter(loader))))
     sync(trainer.device)  # the step's kernels are not the save's
     t = time.perf_counter()
-    tag = trainer.checkpointer.save(1)  # every rank's files, fsynced, and the marker (barriers inside)
+    # save_stall_s: what the loop stands still for (train.ckpt_background: the staging copy only);
+    # save_s: until every rank's files are fsynced and the marker is out (barriers inside)
+    tag = trainer.checkpointer.save(1)
+    stall_s = time.perf_counter() - t
+    trainer.checkpointer.finish_pending()
     save_s = time.perf_counter() - t
+    trainer.checkpointer.close()
     rank0 = dist.is_rank0()
     ckpt_bytes = sum(f.stat().st_size for f in tag.rglob("*") if f.is_file()) if rank0 else 0
     params = sum(p.numel() for p in trainer.engine.module.parameters())
     result = {"bench": "convert" if args.convert else "save", "model": args.model, "method": args.method, "params": params,
               "zero_stage": eng.zero_stage, "precision": eng.precision, "world_size": dist.world_size(),
-              "checkpoint_gib": ckpt_bytes / 2**30, "save_s": save_s,
+              "checkpoint_gib": ckpt_bytes / 2**30, "save_s": save_s, "save_stall_s": stall_s,
+              "save_background": trainer.checkpointer.background,
               "save_gib_per_s": ckpt_bytes / 2**30 / save_s if save_s > 0 else None, **memory_fields(trainer.device)}
     if args.convert and rank0:
         universal = convert(tag, workers=args.workers)

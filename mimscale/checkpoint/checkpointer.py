@@ -9,7 +9,9 @@ Layout: ``<output_dir>/checkpoints/step00001234/`` holds DeepSpeed's files, one
 ``rng_rank<r>.pt`` per rank, and ``COMPLETE``. A save is durable the way PyTorch's distributed
 checkpoint publishes one: every rank fsyncs the files it wrote; after a barrier rank 0 writes the
 marker (listing every file of the tag with its size) to a temporary name, fsyncs it, renames it
-into place and fsyncs the directory. So a tag with a marker has every byte on disk, even after a
+into place and fsyncs the directory. With ``train.ckpt_background`` the ranks' writes run in a
+thread (background.py) and "after a barrier" becomes "once the stop request's reduction says every
+rank's writer is idle": the marker still comes last. So a tag with a marker has every byte on disk, even after a
 node crash or on a write-back file system. Resume picks the newest tag that *verifies* (marker
 parses, every listed file there with its size); a damaged tag is moved aside (renamed, never
 deleted) with a message naming the bad file, and resume falls back to the next one.
@@ -31,6 +33,8 @@ import torch
 import yaml
 
 from mimscale.checkpoint import safe_load
+from mimscale.checkpoint.background import StagingEngine, Writer, stage
+from mimscale.checkpoint.disk import explain_write_error
 from mimscale.errors import ConfigError
 from mimscale.runtime import dist
 from mimscale.runtime.stateful import Stateful
@@ -274,10 +278,15 @@ def _legacy_parts(client: dict, rank_state: dict) -> tuple[dict, dict]:
 class Checkpointer:
     """Saves and restores the engine and every registered part, under ``<output_dir>/checkpoints``.
 
-    ``save`` runs on every rank (DeepSpeed requires it); ``restore`` loads one tag on every rank."""
+    ``save`` runs on every rank (DeepSpeed requires it); ``restore`` loads one tag on every rank.
+    ``background``: saves return once staged and are written by a thread (background.py)."""
 
-    def __init__(self, engine, output_dir: str | Path, keep: int, config: Optional[dict] = None):
+    def __init__(self, engine, output_dir: str | Path, keep: int, config: Optional[dict] = None,
+                 background: bool = False):
         self.engine = engine
+        self.background = background
+        self.pending: Optional[tuple[Path, dict]] = None  # (tag directory, marker facts) of a save without its marker
+        self._bg: Optional[Writer] = None
         self.out = Path(output_dir)
         self.root = checkpoint_root(output_dir)
         self.keep = keep
@@ -292,30 +301,100 @@ class Checkpointer:
     def save(self, step: int, marker_extra: Optional[dict] = None) -> Path:
         """Every rank writes its files; rank 0 writes the config and, after all ranks are done, the
         marker (``marker_extra``: small facts readable without loading, e.g. AMT's store generation);
-        older tags beyond ``keep`` are pruned. Returns the tag directory."""
+        older tags beyond ``keep`` are pruned. Returns the tag directory.
+
+        In the background mode this returns once the files are staged (background.py): the tag is
+        then *pending* and gets its marker from ``publish_pending`` (every rank agreed its writer is
+        idle) or ``finish_pending`` (a collective wait). A save first finishes the pending one."""
+        self.finish_pending()
         tag = tag_for(step)
-        if dist.is_rank0() and (self.root / tag).exists():
-            shutil.rmtree(self.root / tag)  # never write into a folder that may already say COMPLETE
+        tag_dir = self.root / tag
+        if dist.is_rank0() and tag_dir.exists():
+            shutil.rmtree(tag_dir)  # never write into a folder that may already say COMPLETE
         dist.barrier()
         client = {CLIENT_KEY: {name: part.state_dict() for name, part in self.parts.items()}}
         names = optimizer_param_names(self.engine)
         if names is not None:
             client[PARAM_NAMES_KEY] = names
-        self.engine.save_checkpoint(str(self.root), tag=tag, client_state=client, save_latest=False)
+        rank_file = tag_dir / f"rng_rank{dist.rank()}.pt"
         rank_state = {name: part.rank_state_dict() for name, part in self.parts.items()}
-        torch.save({**rng_state(), "rank_state": rank_state}, self.root / tag / f"rng_rank{dist.rank()}.pt")
+        if self.background:
+            live = self.engine.checkpoint_engine
+            self.engine.checkpoint_engine = StagingEngine(self._writer())
+            try:
+                self.engine.save_checkpoint(str(self.root), tag=tag, client_state=client, save_latest=False)
+            finally:
+                self.engine.checkpoint_engine = live
+            self._writer().put(stage({**rng_state(), "rank_state": rank_state}), rank_file)
+        else:
+            try:
+                self.engine.save_checkpoint(str(self.root), tag=tag, client_state=client, save_latest=False)
+                torch.save({**rng_state(), "rank_state": rank_state}, rank_file)
+            except (OSError, RuntimeError) as e:
+                _reraise_explained(e, tag_dir)
         if dist.is_rank0() and self.config is not None:
-            (self.root / tag / CONFIG).write_text(yaml.safe_dump(self.config, sort_keys=False))
-        _fsync_written(self.root / tag, dist.rank())
+            try:
+                (tag_dir / CONFIG).write_text(yaml.safe_dump(self.config, sort_keys=False))
+            except OSError as e:
+                _reraise_explained(e, tag_dir / CONFIG)
+        facts = {"step": step, "world_size": dist.world_size(), "zero_stage": int(self.engine.zero_optimization_stage()),
+                 **(marker_extra or {})}
+        self.pending = (tag_dir, facts)
+        if self.background:
+            return tag_dir
+        _fsync_written(tag_dir, dist.rank())
         dist.barrier()  # every rank's files are on disk before the marker says so
-        if dist.is_rank0():
-            marker = {"step": step, "time": time.time(), "world_size": dist.world_size(),
-                      "zero_stage": int(self.engine.zero_optimization_stage()), **(marker_extra or {}),
-                      "files": _files(self.root / tag)}
-            _publish_marker(self.root / tag, marker)
-            _prune(self.root, self.keep)
+        self.publish_pending()
         dist.barrier()
-        return self.root / tag
+        return tag_dir
+
+    def pending_step(self) -> Optional[int]:
+        """The step of the save whose files are still being written (no marker yet), or None."""
+        return self.pending[1]["step"] if self.pending else None
+
+    def writing(self) -> bool:
+        """Whether this rank's files of the pending save are still being written (never blocks;
+        raises the writer's error, e.g. a full disk, in the training thread)."""
+        return self.pending is not None and self._bg is not None and not self._bg.idle()
+
+    def publish_pending(self) -> Optional[Path]:
+        """Every rank, once every rank's files of the pending save are on disk (agreed by the
+        caller: a barrier, or the stop request's reduction): rank 0 publishes the marker and prunes.
+        Returns the tag directory, or None when nothing was pending."""
+        if self.pending is None:
+            return None
+        tag_dir, facts = self.pending
+        self.pending = None
+        if dist.is_rank0():
+            fsync_path(tag_dir)  # the files' directory entries (each file was fsynced by its writer)
+            _publish_marker(tag_dir, {**facts, "time": time.time(), "files": _files(tag_dir)})
+            _prune(self.root, self.keep)
+        return tag_dir
+
+    def finish_pending(self) -> Optional[Path]:
+        """Every rank: wait for this rank's writer, then publish the pending save (collective).
+        Returns its tag directory, or None when nothing was pending."""
+        if self.pending is None:
+            return None
+        if self._bg is not None:
+            self._bg.wait()
+        dist.barrier()
+        path = self.publish_pending()
+        dist.barrier()
+        return path
+
+    def close(self) -> None:
+        """Stop the writer thread (after ``finish_pending``: a pending save left here never gets a
+        marker, which is what a crash would leave too)."""
+        if self._bg is not None:
+            self._bg.close()
+            self._bg = None
+
+    def _writer(self) -> Writer:
+        if self._bg is None:
+            # the fsync looked up at call time: the fault suite holds a save there (tests/faults)
+            self._bg = Writer(lambda path: _fsync_file(path))
+        return self._bg
 
     def restore(self, tag_dir: Path, universal: Optional[Path] = None) -> None:
         """Load weights, optimizer, scheduler and every registered part; restore this rank's RNG
@@ -361,6 +440,19 @@ def _fsync_written(tag_dir: Path, rank: int) -> None:
         m = WRITER_RE.search(f.name)
         if f.is_file() and (int(m.group(1)) if m else 0) == rank:
             fsync_path(f)
+
+
+def _reraise_explained(error: BaseException, path: Path) -> None:
+    """Raise ``error``, as ``CheckpointDiskFull`` when the disk under ``path`` is full."""
+    explained = explain_write_error(error, path)
+    if explained is error:
+        raise error
+    raise explained
+
+
+def _fsync_file(path: Path) -> None:
+    """A background-written file of this rank to stable storage (background.Writer's last step)."""
+    fsync_path(path)
 
 
 def _publish_marker(tag_dir: Path, marker: dict) -> None:

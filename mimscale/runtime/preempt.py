@@ -7,7 +7,9 @@ the previous step's result: all ranks see the same value at the same step, at mo
 after the signal, and the GPU stream is never synchronized for it.
 
 The same reduction carries a second flag, "a timed checkpoint is due" (``train.ckpt_every_minutes``,
-decided on rank 0's clock), so every rank saves at the same step without another collective.
+decided on rank 0's clock), so every rank saves at the same step without another collective, and
+a third, "this rank is still writing a background checkpoint", so every rank learns at the same
+step that all the files of a save are on disk (the marker may then be published).
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ class StopRequest:
         self.signal_name: Optional[str] = None
         self._group = None
         self._pending = None
-        self._buf = torch.zeros(2)
+        self._buf = torch.zeros(3)
+        self._busy_before = False  # without a group: the previous poll's ``busy``
 
     def install(self) -> None:
         """Catch the signals (call early: a signal during start-up is honoured at step one)."""
@@ -41,22 +44,25 @@ class StopRequest:
         if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
             self._group = tdist.new_group(backend="gloo")
 
-    def poll(self, save_due: bool = False) -> tuple[bool, bool]:
-        """Called once per optimizer step on every rank: (stop, save), the same answer on every
-        rank. stop: some rank was signalled at or before the previous poll; save: some rank
-        (rank 0, which keeps the checkpoint clock) passed ``save_due`` at the previous poll."""
+    def poll(self, save_due: bool = False, busy: bool = False) -> tuple[bool, bool, bool]:
+        """Called once per optimizer step on every rank: (stop, save, idle), the same answer on
+        every rank. stop: some rank was signalled at or before the previous poll; save: some rank
+        (rank 0, which keeps the checkpoint clock) passed ``save_due`` at the previous poll; idle:
+        no rank passed ``busy`` (still writing a checkpoint) at the previous poll."""
         if self._group is None:
-            return self.signal_name is not None, save_due
+            idle, self._busy_before = not self._busy_before, busy
+            return self.signal_name is not None, save_due, idle
         import torch.distributed as tdist
 
         stop = save = False
+        idle = True
         if self._pending is not None:
             self._pending.wait()
             flags = self._buf.tolist()  # a CPU tensor: no device sync
-            stop, save = flags[0] > 0, flags[1] > 0
-        self._buf = torch.tensor([1.0 if self.signal_name else 0.0, 1.0 if save_due else 0.0])
+            stop, save, idle = flags[0] > 0, flags[1] > 0, flags[2] == 0
+        self._buf = torch.tensor([1.0 if self.signal_name else 0.0, 1.0 if save_due else 0.0, 1.0 if busy else 0.0])
         self._pending = tdist.all_reduce(self._buf, group=self._group, async_op=True)
-        return stop, save
+        return stop, save, idle
 
     def drain(self) -> None:
         """Finish the in-flight reduction (before the group is torn down)."""

@@ -7,7 +7,9 @@ faults:
   slow_close  rank 0's end-of-run work (export, upload) sleeps <step> seconds first
   enospc      that rank's checkpoint save of step <step> fails with OSError(ENOSPC)
   hold_save   in step <step>'s save, once that rank wrote its files (before fsync and marker), it
-              creates <output_dir>/HOLDING and sleeps (the test kills it there: a crash mid-save)
+              creates <output_dir>/HOLDING and sleeps (the test kills it there: a crash mid-save);
+              a background save (train.ckpt_background) holds in its writer thread, before the
+              fsync of the tag's first file, while training goes on
 """
 from __future__ import annotations
 
@@ -66,6 +68,15 @@ def main() -> int:
             original_fsync(tag_dir, r)
 
         checkpointer._fsync_written = fsync_written
+        original_fsync_file = checkpointer._fsync_file
+
+        def fsync_file(path):
+            if Path(path).parent.name == f"step{int(step):08d}":
+                (Path(path).parents[2] / "HOLDING").touch()
+                time.sleep(600)
+            original_fsync_file(path)
+
+        checkpointer._fsync_file = fsync_file
     return pretrain.main(rest)
 
 
