@@ -363,7 +363,8 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 # Keys a resume may change without resume_changes=allow: the run's length and cadence, the micro batch (hardware), workers,
 # tracking, and where things are; anything else changes what is trained (a key ending in "." is a
 # whole section).
-RESUMABLE_CHANGES = ("train.steps", "train.epochs", "train.stop_after", "train.log_every", "train.ckpt_every", "train.ckpt_every_minutes", "train.ckpt_background", "train.micro_batch",
+RESUMABLE_CHANGES = ("train.steps", "train.epochs", "train.stop_after", "train.log_every", "train.ckpt_every", "train.ckpt_every_minutes",
+                     "train.ckpt_background", "train.micro_batch",
                      "train.keep_checkpoints", "train.threads", "data.num_workers", "data.jpeg_idct", "tracking.", "dist.", "output_dir", "resume",
                      "resume_changes", "preset")
 

@@ -20,8 +20,7 @@ Per batch, on the device (shapes for B images, H heads, a g x g patch grid, L = 
 """
 from __future__ import annotations
 
-import copy
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -31,13 +30,15 @@ from mimscale.masking.amt_ops import align_maps
 from mimscale.masking.automae_parts import Discriminator, MaskGenerator, gumbel_mask, lsgan_terms, pseudo_masks, straight_through_topk
 from mimscale.masking.base import Masker, MaskPlan, plan_sizes
 from mimscale.masking.extractor import ATTENTION, FrozenExtractor
+from mimscale.models.partitioned import frozen_copy
 
 EXTRACTORS = ("online", "ema", "frozen", "stored")
 
 
 class AutoMAEMasking(Masker):
     def __init__(self, encoder: nn.Module, *, mask_ratio: float = 0.75, throw_ratio: float = 0.0, lam: float = 0.2,
-                 extractor: str = "online", frozen: Optional[FrozenExtractor] = None, attention: str = "raw"):
+                 extractor: str = "online", frozen: Optional[FrozenExtractor] = None, attention: str = "raw",
+                 make_encoder: Optional[Callable[[], nn.Module]] = None):
         super().__init__()
         if extractor not in EXTRACTORS:
             raise ValueError(f"masking.automae.extractor {extractor!r}: allowed values: {', '.join(EXTRACTORS)}")
@@ -59,7 +60,7 @@ class AutoMAEMasking(Masker):
         # Not a submodule: the online extractor is the model's own encoder (registered once, in MIMModel).
         object.__setattr__(self, "_online", encoder)
         if extractor == "ema":
-            self.ema = copy.deepcopy(encoder).requires_grad_(False)
+            self.ema = frozen_copy(encoder, make_encoder)  # under zero.Init: a partitioned twin
         self.last_weights: Optional[torch.Tensor] = None  # m of the last batch [B, L] (for the mask grid)
 
     def initial_sizes(self) -> tuple[int, int, int]:

@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from mimscale.masking.noise import gumbel_softmax
+from mimscale.models.partitioned import gathered
 
 
 class MaskGenerator(nn.Module):
@@ -32,6 +33,14 @@ class MaskGenerator(nn.Module):
         return F.log_softmax(x.flatten(1).float(), dim=1)
 
 
+def _spectral_norm(conv: nn.Conv2d) -> nn.Conv2d:
+    """``spectral_norm(conv)``, its weight gathered first: the parametrization's power iteration
+    starts from the weight when it is registered, and under ZeRO-3's zero.Init the conv's weight is
+    already a placeholder by then (a no-op gather otherwise)."""
+    with gathered([conv.weight]):
+        return spectral_norm(conv)
+
+
 class Discriminator(nn.Module):
     """SN-Conv(1->16, k4 s2 p1, no bias) -> LeakyReLU(0.2) -> SN-Conv(16->32, k4 s2 p1) -> LeakyReLU(0.2)
     -> SN-Conv(32->1, k = what is left) -> one score. For g = 14: 14 -> 7 -> 3 -> 1 (8,769 parameters).
@@ -44,9 +53,9 @@ class Discriminator(nn.Module):
         left = (grid // 2) // 2
         if left < 1:
             raise ValueError(f"AutoMAE's discriminator needs a patch grid of at least 4 x 4, got {grid} x {grid}")
-        self.conv1 = spectral_norm(nn.Conv2d(1, 16, 4, stride=2, padding=1, bias=False))
-        self.conv2 = spectral_norm(nn.Conv2d(16, 32, 4, stride=2, padding=1))
-        self.conv3 = spectral_norm(nn.Conv2d(32, 1, left))
+        self.conv1 = _spectral_norm(nn.Conv2d(1, 16, 4, stride=2, padding=1, bias=False))
+        self.conv2 = _spectral_norm(nn.Conv2d(16, 32, 4, stride=2, padding=1))
+        self.conv3 = _spectral_norm(nn.Conv2d(32, 1, left))
 
     def _match_power_iteration_dtype(self, dtype: torch.dtype) -> None:
         """A bf16 engine casts the weights but not spectral norm's u, v buffers (DeepSpeed converts

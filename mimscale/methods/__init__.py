@@ -15,11 +15,11 @@ from typing import Literal
 from mimscale.errors import ConfigError
 from mimscale.hooks.base import LoopContext, LoopHooks
 from mimscale.methods import amt, automae, blockwise, mae, rmae_cmae, simmim
-from mimscale.methods.base import Method, block_recompute_flops, encoder_spec
+from mimscale.methods.base import Method, block_recompute_flops, build_encoder, encoder_spec
 from mimscale.models.decoder import MAEDecoder
 from mimscale.models.mim import MIMModel
 from mimscale.models.registry import ENCODERS
-from mimscale.models.vit import ViTEncoder, checkpointed_count
+from mimscale.models.vit import checkpointed_count
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     *mae.ENTRIES, amt.AMT, *automae.ENTRIES, *rmae_cmae.ENTRIES, *blockwise.ENTRIES, *simmim.ENTRIES, amt.AMT_SIMMIM,
@@ -119,7 +119,7 @@ def build_model(cfg) -> MIMModel:
     method = of(cfg)
     spec = ENCODERS[cfg.model.name]
     m = cfg.model
-    encoder = ViTEncoder(spec, img_size=m.img_size, patch_size=m.patch_size, grad_ckpt=m.grad_ckpt)
+    encoder = build_encoder(cfg)
     decoder = MAEDecoder(spec.dim, encoder.grid, encoder.patch_size, dim=m.decoder_dim, depth=m.decoder_depth,
                          heads=m.decoder_heads, grad_ckpt=m.grad_ckpt) if method.needs_decoder else None
     masker = method.masker(cfg, encoder)

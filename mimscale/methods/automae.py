@@ -17,7 +17,7 @@ from mimscale.masking import extractor as frozen_extractor
 from mimscale.masking.automae import EXTRACTORS, AutoMAEMasking
 from mimscale.masking.base import Masker
 from mimscale.masking.extractor import ATTENTION
-from mimscale.methods.base import Method
+from mimscale.methods.base import Method, build_encoder
 from mimscale.methods.mae import reconstruction_flops
 from mimscale.models.registry import ENCODERS
 
@@ -73,7 +73,8 @@ def frozen_extractor_for(cfg, encoder) -> nn.Module:
 def automae_masker(cfg, encoder) -> Masker:
     m, a = cfg.masking, cfg.masking.automae
     frozen = frozen_extractor_for(cfg, encoder) if a.extractor == "frozen" else None
-    return AutoMAEMasking(encoder, mask_ratio=m.mask_ratio, throw_ratio=a.throw_ratio, lam=a.lam, extractor=a.extractor, frozen=frozen, attention=a.attention)
+    return AutoMAEMasking(encoder, mask_ratio=m.mask_ratio, throw_ratio=a.throw_ratio, lam=a.lam, extractor=a.extractor, frozen=frozen, attention=a.attention,
+                          make_encoder=lambda: build_encoder(cfg))
 
 
 def automae_hooks(cfg, ctx: LoopContext) -> Optional[LoopHooks]:
@@ -90,7 +91,6 @@ ENTRIES = (
     Method("automae", preset="automae_vit_base.yaml", section=("automae", AutoMAEConfig), check=check_automae,
            flops=reconstruction_flops, masker=automae_masker, hooks=automae_hooks,
            uses_store=lambda cfg: cfg.masking.automae.extractor == "stored",
-           # the discriminator's spectral norm reads its weights when it is built, the ema
-           # extractor is a deep copy of the encoder: both need whole weights at build time
-           partitioned_build=lambda cfg: False),
+           # the frozen extractor loads its checkpoint into a whole network when it is built
+           partitioned_build=lambda cfg: cfg.masking.automae.extractor != "frozen"),
 )

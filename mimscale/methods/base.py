@@ -15,6 +15,7 @@ from torch import nn
 from mimscale.hooks.base import LoopHooks
 from mimscale.masking.base import Masker
 from mimscale.models.registry import ENCODERS, EncoderSpec
+from mimscale.models.vit import ViTEncoder
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,12 @@ def encoder_spec(cfg) -> tuple[EncoderSpec, int]:
     """(the encoder's spec, its patch size) for ``cfg.model``."""
     spec = ENCODERS[cfg.model.name]
     return spec, cfg.model.patch_size or spec.patch_size
+
+
+def build_encoder(cfg) -> ViTEncoder:
+    """The run's encoder from ``cfg.model`` (the one constructor call: the model's and any copy's)."""
+    m = cfg.model
+    return ViTEncoder(ENCODERS[m.name], img_size=m.img_size, patch_size=m.patch_size, grad_ckpt=m.grad_ckpt)
 
 
 def block_flops(tokens: int, dim: int, mlp_ratio: float = 4.0) -> float:

@@ -10,7 +10,7 @@ from torch import nn
 from mimscale.errors import ConfigError
 from mimscale.hooks.ema import EMAHooks
 from mimscale.masking.random import RandomMasking
-from mimscale.methods.base import Method, block_flops, encoder_spec, patch_embed_flops
+from mimscale.methods.base import Method, block_flops, build_encoder, encoder_spec, patch_embed_flops
 from mimscale.methods.mae import reconstruction_flops
 from mimscale.objectives.cmae import POOLS, VIEWS, CMAEObjective
 from mimscale.objectives.rmae import RMAEObjective
@@ -74,16 +74,15 @@ def check_cmae(cfg, selected: bool) -> None:
 def cmae_objective(cfg, encoder) -> nn.Module:
     c = cfg.masking.cmae
     return CMAEObjective(encoder, c.proj_hidden, c.proj_dim, c.temperature, c.color_jitter, views=c.views,
-                         mask_token=c.mask_token, pool=c.pool, mask_ratio=cfg.masking.mask_ratio)
+                         mask_token=c.mask_token, pool=c.pool, mask_ratio=cfg.masking.mask_ratio,
+                         make_encoder=lambda: build_encoder(cfg))
 
 
 ENTRIES = (
     Method("rmae", section=("rmae", RMAEConfig), check=check_rmae, flops=rmae_flops,
            masker=lambda cfg, enc: RandomMasking(enc.num_patches, cfg.masking.mask_ratio),
            objective=lambda cfg, enc, dec: RMAEObjective(enc, dec, lam=cfg.masking.rmae.lam, norm_pix=cfg.model.norm_pix_loss)),
-    # partitioned_build False: the EMA target is a deep copy of the built encoder and projector
     Method("cmae", section=("cmae", CMAEConfig), check=check_cmae, flops=cmae_flops, needs_decoder=False,
-           partitioned_build=lambda cfg: False,
            masker=lambda cfg, enc: RandomMasking(enc.num_patches, cfg.masking.mask_ratio),
            objective=lambda cfg, enc, dec: cmae_objective(cfg, enc),
            hooks=lambda cfg, ctx: EMAHooks(ctx.engine.module.objective.ema_pairs(), cfg.masking.cmae.momentum)),

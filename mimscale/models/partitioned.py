@@ -9,10 +9,12 @@ weights are too (modifier rank 0's values are kept; every rank computes the same
 """
 from __future__ import annotations
 
+import copy
 from contextlib import nullcontext
-from typing import Iterable
+from typing import Callable, Iterable, Optional
 
 import torch
+from torch import nn
 
 
 def is_partitioned(p: torch.Tensor) -> bool:
@@ -29,3 +31,30 @@ def gathered(params: Iterable[torch.Tensor]):
     import deepspeed  # only under ZeRO-3: the models layer imports nothing of the engine otherwise
 
     return deepspeed.zero.GatheredParameters(ps, modifier_rank=0)
+
+
+def frozen_copy(module: nn.Module, build: Optional[Callable[[], nn.Module]]) -> nn.Module:
+    """A copy of ``module`` that takes no gradients (an EMA target, C-MAE's target branch).
+
+    A whole module is deep-copied. A module zero.Init partitioned cannot be (its parameters are
+    placeholders bound to DeepSpeed's bookkeeping): ``build()`` makes a twin of the same structure
+    (inside the caller's zero.Init, so the twin is born partitioned too; with the RNG streams
+    forked, so the draws of what is built after it do not move), then each parameter is copied
+    gathered, one at a time (the peak stays one tensor), and the buffers as they are."""
+    params = list(module.parameters())
+    if not any(is_partitioned(p) for p in params):
+        return copy.deepcopy(module).requires_grad_(False)
+    if build is None:
+        raise ValueError(f"a copy of the partitioned {type(module).__name__} needs its constructor (build)")
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_available() else []):
+        twin = build()
+    names = [n for n, _ in module.named_parameters()]
+    twin_named = list(twin.named_parameters())
+    if names != [n for n, _ in twin_named]:
+        raise ValueError(f"frozen_copy: build() made another structure ({len(twin_named)} parameters, {len(names)} expected)")
+    for p, (_, q) in zip(params, twin_named):
+        with gathered([p, q]), torch.no_grad():
+            q.data.copy_(p.data)
+    for b, c in zip(module.buffers(), twin.buffers()):
+        c.data.copy_(b.data)
+    return twin.requires_grad_(False)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Optional
 
+import numpy as np
 import torch
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
@@ -30,18 +31,20 @@ def sincos_pos_embed_2d(dim: int, grid: int, cls_token: bool = True) -> torch.Te
     """
     if dim % 4:
         raise ValueError(f"sin-cos position embedding needs dim divisible by 4, got {dim}")
+    # numpy, not torch: under ZeRO-3's zero.Init torch's tensor constructors (arange, zeros, ...)
+    # make floating tensors in the engine's dtype, and a float32 sin-cos differs from this one by 2e-7
     quarter = dim // 4
-    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # [D/4]
-    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij")
+    omega = 1.0 / 10000 ** (np.arange(quarter, dtype=np.float64) / quarter)  # [D/4]
+    ys, xs = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing="ij")
 
-    def enc(pos: torch.Tensor) -> torch.Tensor:  # [N] -> [N, D/2]
+    def enc(pos: np.ndarray) -> np.ndarray:  # [N] -> [N, D/2]
         out = pos.reshape(-1, 1) * omega.reshape(1, -1)
-        return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
-    emb = torch.cat([enc(xs), enc(ys)], dim=1)  # [grid*grid, D]
+    emb = np.concatenate([enc(xs), enc(ys)], axis=1)  # [grid*grid, D]
     if cls_token:
-        emb = torch.cat([torch.zeros(1, dim, dtype=torch.float64), emb], dim=0)
-    return emb.float()
+        emb = np.concatenate([np.zeros((1, dim)), emb], axis=0)
+    return torch.from_numpy(emb.astype(np.float32))
 
 
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

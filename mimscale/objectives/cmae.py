@@ -22,7 +22,7 @@ comparison.
 """
 from __future__ import annotations
 
-import copy
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,7 @@ from mimscale.data.normalize import Normalizer
 from mimscale.masking import noise as sample_noise
 from mimscale.masking.base import MaskPlan
 from mimscale.masking.random import RandomMasking
+from mimscale.models.partitioned import frozen_copy
 from mimscale.objectives.color import JITTER_DRAWS, color_jitter
 from mimscale.runtime import dist
 
@@ -56,7 +57,7 @@ def info_nce(q: torch.Tensor, keys: torch.Tensor, first: int, temperature: float
 class CMAEObjective(nn.Module):
     def __init__(self, encoder: nn.Module, proj_hidden: int = 2048, proj_dim: int = 768, temperature: float = 0.2,
                  jitter: bool = True, views: str = "independent", mask_token: bool = True, pool: str = "cls",
-                 mask_ratio: float = 0.75):
+                 mask_ratio: float = 0.75, make_encoder: Optional[Callable[[], nn.Module]] = None):
         super().__init__()
         if views not in VIEWS:
             raise ValueError(f"masking.cmae.views {views!r}: allowed values: {', '.join(VIEWS)}")
@@ -74,9 +75,11 @@ class CMAEObjective(nn.Module):
         nn.init.normal_(self.mask_token, std=0.02)
         self.projector = mlp(D, proj_hidden, proj_dim)
         self.predictor = mlp(proj_dim, proj_hidden, proj_dim)
-        # The target branch: copies at init, then EMAs; never trained by the optimizer.
-        self.target_encoder = copy.deepcopy(encoder).requires_grad_(False)
-        self.target_projector = copy.deepcopy(self.projector).requires_grad_(False)
+        # The target branch: copies at init, then EMAs; never trained by the optimizer. Under
+        # ZeRO-3's zero.Init a copy is a twin built partitioned (make_encoder: the encoder's
+        # constructor) and filled one gathered tensor at a time: no rank holds a whole encoder.
+        self.target_encoder = frozen_copy(encoder, make_encoder)
+        self.target_projector = frozen_copy(self.projector, lambda: mlp(D, proj_hidden, proj_dim))
         self.target_mask_token = nn.Parameter(self.mask_token.detach().clone(), requires_grad=False)
         # mean/std in [0, 1] units (scale 1): the jitter works on [0, 1] colours
         self.unit_pixels = Normalizer(scale=1)

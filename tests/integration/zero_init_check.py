@@ -4,11 +4,13 @@ built whole.
 
   bytes      this rank's parameter bytes after the build (its shards) and the whole model's
   peak       the most parameter bytes this rank held at once during each build
-  max_diff   the largest difference between the gathered partitioned weights and the whole
-             build's (the same RNG draws: 0.0 expected)
+  max_diff   the largest difference between the gathered partitioned weights (and the buffers)
+             and the whole build's (the same RNG draws: 0.0 expected)
+
+for MAE, C-MAE (its target branch) and AutoMAE with the EMA extractor (its discriminator too).
 
 A ViT-Base encoder and decoder at 32 px: 110 M parameters, 0.4 GB in fp32, enough to see the
-halving in the resident memory above the noise. Rank 0 writes {rank: result} as JSON.
+halving in the resident memory above the noise. Rank 0 writes {method: [result per rank]} as JSON.
 """
 from __future__ import annotations
 
@@ -59,10 +61,14 @@ class PeakParameterBytes:
         self.peak = max(self.peak, self._held())
 
 
-def main(out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_distributed()
-    cfg = load_config(None, ["model.name=vit_base", "model.img_size=32", "model.patch_size=8"])
+# every method's model: C-MAE's target branch and AutoMAE's EMA extractor are partitioned twins
+# filled from the online encoder, AutoMAE's discriminator registers its spectral norm gathered
+CASES = {"mae": [], "cmae": ["masking.method=cmae"],
+         "automae_ema": ["masking.method=automae", "masking.automae.extractor=ema"]}
+
+
+def check(sets: list[str]) -> dict:
+    cfg = load_config(None, ["model.name=vit_base", "model.img_size=32", "model.patch_size=8", *sets])
     dist.seed_all(cfg.train.seed)
     with PeakParameterBytes() as peak_part, deepspeed.zero.Init(config_dict_or_path=DS, enabled=True):
         part = methods.build_model(cfg)
@@ -72,16 +78,32 @@ def main(out: str) -> None:
     dist.seed_all(cfg.train.seed)
     with PeakParameterBytes() as peak_whole:
         whole = methods.build_model(cfg)
-    max_diff = 0.0
-    for p, q in zip(part.parameters(), whole.parameters()):
+    diffs = {}
+    for (n, p), q in zip(part.named_parameters(), whole.parameters()):
         with deepspeed.zero.GatheredParameters([p]):
-            max_diff = max(max_diff, float((p.data - q.data).abs().max()))
-    result = {"rank": dist.rank(), "bytes": mine, "whole_bytes": whole_bytes, "peak_partitioned": peak_part.peak,
-              "peak_whole": peak_whole.peak, "max_diff": max_diff}
-    gathered = [None] * dist.world_size()
-    tdist.all_gather_object(gathered, result)
+            diffs[n] = float((p.data - q.data).abs().max())
+    for (n, b), (_, c) in zip(part.named_buffers(), whole.named_buffers()):  # spectral norm's u, v; positions
+        diffs[n] = float((b.float() - c.float()).abs().max())
+    max_diff = max(diffs.values())
+    worst = max(diffs, key=diffs.get)
+    return {"rank": dist.rank(), "bytes": mine, "whole_bytes": whole_bytes, "peak_partitioned": peak_part.peak,
+            # a deep copy (the whole build's C-MAE target, AutoMAE's EMA) registers no parameter: the
+            # whole model at the end counts it
+            "peak_whole": max(peak_whole.peak, sum(q.numel() * q.element_size() for q in whole.parameters())), "max_diff": max_diff,
+            "worst": worst}
+
+
+def main(out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_distributed()
+    results = {}
+    for name, sets in CASES.items():
+        result = check(sets)
+        gathered = [None] * dist.world_size()
+        tdist.all_gather_object(gathered, result)
+        results[name] = gathered
     if dist.rank() == 0:
-        Path(out).write_text(json.dumps(gathered))
+        Path(out).write_text(json.dumps(results))
     dist.shutdown()
 
 
