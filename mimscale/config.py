@@ -16,7 +16,7 @@ from typing import Any, Literal, Optional
 import torch._dynamo
 import yaml
 
-from mimscale import methods
+from mimscale import methods, shipped
 from mimscale.data.streams import SOURCES
 from mimscale.errors import ConfigError
 from mimscale.methods import MethodName
@@ -228,9 +228,7 @@ def load_config(path: Optional[str | Path] = None, overrides: list[str] | tuple 
     """Build a Config from an optional YAML preset and ``key.sub=value`` overrides, then validate."""
     cfg = Config()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+        path = shipped.resolve_preset(path)  # a file, or a shipped preset's name (mae_vit_base)
         data = yaml.safe_load(path.read_text()) or {}
         _apply(cfg, data)
         cfg.preset = path.stem
