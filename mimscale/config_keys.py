@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import io
+import textwrap
 import tokenize
 import typing
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ def field_comments(cls: type) -> dict[str, str]:
     """{field: its comment} from ``cls``'s source: the comment lines directly above the field and
     the one after it on its line, joined. Classes without source (make_dataclass) give {}."""
     try:
-        source = inspect.getsource(cls)
+        source = textwrap.dedent(inspect.getsource(cls))  # a class defined in a block is indented
     except (OSError, TypeError):
         return {}
     names = {f.name for f in dataclasses.fields(cls)}
