@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -123,6 +124,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"mimscale {__version__}")
         return 0
     command, rest = argv[0], argv[1:]
+    if command == "prep-ffcv" and importlib.util.find_spec("ffcv") is None:
+        print(f"mimscale prep-ffcv: {shipped.FFCV_EXTRA}", file=sys.stderr)
+        return 2
     if command in TOOLS:
         return importlib.import_module(TOOLS[command][0]).main(rest) or 0
     if command == "presets":

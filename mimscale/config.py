@@ -7,6 +7,7 @@ any model is built: an unknown key names the allowed keys, a bad value names the
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import typing
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from mimscale.errors import ConfigError
 from mimscale.methods import MethodName
 from mimscale.models.registry import ENCODERS
 
-__all__ = ["Config", "load_config", "validate", "check_paths", "to_dict", "flatten", "get_key", "changes_on_resume",
+__all__ = ["Config", "load_config", "validate", "check_paths", "ffcv_installed", "to_dict", "flatten", "get_key", "changes_on_resume",
            "RESUMABLE_CHANGES"]
 
 # Closed choices: the loader refuses any other value, naming the key and these.
@@ -325,9 +326,16 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}' = {get_key(cfg, key)} must be >= 0")
 
 
+def ffcv_installed() -> bool:
+    """Whether the optional [ffcv] extra is installed (looked up, not imported: numba starts slowly)."""
+    return importlib.util.find_spec("ffcv") is not None
+
+
 def check_paths(cfg: Config) -> None:
     """Checks against this machine's files (kept out of validate() so presets load anywhere)."""
     where = f"(relative paths start at the working directory {Path.cwd()})"
+    if cfg.data.source == "ffcv" and not ffcv_installed():
+        raise ConfigError(f"config key 'data.source' = 'ffcv': {shipped.FFCV_EXTRA}")
     path = Path(cfg.data.path)
     if cfg.data.source == "folder" and not path.is_dir():
         raise ConfigError(f"config key 'data.path' = {cfg.data.path!r} is not a folder {where}")

@@ -1,4 +1,5 @@
-"""The YAML presets and DeepSpeed JSONs that ship inside the package, addressable by name.
+"""The YAML presets and DeepSpeed JSONs that ship inside the package, addressable by name (and
+what the one optional extra, FFCV, adds: said where it is first needed).
 
 ``--config mae_vit_base --deepspeed_config gpu_bf16_zero1`` names the files
 ``mimscale/configs/mae_vit_base.yaml`` and ``mimscale/ds_configs/gpu_bf16_zero1.json`` of the
@@ -54,3 +55,10 @@ def resolve_preset(value: str | Path) -> Path:
 
 def resolve_ds_config(value: str | Path) -> Path:
     return resolve("ds_config", value)
+
+
+# The optional [ffcv] extra, said once where it is first needed (config.check_paths, mimscale prep-ffcv).
+FFCV_EXTRA = ("FFCV is not installed: it is the optional [ffcv] extra, which adds data.source=ffcv (FFCV's .beton loader) and "
+              "mimscale prep-ffcv; every other source works without it. Install it with: pip install 'mimscale[ffcv]' "
+              "(it builds against the system OpenCV and libjpeg-turbo: apt-get install libopencv-dev libturbojpeg0-dev pkg-config; "
+              "in a checkout: make setup FFCV=1)")

@@ -232,8 +232,33 @@ def test_help_lists_the_config_sections_and_points_at_config_list(tmp_path):
     assert "mimscale config list" in r.stdout and "--print-config" in r.stdout and "--dry-run" in r.stdout
     for section, names in config_keys.sections().items():
         assert f"  {section or '(top level)'}: {', '.join(names)}" in r.stdout
-    r = _run("-m", "mimscale.pretrain", "--config", "mae_vit_bsae", "--deepspeed_config", "cpu_fp32_zero1", "--dry-run", cwd=tmp_path)
-    assert r.returncode == 2 and "config file not found: mae_vit_bsae" in r.stderr and "mae_vit_base" in r.stderr
+
+
+def test_pretrain_hands_deepspeed_and_the_tracker_the_shipped_files_path():
+    from mimscale.pretrain import parse_args, resolve_files
+
+    args = parse_args(["--config", "mae_vit_base", "--deepspeed_config", "gpu_bf16_zero1"])
+    config, ds = resolve_files(args)
+    assert args.deepspeed_config == str(ds) == str(REPO / "mimscale" / "ds_configs" / "gpu_bf16_zero1.json")
+    assert args.config == str(config) and config.name == "mae_vit_base.yaml"
+    with pytest.raises(ConfigError, match="config file not found: mae_vit_bsae .*mae_vit_base"):
+        resolve_files(parse_args(["--config", "mae_vit_bsae", "--deepspeed_config", "gpu_bf16_zero1"]))
+
+
+def test_without_the_ffcv_extra_its_users_are_told_what_it_adds_and_how_to_install_it(monkeypatch, tmp_path, capsys):
+    import importlib.util
+
+    from mimscale.config import check_paths
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ffcv" else real(name, *a))
+    beton = tmp_path / "train.beton"
+    beton.write_bytes(b"x")
+    with pytest.raises(ConfigError, match=r"'data.source' = 'ffcv': FFCV is not installed: it is the optional \[ffcv\] extra.*"
+                                          r"pip install 'mimscale\[ffcv\]'"):
+        check_paths(load_config(None, ["data.source=ffcv", f"data.path={beton}"]))
+    assert cli.main(["prep-ffcv", "--help"]) == 2
+    assert "every other source works without it" in capsys.readouterr().err
 
 
 def test_a_checkpoint_of_a_newer_format_is_refused_before_anything_is_built(tmp_path):
