@@ -84,10 +84,14 @@ def _in_venv(inst: dict, what: str, *cmd: str, timeout: int = 600) -> subprocess
 def test_the_wheel_installs_offline_and_its_mimscale_is_the_one_imported(installed):
     inst = installed
     py = str(inst["python"])
-    r = _in_venv(inst, "import", py, "-c", "import mimscale, data_prep, mimscale.data._jpeg_region; "
-                                           "print(mimscale.__file__); print(data_prep.__file__)")
-    for line in r.stdout.split():
+    r = _in_venv(inst, "import", py, "-c", "import mimscale, data_prep; from mimscale.data import jpeg_region; "
+                                           "print(mimscale.__file__); print(data_prep.__file__); print(jpeg_region.FUNCTION is not None)")
+    *files, decoder = r.stdout.split()
+    for line in files:
         assert Path(line).is_relative_to(inst["site"]) and not Path(line).is_relative_to(REPO), r.stdout
+    from mimscale.data import jpeg_region
+
+    assert decoder == str(jpeg_region.FUNCTION is not None)  # the optional crop decoder built as it did for the checkout
     r = _in_venv(inst, "version", str(inst["venv"] / "bin" / "mimscale"), "--version")
     assert r.stdout == f"mimscale {mimscale.__version__}\n"
     r = _in_venv(inst, "presets", "mimscale", "presets")
