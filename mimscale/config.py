@@ -7,6 +7,7 @@ any model is built: an unknown key names the allowed keys, a bad value names the
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import typing
 from dataclasses import dataclass, field
@@ -16,13 +17,13 @@ from typing import Any, Literal, Optional
 import torch._dynamo
 import yaml
 
-from mimscale import methods
+from mimscale import methods, shipped
 from mimscale.data.streams import SOURCES
 from mimscale.errors import ConfigError
 from mimscale.methods import MethodName
 from mimscale.models.registry import ENCODERS
 
-__all__ = ["Config", "load_config", "validate", "check_paths", "to_dict", "flatten", "get_key", "changes_on_resume",
+__all__ = ["Config", "load_config", "validate", "check_paths", "ffcv_installed", "to_dict", "flatten", "get_key", "changes_on_resume",
            "RESUMABLE_CHANGES"]
 
 # Closed choices: the loader refuses any other value, naming the key and these.
@@ -232,9 +233,7 @@ def load_config(path: Optional[str | Path] = None, overrides: list[str] | tuple 
     """Build a Config from an optional YAML preset and ``key.sub=value`` overrides, then validate."""
     cfg = Config()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+        path = shipped.resolve_preset(path)  # a file, or a shipped preset's name (mae_vit_base)
         data = yaml.safe_load(path.read_text()) or {}
         _apply(cfg, data)
         cfg.preset = path.stem
@@ -331,9 +330,16 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}' = {get_key(cfg, key)} must be >= 0")
 
 
+def ffcv_installed() -> bool:
+    """Whether the optional [ffcv] extra is installed (looked up, not imported: numba starts slowly)."""
+    return importlib.util.find_spec("ffcv") is not None
+
+
 def check_paths(cfg: Config) -> None:
     """Checks against this machine's files (kept out of validate() so presets load anywhere)."""
     where = f"(relative paths start at the working directory {Path.cwd()})"
+    if cfg.data.source == "ffcv" and not ffcv_installed():
+        raise ConfigError(f"config key 'data.source' = 'ffcv': {shipped.FFCV_EXTRA}")
     path = Path(cfg.data.path)
     if cfg.data.source == "folder" and not path.is_dir():
         raise ConfigError(f"config key 'data.path' = {cfg.data.path!r} is not a folder {where}")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from mimscale import shipped
 from mimscale.errors import ConfigError
 
 OWNED_BY_YAML = {
@@ -46,9 +47,7 @@ def load_ds_config(path: str | Path, world_size: int, global_batch: Optional[int
                    micro_batch: Optional[int] = None) -> EngineSettings:
     """Read and check a ds_config for ``world_size`` ranks (and the recipe's ``global_batch``, and
     a ``micro_batch`` that replaces the JSON's, if set); raise ConfigError with the reason."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--deepspeed_config file not found: {path}")
+    path = shipped.resolve_ds_config(path)  # a file, or a shipped ds_config's name (gpu_bf16_zero1)
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:

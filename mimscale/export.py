@@ -16,7 +16,8 @@ mean/std, and the folder can be pushed to the Hugging Face Hub as is (``hf-hub:<
     ``pos_embed`` [1, 1 + L, Dd] for convenience; ``mimscale.checkpoint.weights.load_decoder(out)`` rebuilds
     the ``MAEDecoder``;
   - ``mimscale.json``: mimscale's own metadata beside timm's: the model section
-    (``mimscale.checkpoint.weights.load_encoder(out)`` reads it), the source checkpoint and step, the decoder's dims.
+    (``mimscale.checkpoint.weights.load_encoder(out)`` reads it), the source checkpoint and step, the decoder's dims,
+    and the export's ``format_version`` (checkpoint/formats.py: a reader refuses a newer one, naming it).
 mimscale.checkpoint.weights reads the checkpoint and checks the weights against the model; this module writes.
 The export is written to a temporary folder beside ``--out`` and renamed at the end, so a failed
 export leaves nothing half-written.
@@ -36,7 +37,7 @@ import timm
 import torch
 from timm.models._hub import save_config_for_hf
 
-from mimscale.checkpoint import weights
+from mimscale.checkpoint import formats, weights
 from mimscale.checkpoint.weights import EXPORT_CONFIG, EXPORT_DECODER, EXPORT_ENCODER, TIMM_CONFIG
 from mimscale.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 from mimscale.models.registry import ENCODERS
@@ -141,8 +142,8 @@ def write_export(out: str | Path, run_model: dict, encoder_state: dict, decoder_
         reference = weights.build_encoder(model)
     files = {EXPORT_ENCODER: weights.checked_state(encoder_state, reference, "encoder")}
     files[EXPORT_ENCODER]["pos_embed"] = sincos_pos_embed_2d(spec.dim, reference.grid)[None]  # [1, 1 + L, D]
-    config = {**timm_section(model), "dtype": dtype,
-              "mimscale": {"model": model, "source_checkpoint": source, "step": step}}
+    config = formats.stamp("export", {**timm_section(model), "dtype": dtype,
+                                      "mimscale": {"model": model, "source_checkpoint": source, "step": step}})
     if decoder_state is not None:
         section = decoder_section({**run_model, **model})
         with torch.device("meta"):

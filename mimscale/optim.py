@@ -3,6 +3,7 @@ half-cycle cosine schedule."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from timm.optim import Lars
@@ -59,6 +60,32 @@ def build_lars(model: nn.Module, lr: float, momentum: float = 0.9) -> Lars:
             (adapt if p.ndim > 1 else plain).append(p)
     groups = [{"params": adapt, "always_adapt": True}, {"params": plain, "always_adapt": False}]
     return Lars([g for g in groups if g["params"]], lr=lr, momentum=momentum, weight_decay=0.0, trust_coeff=LARS_TRUST, eps=0.0)
+
+
+@dataclass(frozen=True)
+class RunLength:
+    """What a recipe's train section gives for a global batch and a dataset size (the trainer's
+    schedule, and what ``--print-config`` shows before a launch)."""
+
+    steps_per_epoch: int  # global batches per epoch (the same on any world size)
+    total_steps: int
+    warmup_steps: int
+    lr: float  # the peak: base_lr scaled by global_batch / 256
+
+    @property
+    def epochs(self) -> float:
+        return self.total_steps / self.steps_per_epoch
+
+
+def run_length(train, global_batch: int, n_samples: int) -> RunLength:
+    """``train``: the config's train section (steps or epochs, warmup_steps or warmup_epochs, base_lr).
+    ValueError when ``n_samples`` cannot fill one global batch."""
+    steps_per_epoch = n_samples // global_batch
+    if steps_per_epoch < 1:
+        raise ValueError(f"{n_samples} samples cannot fill one global batch of {global_batch}")
+    total = train.steps if train.steps is not None else max(1, int(round(train.epochs * steps_per_epoch)))
+    warmup = train.warmup_steps if train.warmup_steps is not None else int(round(train.warmup_epochs * steps_per_epoch))
+    return RunLength(steps_per_epoch, total, warmup, train.base_lr * global_batch / 256)
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:

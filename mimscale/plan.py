@@ -36,7 +36,7 @@ import re  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from mimscale import methods  # noqa: E402
+from mimscale import methods, shipped  # noqa: E402
 from mimscale.config import load_config  # noqa: E402
 from mimscale.ds_config import load_ds_config  # noqa: E402
 from mimscale.errors import EXIT_CONFIG, ConfigError  # noqa: E402
@@ -77,11 +77,13 @@ class Row:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m mimscale.plan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="YAML preset (mimscale/configs/*.yaml)")
-    p.add_argument("--deepspeed_config", required=True, help="DeepSpeed JSON (ds_configs/*.json): precision, buckets, micro batch")
+    p.add_argument("--config", required=True, help="YAML preset: a file or a shipped preset's name (mimscale presets)")
+    p.add_argument("--deepspeed_config", required=True,
+                   help="DeepSpeed JSON (a file or a shipped name, e.g. gpu_bf16_zero1): precision, buckets, micro batch")
     p.add_argument("--gpus", type=int, required=True, help="GPUs of the job (data-parallel ranks)")
     p.add_argument("--gpu-mem-gib", type=float, default=80.0, help="memory of one GPU in GiB (default 80)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="override config keys: --set a.b=1 c.d=2 (repeatable)")
     p.add_argument("--micro-batch", type=int, default=None,
                    help="micro batch of the table's GiB columns (default: train.micro_batch, else the ds_config's)")
     p.add_argument("--precision", choices=tuple(DTYPES), default=None, help="default: the ds_config's (bf16 if enabled, else fp32)")
@@ -103,19 +105,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     ):
         if not ok:
             p.error(f"argument {flag}: must be {what}, got {value}")
-    for flag, path in (("--config", args.config), ("--deepspeed_config", args.deepspeed_config)):
-        if not Path(path).is_file():
-            p.error(f"argument {flag}: file not found: {path}")
+    try:  # a file, or the name of a shipped one (mae_vit_base, gpu_bf16_zero1), kept as given for the advice
+        shipped.resolve_preset(args.config), shipped.resolve_ds_config(args.deepspeed_config)
+    except ConfigError as e:
+        p.error(str(e))
     return args
 
 
 def sibling_ds_config(path: str, stage: int) -> str | None:
     """The ds_config beside ``path`` that differs in its ZeRO stage only by name (gpu_bf16_zero1.json
-    -> gpu_bf16_zero3.json), if it exists."""
+    -> gpu_bf16_zero3.json; a shipped name gpu_bf16_zero1 -> gpu_bf16_zero3), if it exists."""
     p = Path(path)
     if not re.search(r"zero\d", p.name):
         return None
     other = p.with_name(re.sub(r"zero\d", f"zero{stage}", p.name))
+    if not p.is_file():  # a shipped name: its sibling's name
+        return other.name if other.name in shipped.names("ds_config") else None
     return str(other) if other.is_file() else None
 
 

@@ -1,9 +1,12 @@
 """Pretraining entry point.
 
-    deepspeed [--num_gpus N] mimscale/pretrain.py --deepspeed_config ds_configs/X.json \
-        --config mimscale/configs/Y.yaml [--set key.sub=value ...]
+    deepspeed [--num_gpus N] --module mimscale.pretrain --deepspeed_config gpu_bf16_zero1 \
+        --config mae_vit_base [--set key.sub=value ...]
 
-Also runs as ``python mimscale/pretrain.py ...`` (a world of one) for debugging.
+(``deepspeed mimscale/pretrain.py ...`` in a checkout is the same.) ``--config`` and
+``--deepspeed_config`` take a file, or the name of one that ships in the package (``mimscale
+presets`` lists them). Also runs as ``python -m mimscale.pretrain ...`` (a world of one) for
+debugging; ``--print-config`` and ``--dry-run`` show what a launch would do without launching.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ if str(_here.parent) not in sys.path:
 # step on CPU (0.25-0.3 s against 0.4-0.9 s for a ViT-B) but slowed every forward + backward by
 # 20-30% (4.6-4.8 s against 3.6-3.7 s, batch 16, 2 threads): a loss per step. Export it to opt in.
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import warnings  # noqa: E402
 from typing import Optional  # noqa: E402
@@ -29,10 +33,16 @@ from typing import Optional  # noqa: E402
 # warns that it is deprecated: one line per step per rank, with nothing for a user to act on.
 warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.* is deprecated", category=FutureWarning)
 
-import deepspeed  # noqa: E402
+# DeepSpeed's logger writes to the sys.stdout of its first import: imported with stdout pointing at
+# stderr, stdout carries only what mimscale prints there (--print-config's YAML, --dry-run's report,
+# the final summary), and DeepSpeed's lines go to stderr beside mimscale's own log.
+with contextlib.redirect_stdout(sys.stderr):
+    import deepspeed  # noqa: E402
 import yaml  # noqa: E402
 
-from mimscale.checkpoint.checkpointer import CONFIG, check_resume  # noqa: E402
+from mimscale import config_keys, preview, shipped  # noqa: E402
+from mimscale.checkpoint import formats  # noqa: E402
+from mimscale.checkpoint.checkpointer import CONFIG, MARKER, check_resume, read_marker  # noqa: E402
 from mimscale.checkpoint.reshard import check_elastic, convert, converted  # noqa: E402
 from mimscale.config import Config, changes_on_resume, check_paths, load_config  # noqa: E402
 from mimscale.ds_config import load_ds_config  # noqa: E402
@@ -45,17 +55,37 @@ from mimscale.trainer import Trainer  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="mimscale MAE-style pretraining under DeepSpeed")
-    p.add_argument("--config", required=True, help="YAML preset (mimscale/configs/*.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.steps=100 (repeatable)")
+    p = argparse.ArgumentParser(prog="python -m mimscale.pretrain", description="mimscale MAE-style pretraining under DeepSpeed",
+                                epilog=config_keys.help_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="YAML preset: a file, or a shipped preset's name (mae_vit_base; mimscale presets)")
+    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="override config keys, e.g. --set train.steps=100 data.source=synthetic (repeatable)")
     p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    preview.add_arguments(p)
     p = deepspeed.add_config_arguments(p)
     args = p.parse_args(argv)
     if not args.deepspeed_config:
-        p.error("--deepspeed_config is required (ds_configs/*.json)")
+        p.error("--deepspeed_config is required (a file, or a shipped name such as gpu_bf16_zero1; mimscale presets lists them)")
+    if args.world_size is not None and args.world_size < 1:
+        p.error(f"argument --world-size: must be a positive integer, got {args.world_size}")
     args.deepspeed = True
     return args
+
+
+def resolve_files(args) -> tuple[Path, Path]:
+    """(preset, ds_config) as files: a shipped name becomes its path in the package, written back
+    into ``args`` before DeepSpeed or the tracker read them. A ConfigError lists the shipped names."""
+    config, ds = shipped.resolve_preset(args.config), shipped.resolve_ds_config(args.deepspeed_config)
+    args.config, args.deepspeed_config = str(config), str(ds)
+    return config, ds
+
+
+def check_format(tag: Path) -> None:
+    """A checkpoint written by a newer mimscale (a newer format version) is refused before anything is built."""
+    try:
+        formats.check("checkpoint", read_marker(tag), tag / MARKER)
+    except formats.FormatVersionError as e:
+        raise ConfigError(f"config key 'resume': {e}") from None
 
 
 def resume_changes(tag: Path, cfg: Config) -> dict:
@@ -84,8 +114,11 @@ def main(argv=None) -> int:
     dist.ensure_env()
     lock = None
     try:  # every config problem surfaces here, before any process group or model exists
-        cfg = load_config(args.config, args.overrides)
-        eng = load_ds_config(args.deepspeed_config, dist.world_size(), cfg.train.global_batch, cfg.train.micro_batch)
+        config_path, ds_path = resolve_files(args)
+        cfg = load_config(config_path, args.overrides)
+        if args.print_config or args.dry_run:
+            return inspect(cfg, args, config_path, ds_path)
+        eng = load_ds_config(ds_path, dist.world_size(), cfg.train.global_batch, cfg.train.micro_batch)
         check_paths(cfg)
         if dist.is_rank0():  # one job per output_dir; the other ranks recognise their own job's lock
             lock = OutputDirLock(cfg.output_dir)
@@ -93,6 +126,8 @@ def main(argv=None) -> int:
         else:
             check_not_foreign(cfg.output_dir)
         resume_from = check_resume(cfg.resume, cfg.output_dir)  # resolved once, here
+        if resume_from:
+            check_format(resume_from)
         changes = resume_changes(resume_from, cfg) if resume_from else {}
         elastic_note = check_elastic(resume_from, dist.world_size(), eng.zero_stage, cfg.train.global_batch is not None) if resume_from else None
     except ConfigError as e:
@@ -105,6 +140,20 @@ def main(argv=None) -> int:
     finally:
         if lock is not None:
             lock.release()
+
+
+def inspect(cfg: Config, args, config_path: Path, ds_path: Path) -> int:
+    """--print-config / --dry-run: what the launch would do, for --world-size ranks (default: this
+    launch's), on stdout; nothing is built or written. A ConfigError propagates (exit 2)."""
+    world = args.world_size or dist.world_size()
+    eng = load_ds_config(ds_path, world, cfg.train.global_batch, cfg.train.micro_batch)
+    if not dist.is_rank0():  # under a launcher: one copy of the text
+        return EXIT_DONE
+    if args.print_config:
+        print(preview.print_config(cfg, eng, world, config_path, ds_path, args.overrides))
+    if args.dry_run:
+        print(preview.dry_run(cfg, eng, world, config_path, ds_path, args.overrides, resume_changes))
+    return EXIT_DONE
 
 
 def leave_group(watch) -> None:

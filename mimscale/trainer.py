@@ -28,7 +28,7 @@ from mimscale.hooks.base import LoopContext
 from mimscale.masking.base import MaskPlan
 from mimscale.masking.noise import SampleNoise
 from mimscale.masking.viz import save_plan_grid
-from mimscale.optim import build_optimizer, build_scheduler, rebase_scheduler
+from mimscale.optim import build_optimizer, build_scheduler, rebase_scheduler, run_length
 from mimscale.runtime import dist
 from mimscale.runtime.failfast import DataStallWatch
 from mimscale.runtime.preempt import StopRequest
@@ -90,13 +90,10 @@ class Trainer:
         n_samples = len(self.source)
         # Global batches per epoch: the same on any world size (the sampler deals global batches;
         # WebDataset streams, per rank by design, count the same way).
-        self.steps_per_epoch = n_samples // eng.global_batch
-        if self.steps_per_epoch < 1:
-            raise ValueError(f"{n_samples} samples cannot fill one global batch of {eng.global_batch}")
         t = cfg.train
-        self.total_steps = t.steps if t.steps is not None else max(1, int(round(t.epochs * self.steps_per_epoch)))
-        self.warmup_steps = t.warmup_steps if t.warmup_steps is not None else int(round(t.warmup_epochs * self.steps_per_epoch))
-        self.lr = t.base_lr * eng.global_batch / 256
+        length = run_length(t, eng.global_batch, n_samples)  # --print-config shows the same numbers
+        self.steps_per_epoch, self.total_steps, self.warmup_steps, self.lr = (length.steps_per_epoch, length.total_steps,
+                                                                              length.warmup_steps, length.lr)
         optimizer = build_optimizer(model, self.lr, t.weight_decay, (t.beta1, t.beta2))
         scheduler = build_scheduler(optimizer, self.warmup_steps, self.total_steps, t.min_lr / self.lr if self.lr else 0.0)
         # The resolved JSON (accumulation derived from the recipe's global batch), not the file.

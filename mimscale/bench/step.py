@@ -25,7 +25,7 @@ from types import SimpleNamespace
 import safetensors.torch
 import torch
 
-from mimscale import methods
+from mimscale import methods, shipped
 from mimscale.config import load_config
 from mimscale.data.loader import build_loader
 from mimscale.data.streams import open_stream
@@ -40,7 +40,6 @@ from mimscale.runtime import dist
 from mimscale.tracking.peak import peak_flops
 from mimscale.trainer import Trainer
 
-REPO = Path(__file__).resolve().parents[2]
 DATA_SOURCES = ("synthetic", "folder", "wds", "ffcv")
 # The methods with a ViT-B preset, by the name bench takes (the registry's alias where it has one: mae)
 PRESETS = {m.alias or m.name: m for m in methods.METHODS.values() if m.preset}
@@ -82,7 +81,7 @@ def sync(device: torch.device) -> None:
 
 
 def default_ds_config(zero: int, cuda: bool) -> Path:
-    return REPO / "ds_configs" / (f"gpu_bf16_zero{zero}.json" if cuda else f"cpu_fp32_zero{zero}.json")
+    return shipped.path_of("ds_config", f"gpu_bf16_zero{zero}" if cuda else f"cpu_fp32_zero{zero}")  # inside the package: works installed
 
 
 def data_overrides(args) -> list[str]:
@@ -112,7 +111,7 @@ def bench_config(args, extra: list[str], tmp: Path):
         *extra,
         *args.set,
     ]
-    return load_config(REPO / "mimscale" / "configs" / PRESETS[args.method].preset, overrides)
+    return load_config(shipped.path_of("preset", PRESETS[args.method].preset), overrides)
 
 
 def build_trainer(args, cfg, tmp: Path):

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import yaml
 
-from mimscale.checkpoint import safe_load
+from mimscale.checkpoint import formats, safe_load
 from mimscale.checkpoint.background import StagingEngine, Writer, stage
 from mimscale.checkpoint.disk import explain_write_error
 from mimscale.errors import ConfigError
@@ -457,6 +457,7 @@ def _fsync_file(path: Path) -> None:
 
 def _publish_marker(tag_dir: Path, marker: dict) -> None:
     """Write, fsync, rename into place, fsync the directory: the marker is whole or absent."""
+    marker = formats.stamp("checkpoint", marker)  # format_version: a reader refuses a newer one (formats.py)
     tmp = tag_dir / (MARKER + ".tmp")
     with open(tmp, "w") as f:
         f.write(json.dumps(marker))

@@ -30,7 +30,7 @@ import safetensors.torch
 import torch
 import yaml
 
-from mimscale.checkpoint import safe_load
+from mimscale.checkpoint import formats, safe_load
 from mimscale.checkpoint.checkpointer import CONFIG, MARKER, DamagedCheckpoint, resolve_resume
 from mimscale.models.decoder import MAEDecoder
 from mimscale.models.registry import ENCODERS
@@ -65,7 +65,17 @@ class Weights:
 
 
 def locate(path: str | Path, label: str = "checkpoint") -> Weights:
-    """What ``path`` is (see the module docstring). ``label``: what errors call the path."""
+    """What ``path`` is (see the module docstring), its format version checked (a newer mimscale's
+    checkpoint or export: FormatVersionError, a ValueError). ``label``: what errors call the path."""
+    src = _find(path, label)
+    if src.kind == "checkpoint":
+        formats.check("checkpoint", marker(src.path), src.path / MARKER)
+    elif src.kind == "export":
+        formats.check("export", json.loads(src.config.read_text()), src.config)
+    return src
+
+
+def _find(path: str | Path, label: str) -> Weights:
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{label} {str(path)!r} does not exist (no such file or directory; expected a "

@@ -55,7 +55,8 @@ def available() -> bool:
     if FUNCTION is None and not _warned:
         _warned = True
         print("[mimscale.data] mimscale/data/_jpeg_region is not built (no libjpeg headers at install time?): "
-              "crops use full decodes, same pixels, slower; apt-get install libjpeg-dev, then make setup",
+              "crops use full decodes, same pixels, slower; apt-get install libjpeg-dev, then reinstall mimscale "
+              "(pip install, or make setup in a checkout)",
               file=sys.stderr)
     return FUNCTION is not None
 

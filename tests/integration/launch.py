@@ -68,8 +68,8 @@ def run_group(cmd: list[str], timeout: int = 300, **kw) -> subprocess.CompletedP
     ranks are killed, instead of leaving orphaned ranks that hold memory for the rest of the suite."""
     import signal
 
-    with subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                          **{"env": env(), **kw}) as p:
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                          **{"cwd": REPO, "env": env(), **kw}) as p:
         try:
             out, err = p.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -23,7 +23,8 @@ LAZY_OK = {"ffcv", "numba", "mlflow", "matplotlib", "mimscale.data.ffcv_loader"}
 # rest of its package). config sits above the methods: it takes each method's section and the
 # method names from the registry.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("bottom", ("mimscale.errors", "mimscale.ds_config", "mimscale.optim")),  # error types, the DeepSpeed JSON, optimizers
+    # error types, the DeepSpeed JSON, optimizers, the shipped presets / ds_configs by name
+    ("bottom", ("mimscale.errors", "mimscale.ds_config", "mimscale.optim", "mimscale.shipped")),
     ("runtime", ("mimscale.runtime",)),  # process group, preemption, fail-fast, output-dir lock, Stateful
     ("data", ("mimscale.data",)),
     ("models", ("mimscale.models", "mimscale.masking.base")),  # MaskPlan/Masker: the contract models speak
@@ -31,11 +32,12 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("masking", ("mimscale.masking", "mimscale.objectives")),
     ("hooks", ("mimscale.hooks",)),
     ("methods", ("mimscale.methods",)),
-    ("config", ("mimscale.config",)),
+    ("config", ("mimscale.config", "mimscale.config_keys")),
     ("eval", ("mimscale.eval", "mimscale.export")),  # features, probes, CKA; the export writer
     ("tracking", ("mimscale.tracking", "mimscale.planning")),  # planning: the memory planner's parts
     ("trainer", ("mimscale.trainer",)),
-    ("entry points", ("mimscale.pretrain", "mimscale.bench", "mimscale.eval.__main__", "mimscale.report", "mimscale.plan", "data_prep")),
+    ("entry points", ("mimscale.pretrain", "mimscale.preview", "mimscale.bench", "mimscale.eval.__main__", "mimscale.report", "mimscale.plan",
+                      "mimscale.cli", "mimscale.__main__", "data_prep")),
 ]
 
 
