@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from data_prep.images import check_jpeg
 from data_prep.manifest import default_workers, read_json, sha256_file
+from mimscale.data.sources import beton_problem
 
 MAX_PER_UNIT = 20  # problems listed per shard / chunk before "... and N more"
 
@@ -219,6 +220,9 @@ def verify_beton(path: str | Path, workers: Optional[int] = None, chunk: int = 2
         problems.append(f"{name}: {size} bytes, {side.name} says {man['bytes']}")
     if sha != man["sha256"]:
         problems.append(f"{name}: sha256 differs from {side.name}")
+    structure = beton_problem(path, sidecar=False)  # a truncated file: said plainly, not as the reader's numpy error
+    if structure:
+        return problems + [f"{name}: {structure}; the file is truncated or corrupt: rewrite it (python -m data_prep.ffcv) or copy it again"], 0
     from ffcv.reader import Reader  # imported here: numba start-up is slow
 
     try:
