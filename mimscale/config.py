@@ -75,6 +75,10 @@ class DataConfig:
     # decode time, pixels within a few levels of the accurate one) or accurate (libjpeg's default, PIL's).
     # AMT's whole-image pass always uses fast; FFCV without the crop decoder extension too (its imdecode)
     jpeg_idct: Literal["fast", "accurate"] = "fast"
+    # A resume whose data differs from the checkpoint's (the folder's listing, the shards' manifest, the .beton:
+    # another count or fingerprint, e.g. files added or removed at the same data.path): refuse stops it (exit 2)
+    # naming both counts; allow warns and continues on the new data (the sampler's order and exact resume are lost)
+    resume_changes: Literal["refuse", "allow"] = "refuse"
 
 
 @dataclass
@@ -391,8 +395,8 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 # tracking, and where things are; anything else changes what is trained (a key ending in "." is a
 # whole section).
 RESUMABLE_CHANGES = ("train.steps", "train.epochs", "train.stop_after", "train.log_every", "train.ckpt_every", "train.ckpt_every_minutes", "train.micro_batch",
-                     "train.keep_checkpoints", "train.threads", "data.num_workers", "data.jpeg_idct", "tracking.", "dist.", "output_dir", "resume",
-                     "resume_changes", "preset")
+                     "train.keep_checkpoints", "train.threads", "data.num_workers", "data.jpeg_idct", "data.resume_changes", "tracking.", "dist.",
+                     "output_dir", "resume", "resume_changes", "preset")
 
 
 def changes_on_resume(saved: dict, cfg: Config) -> dict[str, tuple[Any, Any]]:

@@ -21,9 +21,10 @@ from mimscale.errors import ConfigError
 
 
 class FolderSource:
-    """``<root>/<split>/<class>/*.JPEG`` (or ``<root>/<class>/*.JPEG``), listed by
-    ``mimscale.data.imagenet`` (classes in synsets.txt order, else sorted; files sorted within a
-    class), so global indices are the same on every rank, every run and in every converted format."""
+    """``<root>/<split>/<class>/*.JPEG`` (or ``<root>/<class>/*.JPEG``), or a folder of unlabelled
+    images at any depth (label -1), listed by ``mimscale.data.imagenet`` (classes in synsets.txt
+    order, else sorted; files sorted within a class; unlabelled: by relative path), so global
+    indices are the same on every rank, every run and in every converted format."""
 
     def __init__(self, root: str | Path, split: str = "train"):
         try:
@@ -46,10 +47,12 @@ class FolderSource:
         # 1.28M Python objects' refcounts would copy the list's pages into every worker.
         self._files = np.array([f.encode() for f in listing.files], dtype=np.bytes_)
         self.labels = np.asarray(listing.labels, dtype=np.int64)
+        self.unlabelled = listing.unlabelled  # why there are no labels ("" when there are)
+        self._fingerprint = None
 
     @property
     def files(self) -> list[str]:
-        """Relative paths ``<class>/<file>`` in index order (a fresh list: for inspection)."""
+        """Relative paths (``<class>/<file>``) in index order (a fresh list: for inspection)."""
         return [f.decode() for f in self._files]
 
     def __len__(self) -> int:
@@ -69,8 +72,11 @@ class FolderSource:
             return f.read()
 
     def fingerprint(self) -> str:
-        """The listing's sha256, as ``Listing.fingerprint`` (and data_prep's manifests) compute it."""
-        return listing_fingerprint(self.files, self.labels)
+        """The listing's sha256, as ``Listing.fingerprint`` (and data_prep's manifests) compute it
+        (once: a second of hashing for ImageNet's 1.28M names)."""
+        if self._fingerprint is None:
+            self._fingerprint = listing_fingerprint(self.files, self.labels)
+        return self._fingerprint
 
 
 class SyntheticSource:
@@ -160,6 +166,10 @@ class FfcvFile:
 
     def label(self, pos: int) -> int:
         return int(self._read_tables()["label"][pos])
+
+    def unlabelled(self) -> bool:
+        """Whether every label is -1 (data_prep.ffcv over an unlabelled folder)."""
+        return self.num_samples > 0 and bool((self._read_tables()["label"] < 0).all())
 
     def global_index(self, pos: int) -> int:
         return int(self._read_tables()["index"][pos])

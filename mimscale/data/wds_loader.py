@@ -55,6 +55,7 @@ class ShardIndex:
     names: list[str]
     counts: np.ndarray  # [num_shards] int64 samples per shard
     classes: list[str]
+    unlabelled: str = ""  # why the source folder had no labels (every label -1; "" when it had them)
 
     @classmethod
     def load(cls, path: str | Path, split: str = "train") -> "ShardIndex":
@@ -69,7 +70,8 @@ class ShardIndex:
         shards = [s for s in m["shards"] if s["count"] > 0]
         if not shards:
             raise ValueError(f"{manifest} lists no samples")
-        return cls(manifest.parent, [s["name"] for s in shards], np.array([s["count"] for s in shards], dtype=np.int64), list(m.get("classes", [])))
+        return cls(manifest.parent, [s["name"] for s in shards], np.array([s["count"] for s in shards], dtype=np.int64), list(m.get("classes", [])),
+                   str(m.get("unlabelled", "")))
 
     def __len__(self) -> int:
         return int(self.counts.sum())
