@@ -214,8 +214,10 @@ def verify_beton(path: str | Path, workers: Optional[int] = None, chunk: int = 2
     if not path.is_file():
         return [f"{name}: missing"], 0
     side = path.with_name(name + ".json")
+    structure = beton_problem(path, sidecar=False)  # a truncated file: said plainly, not as the reader's numpy error
+    broken = [f"{name}: {structure}; the file is truncated or corrupt: rewrite it (python -m data_prep.ffcv) or copy it again"] if structure else []
     if not side.is_file():
-        return [f"{name}: no sidecar {side.name}"], 0
+        return [f"{name}: no sidecar {side.name}"] + broken, 0
     problems = []
     man = read_json(side)
     sha, size = sha256_file(path)
@@ -223,9 +225,8 @@ def verify_beton(path: str | Path, workers: Optional[int] = None, chunk: int = 2
         problems.append(f"{name}: {size} bytes, {side.name} says {man['bytes']}")
     if sha != man["sha256"]:
         problems.append(f"{name}: sha256 differs from {side.name}")
-    structure = beton_problem(path, sidecar=False)  # a truncated file: said plainly, not as the reader's numpy error
-    if structure:
-        return problems + [f"{name}: {structure}; the file is truncated or corrupt: rewrite it (python -m data_prep.ffcv) or copy it again"], 0
+    if broken:
+        return problems + broken, 0
     from ffcv.reader import Reader  # imported here: numba start-up is slow
 
     try:
