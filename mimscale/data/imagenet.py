@@ -205,7 +205,8 @@ def _list(root: Path, split_dir: Path, split: str) -> Listing:
         label = _labeler(classes)
         labels = [label(w, f"{name} in {found[0].name}") for name, w in zip(files, wnids)]
     if not files:
-        raise LayoutError(f"{split_dir} holds no images with extensions {IMAGE_EXTS}")
+        where = " (at any depth)" if not (tree.top or tree.nested) else " in its class folders"
+        raise LayoutError(f"{split_dir} holds no images with extensions {IMAGE_EXTS}{where}")
     return Listing(split_dir, split, list(classes), files, np.asarray(labels, dtype=np.int64))
 
 
@@ -244,7 +245,8 @@ class _Tree:
         subfolder is one folder down; images directly in the folder are then not samples), or be
         a flat folder labelled by a CSV (no image in a subfolder)."""
         if self.deeper:
-            return f"{len(self.deeper)} images are more than one folder down (e.g. {self.deeper[0]}), so its subfolders are not classes"
+            n = len(self.deeper)
+            return f"{n} image{' is' if n == 1 else 's are'} more than one folder down (e.g. {self.deeper[0]}), so its subfolders are not classes"
         return None
 
 
