@@ -20,6 +20,11 @@ from mimscale.data.imagenet import LayoutError, Listing, list_folder, listing_fi
 from mimscale.errors import ConfigError
 
 
+class DataPathLayoutError(LayoutError, ConfigError):
+    """data.path is no folder layout the listing reads: a LayoutError that also ends a run as a
+    configuration error (exit code 2, no traceback)."""
+
+
 class FolderSource:
     """``<root>/<split>/<class>/*.JPEG`` (or ``<root>/<class>/*.JPEG``), or a folder of unlabelled
     images at any depth (label -1), listed by ``mimscale.data.imagenet`` (classes in synsets.txt
@@ -30,7 +35,7 @@ class FolderSource:
         try:
             listing = list_folder(root, split)
         except LayoutError as e:
-            raise LayoutError(f"data.path: {e}") from None  # names the setting to fix
+            raise DataPathLayoutError(f"data.path: {e}") from None  # names the setting to fix
         self._adopt(listing)
 
     @classmethod

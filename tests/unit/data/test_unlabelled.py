@@ -14,6 +14,7 @@ from mimscale.config import DataConfig
 from mimscale.data.imagenet import LayoutError, list_folder
 from mimscale.data.sources import FolderSource
 from mimscale.data.streams import build_source, open_full_pass, open_stream
+from mimscale.errors import ConfigError
 from mimscale.eval.features import OptionError, open_split
 from tests.unit.data.test_data_errors import write_images
 
@@ -58,8 +59,9 @@ def test_a_flat_folder_without_csv_is_unlabelled_and_an_empty_tree_is_an_error(t
     src = FolderSource(tmp_path / "flat")
     assert src.files == ["a.jpg", "b.jpg"] and src.label(0) == -1
     (tmp_path / "empty" / "deep" / "er").mkdir(parents=True)
-    with pytest.raises(LayoutError, match=r"data.path: .*empty holds no images with extensions .* \(at any depth\)"):
+    with pytest.raises(LayoutError, match=r"data.path: .*empty holds no images with extensions .* \(at any depth\)") as e:
         FolderSource(tmp_path / "empty")
+    assert isinstance(e.value, ConfigError)  # a run ends on it with exit code 2, no traceback
 
 
 def test_pretraining_batches_from_a_nested_unlabelled_folder(photos):
