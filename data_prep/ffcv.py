@@ -4,8 +4,12 @@
         [--max-side N] [--jpeg-quality 90] [--write-mode jpg|proportion|raw]
         [--compress-probability 0.5] [--workers N]
 
+``--src`` is listed as the trainer lists ``data.path`` (mimscale.data.imagenet.list_folder):
+``<src>/<split>`` when that folder exists, else ``<src>`` itself, including a plain folder of
+unlabelled images at any depth (every label -1; the sidecar's classes empty, "unlabelled" the reason).
+
 The .beton has three fields, in this order: ``image`` = RGBImageField(write_mode=jpg|proportion|raw,
-max_resolution=max_side, jpeg_quality=Q, compress_probability=P), ``label`` = IntField (class index), ``index`` =
+max_resolution=max_side, jpeg_quality=Q, compress_probability=P), ``label`` = IntField (class index, -1 unlabelled), ``index`` =
 IntField (global sample index, see mimscale.data.imagenet). Samples are in global-index order, bad
 files left out. Images are prepared by data_prep.images (RGB, downsized so the longest side is
 max_side), so FFCV's own resize finds nothing left to do; FFCV JPEG-encodes them (write mode jpg,
@@ -38,7 +42,7 @@ from tqdm import tqdm
 
 from data_prep.images import Unusable, decode, prepare_array, target_size
 from data_prep.manifest import default_workers, dump_json, sha256_file, write_atomic, writer_parser
-from mimscale.data.imagenet import LayoutError, Listing, list_split
+from mimscale.data.imagenet import LayoutError, Listing, list_folder
 
 FORMAT = "mimscale-ffcv/1"
 MIN_PAGE = 8 << 20  # FFCV's default page size; a page must hold a sample's whole JPEG
@@ -126,7 +130,7 @@ def write_beton(
         raise ValueError(f"write_mode {write_mode!r}: allowed values: {', '.join(WRITE_MODES)}")
     if not 0.0 <= compress_probability <= 1.0:
         raise ValueError(f"compress_probability {compress_probability}: must be in [0, 1]")
-    listing = list_split(src, split)
+    listing = list_folder(src, split)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     workers = default_workers() if workers is None else max(1, workers)
@@ -174,6 +178,8 @@ def write_beton(
         "compress_probability": compress_probability if write_mode == "proportion" else None, "sha256": sha, "bytes": size, "classes": listing.classes,
         "skipped": skipped, "converted": converted,
     }
+    if listing.unlabelled:  # only then: a labelled sidecar keeps its keys
+        manifest["unlabelled"] = listing.unlabelled
     write_atomic(out.with_name(out.name + ".json"), dump_json(manifest))
     return manifest
 
@@ -191,7 +197,8 @@ def main(argv=None) -> int:
     except (LayoutError, SourceChanged, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {m['num_samples']} samples to {a.out} ({len(m['converted'])} converted, {len(m['skipped'])} skipped)")
+    kind = "unlabelled " if m.get("unlabelled") else ""
+    print(f"wrote {m['num_samples']} {kind}samples to {a.out} ({len(m['converted'])} converted, {len(m['skipped'])} skipped)")
     return 0
 
 

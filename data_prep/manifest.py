@@ -53,7 +53,8 @@ def writer_parser(prog: str, description: str, out_help: str, quality: int):
     import argparse
 
     p = argparse.ArgumentParser(prog=prog, description=description)
-    p.add_argument("--src", required=True, help="ImageNet root (holding train/, val/, synsets.txt)")
+    p.add_argument("--src", required=True, help="ImageNet root (holding train/, val/, synsets.txt), a folder of class folders, "
+                   "or a folder of unlabelled images at any depth (used as is when it has no <split>/ folder)")
     p.add_argument("--split", required=True, choices=["train", "val"])
     p.add_argument("--out", required=True, help=out_help)
     p.add_argument("--max-side", type=int, default=None, help="downsize so the longest side is at most N")

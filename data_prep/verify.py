@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from data_prep.images import check_jpeg
 from data_prep.manifest import default_workers, read_json, sha256_file
+from mimscale.data.sources import beton_problem
 
 MAX_PER_UNIT = 20  # problems listed per shard / chunk before "... and N more"
 
@@ -61,7 +62,10 @@ def _check_sample(name: str, key: str, members: dict, num_classes: int, classes:
     except (ValueError, UnicodeDecodeError):
         cls = None
         out.append(f"{where}: cls {members['cls'][:20]!r} is not an int")
-    if cls is not None and not 0 <= cls < num_classes:
+    if cls is not None and not classes:  # an unlabelled folder's shards: label -1, no wnid
+        if cls != -1 or meta.get("wnid") is not None:
+            out.append(f"{where}: cls {cls}, json wnid {meta.get('wnid')!r} in unlabelled shards (expected -1 and null)")
+    elif cls is not None and not 0 <= cls < num_classes:
         out.append(f"{where}: cls {cls} out of range [0, {num_classes})")
     elif cls is not None and meta.get("wnid") != classes[cls]:
         out.append(f"{where}: json wnid {meta.get('wnid')!r} is not class {cls} ({classes[cls]})")
@@ -210,8 +214,10 @@ def verify_beton(path: str | Path, workers: Optional[int] = None, chunk: int = 2
     if not path.is_file():
         return [f"{name}: missing"], 0
     side = path.with_name(name + ".json")
+    structure = beton_problem(path, sidecar=False)  # a truncated file: said plainly, not as the reader's numpy error
+    broken = [f"{name}: {structure}; the file is truncated or corrupt: rewrite it (python -m data_prep.ffcv) or copy it again"] if structure else []
     if not side.is_file():
-        return [f"{name}: no sidecar {side.name}"], 0
+        return [f"{name}: no sidecar {side.name}"] + broken, 0
     problems = []
     man = read_json(side)
     sha, size = sha256_file(path)
@@ -219,6 +225,8 @@ def verify_beton(path: str | Path, workers: Optional[int] = None, chunk: int = 2
         problems.append(f"{name}: {size} bytes, {side.name} says {man['bytes']}")
     if sha != man["sha256"]:
         problems.append(f"{name}: sha256 differs from {side.name}")
+    if broken:
+        return problems + broken, 0
     from ffcv.reader import Reader  # imported here: numba start-up is slow
 
     try:
@@ -237,7 +245,9 @@ def verify_beton(path: str | Path, workers: Optional[int] = None, chunk: int = 2
         problems.append(f"{name}: indices not strictly increasing")
     if n_samples and (index.min() < 0 or index.max() >= n_files):
         problems.append(f"{name}: indices outside [0, {n_files})")
-    if n_samples and (labels.min() < 0 or labels.max() >= n_classes):
+    if n_samples and not n_classes and (labels != -1).any():
+        problems.append(f"{name}: labels other than -1 in an unlabelled .beton (its sidecar lists no classes)")
+    elif n_samples and n_classes and (labels.min() < 0 or labels.max() >= n_classes):
         problems.append(f"{name}: labels outside [0, {n_classes})")
     if set(index.tolist()) & {e["index"] for e in man["skipped"]}:
         problems.append(f"{name}: holds samples its sidecar lists as skipped")

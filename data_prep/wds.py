@@ -3,6 +3,11 @@
     python -m data_prep.wds --src <ImageNet root> --split train|val --out <dir>
         [--shard-size 1000] [--max-side N] [--workers N] [--seed 0] [--jpeg-quality 95] [--reencode]
 
+``--src`` is listed as the trainer lists ``data.path`` (mimscale.data.imagenet.list_folder):
+``<src>/<split>`` when that folder exists, else ``<src>`` itself, in any layout it reads, including
+a plain folder of unlabelled images at any depth (every label -1: ``.cls`` is ``-1``, the JSON's
+wnid null, the manifest's classes empty and its "unlabelled" the reason).
+
 Layout of ``<out>``:
 
 - ``<split>-NNNNNN.tar`` (``%06d``): plain uncompressed ustar. Shard k holds the samples at
@@ -22,7 +27,7 @@ Layout of ``<out>``:
 - ``<split>-manifest.json``: written when every shard is complete, {"format": "mimscale-wds/1",
   "split", "num_samples", "num_files", "shard_size", "max_side", "seed", "jpeg_quality", "reencode",
   "listing_sha256", "classes", "shards": [{"name", "count", "sha256", "bytes"}], "skipped",
-  "converted"} (lists of {"index", "file", "reason"}).
+  "converted"} (lists of {"index", "file", "reason"}), plus "unlabelled" (why) for an unlabelled folder.
 
 A rerun keeps complete shards, removes stale ``.tmp`` files and writes the rest; the result is
 byte-identical to an uninterrupted run. It refuses to mix options (split, shard size, max side,
@@ -45,7 +50,7 @@ from tqdm import tqdm
 
 from data_prep.images import Unusable, prepare_jpeg
 from data_prep.manifest import default_workers, dump_json, read_json, sha256_file, write_atomic, writer_parser
-from mimscale.data.imagenet import LayoutError, Listing, list_split
+from mimscale.data.imagenet import LayoutError, Listing, list_folder
 
 FORMAT = "mimscale-wds/1"
 
@@ -171,7 +176,7 @@ def write_shards(
     """Write (or finish) the shards of ``<src>/<split>`` into ``out``; returns the manifest."""
     if shard_size < 1:
         raise ValueError("shard_size must be >= 1")
-    listing = list_split(src, split)
+    listing = list_folder(src, split)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     n = len(listing)
@@ -226,6 +231,8 @@ def write_shards(
         "skipped": sorted((e for s in shards for e in s["skipped"]), key=lambda e: e["index"]),
         "converted": sorted((e for s in shards for e in s["converted"]), key=lambda e: e["index"]),
     }
+    if listing.unlabelled:  # only then: a labelled manifest keeps its bytes
+        manifest["unlabelled"] = listing.unlabelled
     write_atomic(out / manifest_name(split), dump_json(manifest))
     return manifest
 
@@ -243,7 +250,7 @@ def main(argv=None) -> int:
     except (LayoutError, OptionsMismatch) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {m['num_samples']} samples in {len(m['shards'])} shards "
+    print(f"wrote {m['num_samples']} {'unlabelled ' if m.get('unlabelled') else ''}samples in {len(m['shards'])} shards "
           f"({len(m['converted'])} converted, {len(m['skipped'])} skipped) to {a.out}")
     return 0
 

@@ -76,6 +76,10 @@ class DataConfig:
     # decode time, pixels within a few levels of the accurate one) or accurate (libjpeg's default, PIL's).
     # AMT's whole-image pass always uses fast; FFCV without the crop decoder extension too (its imdecode)
     jpeg_idct: Literal["fast", "accurate"] = "fast"
+    # A resume whose data differs from the checkpoint's (the folder's listing, the shards' manifest, the .beton:
+    # another count or fingerprint, e.g. files added or removed at the same data.path): refuse stops it (exit 2)
+    # naming both counts; allow warns and continues on the new data (the sampler's order and exact resume are lost)
+    resume_changes: Literal["refuse", "allow"] = "refuse"
 
 
 @dataclass
@@ -229,12 +233,43 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def read_yaml(path: Path) -> Any:
+    """The YAML document of ``path``; a file that is not valid YAML (a tab, a bad indent, an
+    unclosed bracket) or not UTF-8 is a ConfigError naming the file, line and column, with the
+    offending line and a caret under the column."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        lines = text.splitlines()
+        mark = e.problem_mark or e.context_mark
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        if mark is not None and mark.line >= len(lines):
+            where += " (the end of the file)"
+        what = e.problem or e.context or "invalid YAML"
+        if e.context and e.problem and e.context_mark is not None:
+            what += f" ({e.context} that starts at line {e.context_mark.line + 1}, column {e.context_mark.column + 1})"
+        if "\\t" in what:
+            what += "; YAML indents with spaces, not tabs"
+        # the offending line, or for a problem at the end of the file the line where the unclosed part starts
+        shown_mark = mark if mark is not None and mark.line < len(lines) else e.context_mark
+        shown = ""
+        if shown_mark is not None and shown_mark.line < len(lines):
+            shown = f"\n    {lines[shown_mark.line].replace(chr(9), ' ')}\n    {' ' * shown_mark.column}^"
+        raise ConfigError(f"config file {path}{where}: {what}{shown}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path}: {e}") from None
+
+
 def load_config(path: Optional[str | Path] = None, overrides: list[str] | tuple = ()) -> Config:
     """Build a Config from an optional YAML preset and ``key.sub=value`` overrides, then validate."""
     cfg = Config()
     if path is not None:
         path = shipped.resolve_preset(path)  # a file, or a shipped preset's name (mae_vit_base)
-        data = yaml.safe_load(path.read_text()) or {}
+        data = read_yaml(path) or {}
         _apply(cfg, data)
         cfg.preset = path.stem
     for text in overrides:
@@ -370,9 +405,8 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 # tracking, and where things are; anything else changes what is trained (a key ending in "." is a
 # whole section).
 RESUMABLE_CHANGES = ("train.steps", "train.epochs", "train.stop_after", "train.log_every", "train.ckpt_every", "train.ckpt_every_minutes",
-                     "train.ckpt_background", "train.micro_batch",
-                     "train.keep_checkpoints", "train.threads", "data.num_workers", "data.jpeg_idct", "tracking.", "dist.", "output_dir", "resume",
-                     "resume_changes", "preset")
+                     "train.ckpt_background", "train.micro_batch", "train.keep_checkpoints", "train.threads", "data.num_workers",
+                     "data.jpeg_idct", "data.resume_changes", "tracking.", "dist.", "output_dir", "resume", "resume_changes", "preset")
 
 
 def changes_on_resume(saved: dict, cfg: Config) -> dict[str, tuple[Any, Any]]:

@@ -198,6 +198,14 @@ def train(cfg: Config, args, eng, stop: StopRequest, resume_from, changes: dict,
         trainer.tracker.end("FAILED")
         leave_group(watch)
         return EXIT_DIVERGED
+    except ConfigError as e:
+        # Found once the data is open (a truncated .beton, a dataset changed under a resumed run):
+        # the same on every rank, which all read the same files and checkpoint, so all stop here.
+        print(f"mimscale: configuration error: {e}", file=sys.stderr)
+        if trainer is not None:
+            trainer.tracker.end("FAILED")
+        leave_group(watch)
+        return EXIT_CONFIG
     except BaseException as e:
         if watch is not None:
             watch.report(e)

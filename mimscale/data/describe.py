@@ -11,6 +11,10 @@ data can have, where it is, and its counts. Per ``data.source``:
     same one data_prep's manifests record as ``listing_sha256``); counts: samples, classes;
   - ``synthetic``: generated images; the digest is that of (count, size, seed).
 Reads only manifests and the listing the source already holds: never the images.
+
+``identity(data_cfg, source)``: what a checkpoint records of its data (the data stream's state,
+streams.StreamPosition) so a resume over changed data is noticed: the same digest, except for a
+.beton without its sidecar (the count and size only: its path and mtime change with a copy).
 """
 from __future__ import annotations
 
@@ -94,3 +98,15 @@ def describe(data_cfg, source) -> DatasetRecord:
         return DatasetRecord("synthetic", _sha256(json.dumps(settings, sort_keys=True).encode()), "code",
                              {"tags": {"mimscale.data.source": "synthetic"}}, profile)
     raise ValueError(f"data.source {kind!r}: no dataset record for it (folder, wds, ffcv, synthetic)")
+
+
+def identity(data_cfg, source) -> dict:
+    """{"source", "path", "count", "sha256"} of the data a run reads. Independent of where the data
+    lives (a listing's relative paths, a manifest's bytes, a .beton's sha256), so a moved copy
+    resumes; any added, removed or renamed file (or relabelled class) changes it."""
+    count = len(source)
+    if data_cfg.source == "ffcv" and not Path(data_cfg.path).with_name(Path(data_cfg.path).name + ".json").is_file():
+        sha = _sha256(f"ffcv|{count}|{Path(data_cfg.path).stat().st_size}".encode())
+    else:
+        sha = describe(data_cfg, source).sha256
+    return {"source": data_cfg.source, "path": str(data_cfg.path), "count": count, "sha256": sha}

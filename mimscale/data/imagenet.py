@@ -12,6 +12,12 @@ Layouts read (``<root>`` is the folder given, ``<split>`` is ``train``, ``val``,
   without extension; the first token of PredictionString is the wnid) and a 2-column
   ``file,wnid`` CSV (file with or without its extension).
 - class folders (``list_folder`` only, when ``<root>/<split>`` is not a folder): ``<root>/<class>/<file>``.
+- unlabelled: images nested at any depth (some more than one folder down), or directly in the
+  folder with no ground-truth CSV: every image under it (symlinked folders followed), sorted by
+  relative path, label -1, no classes. Class folders are recognised only when every image in a
+  subfolder sits exactly one folder down (images directly beside class folders are not samples);
+  a deeper tree is listed whole, unlabelled, rather than partly ignored. Pretraining needs no
+  labels; evaluation and anything else that does calls ``Listing.require_labels``.
 
 Image files are those whose lower-cased name ends in one of ``IMAGE_EXTS``.
 
@@ -21,7 +27,8 @@ split's own folders, or of the val CSV, when there is no ``train/``). A class fo
 images keeps its class index. A wnid outside the class list is an error naming it.
 
 Global sample index: position in the listing sorted by (class folder, file name) for foldered
-layouts, by file name for flat val. synsets.txt changes labels, never the order.
+layouts, by file name for flat val, by relative path for unlabelled folders. synsets.txt changes
+labels, never the order.
 """
 from __future__ import annotations
 
@@ -49,13 +56,23 @@ class Listing:
     split: str
     classes: list[str]  # wnids in class-index order
     files: list[str]  # paths relative to split_dir, in global-index order
-    labels: np.ndarray  # [N] int64 class index per file
+    labels: np.ndarray  # [N] int64 class index per file; -1 for every file of an unlabelled folder
+    unlabelled: str = ""  # why the folder has no labels (empty when it has them)
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def wnid(self, index: int) -> str:
-        return self.classes[int(self.labels[index])]
+    def wnid(self, index: int) -> str | None:
+        """The class name of file ``index``; None in an unlabelled folder."""
+        label = int(self.labels[index])
+        return self.classes[label] if label >= 0 else None
+
+    def require_labels(self, what: str) -> None:
+        """A LayoutError saying that ``what`` (e.g. "evaluation") needs labels this folder lacks."""
+        if self.unlabelled:
+            raise LayoutError(f"{what} needs labelled images, and {self.split_dir} is unlabelled: {self.unlabelled}. "
+                              f"Expected {self.split_dir}/<class>/<image> files, or a flat folder of images with a ground-truth "
+                              f"CSV ({KAGGLE_CSV}, or 'file,wnid')")
 
     def read(self, index: int) -> bytes:
         with open(self.split_dir / self.files[index], "rb") as f:
@@ -143,9 +160,12 @@ def _read_val_csv(path: Path, kind: str) -> dict[str, str]:
 def _list(root: Path, split_dir: Path, split: str) -> Listing:
     """The files under ``split_dir`` (class folders, else flat with a CSV); synsets.txt, train/
     and the CSV are looked for from ``root``."""
+    tree = _Tree.scan(split_dir)
+    if tree.unlabelled_reason is not None:
+        return _unlabelled(split_dir, split, tree, tree.unlabelled_reason)
     synsets = read_synsets(root)
     folders = _subdirs(split_dir)
-    if folders:
+    if folders and (tree.nested or not tree.top):  # class folders (images directly in split_dir are not samples)
         per_class = [(w, _images(split_dir / w)) for w in folders]
         if synsets is not None:
             classes = synsets
@@ -165,11 +185,10 @@ def _list(root: Path, split_dir: Path, split: str) -> Listing:
         files = _images(split_dir)
         found = find_val_csv(root)
         if found is None:
-            raise LayoutError(
-                f"{split_dir} holds no class folders, and no ground-truth CSV was found: looked for "
-                f"{root / 'val' / KAGGLE_CSV}, {root / KAGGLE_CSV} and any *.csv with a header "
-                f"'ImageId,PredictionString' or 'file,wnid' in {root / 'val'} and {root}"
-            )
+            return _unlabelled(split_dir, split, tree,
+                               f"its images are not in class folders, and no ground-truth CSV was found (looked for "
+                               f"{root / 'val' / KAGGLE_CSV}, {root / KAGGLE_CSV} and any *.csv with a header "
+                               f"'ImageId,PredictionString' or 'file,wnid' in {root / 'val'} and {root})")
         truth = _read_val_csv(*found)
         wnids = []
         for name in files:
@@ -186,8 +205,57 @@ def _list(root: Path, split_dir: Path, split: str) -> Listing:
         label = _labeler(classes)
         labels = [label(w, f"{name} in {found[0].name}") for name, w in zip(files, wnids)]
     if not files:
-        raise LayoutError(f"{split_dir} holds no images with extensions {IMAGE_EXTS}")
+        where = " (at any depth)" if not (tree.top or tree.nested) else " in its class folders"
+        raise LayoutError(f"{split_dir} holds no images with extensions {IMAGE_EXTS}{where}")
     return Listing(split_dir, split, list(classes), files, np.asarray(labels, dtype=np.int64))
+
+
+@dataclass
+class _Tree:
+    """Where the images under a folder are: ``top`` directly in it, ``nested`` (relative paths)
+    in its subfolders at any depth, ``deeper`` how many of those are more than one folder down."""
+
+    top: list[str]
+    nested: list[str]
+    deeper: list[str]
+
+    @classmethod
+    def scan(cls, folder: Path) -> "_Tree":
+        top, nested, deeper = [], [], []
+        seen = {os.path.realpath(folder)}  # symlinked folders are followed, each real folder once (no cycle)
+        stack = [("", folder)]
+        while stack:
+            rel, path = stack.pop()
+            for e in os.scandir(path):
+                name = f"{rel}{e.name}"
+                if e.is_dir():
+                    real = os.path.realpath(e.path)
+                    if real not in seen:
+                        seen.add(real)
+                        stack.append((name + "/", e.path))
+                elif e.is_file() and e.name.lower().endswith(IMAGE_EXTS):
+                    (nested if rel else top).append(name)
+                    if rel.count("/") > 1:
+                        deeper.append(name)
+        return cls(sorted(top), sorted(nested), sorted(deeper))
+
+    @property
+    def unlabelled_reason(self) -> str | None:
+        """Why these images cannot be class folders, or None when they may be (every image in a
+        subfolder is one folder down; images directly in the folder are then not samples), or be
+        a flat folder labelled by a CSV (no image in a subfolder)."""
+        if self.deeper:
+            n = len(self.deeper)
+            return f"{n} image{' is' if n == 1 else 's are'} more than one folder down (e.g. {self.deeper[0]}), so its subfolders are not classes"
+        return None
+
+
+def _unlabelled(split_dir: Path, split: str, tree: _Tree, reason: str) -> Listing:
+    """Every image under ``split_dir``, sorted by relative path, label -1, no classes."""
+    files = sorted(tree.top + tree.nested)
+    if not files:
+        raise LayoutError(f"{split_dir} holds no images with extensions {IMAGE_EXTS} (at any depth)")
+    return Listing(split_dir, split, [], files, np.full(len(files), -1, dtype=np.int64), unlabelled=reason)
 
 
 def list_split(root: str | Path, split: str) -> Listing:

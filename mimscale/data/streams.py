@@ -8,7 +8,8 @@ collects the cursors so a checkpoint can record where each stream of this rank s
 
 Imports inside mimscale.data point down only (no cycle, none hidden in a function):
 
-    streams -> loader     -> sampler, workers, sources -> imagenet, crop
+    streams -> describe   (a run's data identity, checked on a resume)
+            -> loader     -> sampler, workers, sources -> imagenet, crop
             -> full_pass  -> workers, sources, crop, eval_transform -> crop
             -> wds_loader -> workers, crop, eval_transform
             -> ffcv_loader -> sampler, ffcv_decode     (imported in ``_ffcv_loader``, see there)
@@ -19,10 +20,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
+from mimscale.data.describe import identity
 from mimscale.data.full_pass import whole_image_loader
 from mimscale.data.loader import build_loader
 from mimscale.data.sources import FfcvFile, indexed_source
 from mimscale.data.wds_loader import ShardIndex, build_wds_loader, whole_image_stream
+from mimscale.errors import ConfigError
 from mimscale.runtime import dist
 from mimscale.runtime.stateful import Stateful
 
@@ -32,11 +35,44 @@ SOURCES = ("synthetic", "folder", "wds", "ffcv")
 @dataclass
 class StreamPosition(Stateful):
     """Per-rank data position beyond the micro-batch count: the record cursor of each
-    WebDataset stream (DataLoader worker), and how many workers produced them. A checkpoint
-    part of this rank only (``rank_state_dict``)."""
+    WebDataset stream (DataLoader worker), and how many workers produced them (this rank's part,
+    ``rank_state_dict``); and the identity of the data read (``state_dict``, the same on every
+    rank: describe.identity), which ``check_dataset`` compares on a resume."""
 
     workers: int
     cursors: dict[int, int] = field(default_factory=dict)
+    dataset: Optional[dict] = None  # this run's data (set when its stream opens)
+    saved_dataset: Optional[dict] = None  # the checkpoint's (None: a fresh run, or a checkpoint without one)
+
+    def state_dict(self) -> dict:
+        held = self.dataset or self.saved_dataset
+        return {"dataset": dict(held)} if held else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.saved_dataset = dict(state["dataset"]) if state and state.get("dataset") else None
+
+    def check_dataset(self, current: dict, policy: str = "refuse") -> Optional[str]:
+        """Record ``current`` as this run's data; on a resume whose checkpoint read other data
+        (another count or digest from the same kind of source) raise a ConfigError naming both
+        counts, or with ``policy`` "allow" return the warning (also logged). A change of
+        data.source itself was already allowed as a config change (resume_changes=allow)."""
+        self.dataset = dict(current)
+        old = self.saved_dataset
+        if not old or old.get("source") != current["source"]:
+            return None
+        if old.get("count") == current["count"] and old.get("sha256") == current["sha256"]:
+            return None
+        what = (f"{old.get('count')} samples when the checkpoint was written, {current['count']} now" if old.get("count") != current["count"]
+                else f"{current['count']} samples as before")
+        msg = (f"the data at data.path {current['path']} changed since the checkpoint ({what}; the {current['source']} "
+               f"fingerprint differs: {str(old.get('sha256'))[:16]} then, {current['sha256'][:16]} now), so the sampler's order and "
+               "an exact resume no longer hold")
+        if policy != "allow":
+            raise ConfigError(f"{msg}. Restore the data, start a new output_dir, or continue on the new data with "
+                              "--set data.resume_changes=allow")
+        warning = f"{msg}: continuing on the new data (data.resume_changes=allow)"
+        dist.log0(f"[mimscale] WARNING: {warning}")
+        return warning
 
     def observe(self, batch: dict) -> None:
         cursor = batch.pop("cursor", None)  # not part of the contract the model sees
@@ -93,7 +129,10 @@ def open_stream(data_cfg, source, *, img_size: int, micro_batch: int, rank: int,
     """This rank's endless training stream of micro batches, starting after ``start_micro_batch``
     consumed batches (and, for WebDataset, at ``position``'s record cursors). Folder, synthetic and
     FFCV deal global batches of micro x ``accumulation`` x world, the same on any world size;
-    WebDataset streams are per rank by design."""
+    WebDataset streams are per rank by design. With a ``position``, the data's identity is checked
+    against the one its checkpoint recorded (``StreamPosition.check_dataset``, data.resume_changes)."""
+    if position is not None:
+        position.check_dataset(identity(data_cfg, source), data_cfg.resume_changes)
     if data_cfg.source == "wds":
         if position is not None and not position.cursors and start_micro_batch:
             # A checkpoint without cursors (another source, worker count or world size): new streams,

@@ -55,6 +55,7 @@ class ShardIndex:
     names: list[str]
     counts: np.ndarray  # [num_shards] int64 samples per shard
     classes: list[str]
+    unlabelled: str = ""  # why the source folder had no labels (every label -1; "" when it had them)
 
     @classmethod
     def load(cls, path: str | Path, split: str = "train") -> "ShardIndex":
@@ -69,7 +70,8 @@ class ShardIndex:
         shards = [s for s in m["shards"] if s["count"] > 0]
         if not shards:
             raise ValueError(f"{manifest} lists no samples")
-        return cls(manifest.parent, [s["name"] for s in shards], np.array([s["count"] for s in shards], dtype=np.int64), list(m.get("classes", [])))
+        return cls(manifest.parent, [s["name"] for s in shards], np.array([s["count"] for s in shards], dtype=np.int64), list(m.get("classes", [])),
+                   str(m.get("unlabelled", "")))
 
     def __len__(self) -> int:
         return int(self.counts.sum())
@@ -99,29 +101,41 @@ def _warn(msg: str, state: dict) -> None:
 
 
 def read_shards(index: ShardIndex, shard_ids: Sequence[int], state: dict) -> Iterator[dict]:
-    """Samples {__key__, jpg, cls, json} of the given shards in order. A damaged tar ends its
-    shard early with a warning (counted as one bad record)."""
+    """Samples {__key__, __url__, jpg, json, cls (when present)} of the given shards in order. A
+    shard that reads fewer whole samples than its manifest count (a truncated or damaged tar: one
+    cut at a member boundary ends early without any error from tarfile) is warned about once,
+    naming it, and its missing samples are counted as bad (``state["bad"]``)."""
+    for s in shard_ids:
+        name = index.names[s]
+        expected = int(index.counts[s])
+        try:
+            stream = open(index.root / name, "rb")
+        except OSError as e:
+            state["bad"] = state.get("bad", 0) + expected
+            _warn(f"cannot open shard {index.root / name}: {e}", state)
+            continue
+        errors: list[str] = []
 
-    def opened():
-        for s in shard_ids:
-            name = index.names[s]
-            try:
-                stream = open(index.root / name, "rb")
-            except OSError as e:
-                state["bad"] = state.get("bad", 0) + 1
-                _warn(f"cannot open shard {name}: {e}", state)
-                continue
-            yield {"url": name, "stream": stream}
-            stream.close()
+        def handler(exn: Exception, errors: list[str] = errors) -> bool:
+            if isinstance(exn, TooManyBad):
+                raise exn
+            errors.append(str(exn.args[0]) if exn.args else type(exn).__name__)  # webdataset appends (stream, url) to args
+            return True  # what was read so far is kept; the shard ends here
 
-    def handler(exn: Exception) -> bool:
-        if isinstance(exn, TooManyBad):
-            raise exn
-        state["bad"] = state.get("bad", 0) + 1
-        _warn(f"damaged shard data: {exn}", state)
-        return True  # go on with the next shard
-
-    yield from group_by_keys(tar_file_expander(opened(), handler=handler), handler=handler)
+        got = 0
+        with stream:
+            samples = group_by_keys(tar_file_expander([{"url": name, "stream": stream}], handler=handler), handler=handler)
+            for rec in samples:
+                if "jpg" not in rec or "json" not in rec:  # the last sample of a cut tar: some members missing
+                    errors.append(f"sample {rec.get('__key__')} lacks {', '.join(m for m in ('jpg', 'json') if m not in rec)}")
+                    continue
+                got += 1
+                yield rec
+        if got < expected or errors:
+            state["bad"] = state.get("bad", 0) + max(1, expected - got)
+            why = f" ({errors[0]})" if errors else ""
+            _warn(f"shard {index.root / name}: {got} of its {expected} samples readable{why}: the file is truncated or damaged; "
+                  f"check the shards with: python -m data_prep.verify {index.root}", state)
 
 
 def _group(index: ShardIndex, seed: int, rank: int, stream: int, g: int, buffer: int) -> tuple[list[int], np.random.Generator]:
@@ -174,12 +188,10 @@ class ShardStream(IterableDataset):
                 consumed += size
                 g += 1
                 continue
-            bad_before = state.get("bad", 0)
+            # A damaged shard reads short (read_shards counts its missing records as bad); the group
+            # still consumes ``size`` records, so the cursor stays aligned with the manifest counts
+            # that a resume relies on.
             records = list(read_shards(self.index, shards, state))
-            # A damaged shard reads short; its missing records are consumed (as bad) so the
-            # cursor stays aligned with the manifest counts that a resume relies on.
-            missing = max(0, size - len(records))
-            state["bad"] = bad_before + missing
             order = rng.permutation(len(records))
             skip = max(0, start - consumed)
             for j, r in enumerate(order):
@@ -200,7 +212,8 @@ class ShardStream(IterableDataset):
             crop = center_crop(rec["jpg"], self.size, self.crop_pct)
         else:
             crop = crop_bytes(rec["jpg"], np.random.default_rng(key), self.size, self.scale, self.hflip, self.fast_idct)
-        return crop, int(meta["index"]), int(rec["cls"])
+        # no .cls member (shards of unlabelled images written by another tool): label -1, as data_prep writes them
+        return crop, int(meta["index"]), int(rec.get("cls", b"-1"))
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()

@@ -163,6 +163,7 @@ def open_split(data, split: str, source: str = "folder", num_workers: int = 2) -
     if source == "folder":
         try:
             listing = list_split(path, split)
+            listing.require_labels("evaluation")
         except (LayoutError, OSError) as e:
             raise OptionError("--data", str(e)) from None
         ident = f"folder|{listing.split_dir.resolve()}|{len(listing)}|{listing.fingerprint()}"
@@ -173,6 +174,9 @@ def open_split(data, split: str, source: str = "folder", num_workers: int = 2) -
             index = ShardIndex.load(path, split)
         except (FileNotFoundError, ValueError) as e:
             raise OptionError("--data", str(e)) from None
+        if index.unlabelled:
+            raise OptionError("--data", f"evaluation needs labelled images, and the shards in {path} were written from an unlabelled "
+                                        f"folder ({index.unlabelled}): write them from class folders or a flat folder with a ground-truth CSV")
         ident = f"wds|{manifest.resolve()}|{manifest.stat().st_mtime_ns}|{len(index)}"
         return SplitData(_data_cfg(source, path, split, num_workers), index, split, ident, index.classes or None)
 
@@ -181,6 +185,9 @@ def open_split(data, split: str, source: str = "folder", num_workers: int = 2) -
         beton = FfcvFile.open(path)
     except (FileNotFoundError, ValueError) as e:
         raise OptionError(option, str(e)) from None
+    if beton.unlabelled():
+        raise OptionError(option, f"evaluation needs labelled images, and every label in {path} is -1 (written from an unlabelled folder): "
+                                  "write it from class folders or a flat folder with a ground-truth CSV")
     ident = f"ffcv|{path.resolve()}|{path.stat().st_mtime_ns}|{len(beton)}"
     return SplitData(_data_cfg(source, path, split, num_workers), beton, split, ident)
 

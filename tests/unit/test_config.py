@@ -395,3 +395,32 @@ def test_changes_on_resume_name_what_changes_training_and_skip_cadence():
                              "data.num_workers=3", "tracking.enabled=false", "masking.blockwise.min_block=9"])
     assert changes_on_resume(saved, now) == {"train.base_lr": (0.1, 0.2)}
     assert changes_on_resume(flatten({}), now) == {}
+
+
+@pytest.mark.parametrize("text, line, column, says", [
+    ("model:\n  name: vit_base\n   img_size: 224\n", 3, 12, "mapping values are not allowed here"),
+    ("model:\n\tname: vit_base\n", 2, 1, "YAML indents with spaces, not tabs"),
+    ("model: {name: [vit_base\n", 2, 1, "(the end of the file): expected ',' or ']'"),
+], ids=["indentation", "tab", "unclosed-bracket"])
+def test_malformed_yaml_names_file_line_and_column(tmp_path, text, line, column, says):
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert msg.startswith(f"config file {p}, line {line}, column {column}"), msg
+    assert says in msg and "^" in msg
+
+
+def test_unclosed_bracket_also_names_where_it_opened(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("train:\n  steps: 3\nmodel: {name: [vit_base\n")
+    with pytest.raises(ConfigError, match=r"while parsing a flow sequence that starts at line 3, column 15"):
+        load_config(p)
+
+
+def test_non_utf8_yaml_is_a_config_error(tmp_path):
+    p = tmp_path / "latin1.yaml"
+    p.write_bytes("output_dir: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=rf"config file {re.escape(str(p))}: not UTF-8 text"):
+        load_config(p)

@@ -179,8 +179,10 @@ def write_kaggle_csv(root: Path, truth: dict[str, str]) -> None:
 
 def test_flat_val_with_kaggle_csv(tmp_path):
     truth = flat_val(tmp_path)
-    with pytest.raises(LayoutError, match="LOC_val_solution.csv"):
-        list_split(tmp_path, "val")
+    unlabelled = list_split(tmp_path, "val")  # without its CSV: a plain folder of images, listed unlabelled
+    assert unlabelled.labels.tolist() == [-1] * 5 and unlabelled.classes == []
+    with pytest.raises(LayoutError, match=r"evaluation needs labelled images, .*val is unlabelled: .*LOC_val_solution.csv"):
+        unlabelled.require_labels("evaluation")
     write_kaggle_csv(tmp_path, truth)
     listing = list_split(tmp_path, "val")
     assert listing.files == sorted(truth)
