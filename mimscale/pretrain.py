@@ -85,7 +85,8 @@ def main(argv=None) -> int:
     lock = None
     try:  # every config problem surfaces here, before any process group or model exists
         cfg = load_config(args.config, args.overrides)
-        eng = load_ds_config(args.deepspeed_config, dist.world_size(), cfg.train.global_batch, cfg.train.micro_batch)
+        eng = load_ds_config(args.deepspeed_config, dist.world_size(), cfg.train.global_batch, cfg.train.micro_batch,
+                             clip_grad=cfg.train.clip_grad)
         check_paths(cfg)
         if dist.is_rank0():  # one job per output_dir; the other ranks recognise their own job's lock
             lock = OutputDirLock(cfg.output_dir)

@@ -119,7 +119,8 @@ def build_model(cfg) -> MIMModel:
     method = of(cfg)
     spec = ENCODERS[cfg.model.name]
     m = cfg.model
-    encoder = ViTEncoder(spec, img_size=m.img_size, patch_size=m.patch_size, grad_ckpt=m.grad_ckpt)
+    encoder = ViTEncoder(spec, img_size=m.img_size, patch_size=m.patch_size, grad_ckpt=m.grad_ckpt, drop_path=m.drop_path,
+                         layer_scale=m.layer_scale, pos_embed=m.pos_embed)
     decoder = MAEDecoder(spec.dim, encoder.grid, encoder.patch_size, dim=m.decoder_dim, depth=m.decoder_depth,
                          heads=m.decoder_heads, grad_ckpt=m.grad_ckpt) if method.needs_decoder else None
     masker = method.masker(cfg, encoder)

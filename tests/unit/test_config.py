@@ -395,3 +395,10 @@ def test_changes_on_resume_name_what_changes_training_and_skip_cadence():
                              "data.num_workers=3", "tracking.enabled=false", "masking.blockwise.min_block=9"])
     assert changes_on_resume(saved, now) == {"train.base_lr": (0.1, 0.2)}
     assert changes_on_resume(flatten({}), now) == {}
+
+
+def test_clip_grad_key():
+    assert load_config(None).train.clip_grad is None  # the ds_config's (every shipped JSON: none)
+    assert load_config(None, ["train.clip_grad=5"]).train.clip_grad == 5.0
+    with pytest.raises(ConfigError, match=r"train\.clip_grad.*>= 0"):
+        load_config(None, ["train.clip_grad=-1"])
