@@ -1,7 +1,8 @@
 """Run configuration: a dataclass tree loaded from a YAML preset plus ``--set a.b=c`` overrides.
 
-The YAML owns everything except engine concerns (micro batch, accumulation, precision, ZeRO stage,
-clipping), which belong to the DeepSpeed JSON (see ``ds_config.py``). Every key is validated before
+The YAML owns everything except engine concerns (micro batch, accumulation, precision, ZeRO stage),
+which belong to the DeepSpeed JSON (see ``ds_config.py``); gradient clipping is a recipe choice, so
+``train.clip_grad`` sets it (the JSON's ``gradient_clipping`` applies only when the YAML leaves it null). Every key is validated before
 any model is built: an unknown key names the allowed keys, a bad value names the allowed values.
 """
 from __future__ import annotations
@@ -44,6 +45,11 @@ class ModelConfig:
     # 0 off; k >= 1: blocks with index % k == 0 keep only their input and are recomputed in the backward
     # (1: every block). Same losses and gradients; less activation memory for one more forward of those blocks
     grad_ckpt: int = 0
+    # Encoder recipe options (off by default: MAE's encoder). SimMIM's recipe (its authors' runs and the
+    # AMT authors' SimMIM code): drop_path 0.1, layer_scale 0.1, pos_embed learned (simmim_vit_base.yaml)
+    drop_path: float = 0.0  # stochastic depth of the last encoder block, linear from 0 at the first
+    layer_scale: Optional[float] = None  # > 0: a learned gain on each block's MLP branch, initialised to this; null: none
+    pos_embed: Literal["sincos", "learned"] = "sincos"  # fixed 2-D sin-cos (MAE) or a learned absolute embedding (SimMIM)
 
 
 # masking.<section> for each method that has one: the sections come from the method registry.
@@ -96,7 +102,11 @@ class TrainConfig:
     # JSON's): e.g. --set train.micro_batch=64 on 64 GPUs for a global batch of 4096 from a JSON that says 128.
     micro_batch: Optional[int] = None
     base_lr: float = 1.5e-4  # lr = base_lr * global_batch / 256
-    min_lr: float = 0.0
+    min_lr: float = 0.0  # the cosine's floor, an absolute lr (not scaled by global_batch / 256 like base_lr)
+    # Gradient clipping (max global L2 norm) is part of the recipe, so the YAML owns it: a number > 0 is
+    # handed to DeepSpeed as the ds_config's gradient_clipping (a JSON that sets another non-zero value is
+    # refused); 0: no clipping; null: whatever the JSON says (every shipped JSON: 0.0)
+    clip_grad: Optional[float] = None
     weight_decay: float = 0.05
     beta1: float = 0.9
     beta2: float = 0.95
@@ -317,6 +327,12 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}' = {get_key(cfg, key)} must be in [0, 1)")
     if cfg.model.grad_ckpt < 0:
         raise ConfigError(f"config key 'model.grad_ckpt' = {cfg.model.grad_ckpt} must be >= 0 (0: off, k: every k-th block)")
+    if not 0.0 <= cfg.model.drop_path < 1.0:
+        raise ConfigError(f"config key 'model.drop_path' = {cfg.model.drop_path} must be in [0, 1)")
+    if cfg.model.layer_scale is not None and cfg.model.layer_scale <= 0:
+        raise ConfigError(f"config key 'model.layer_scale' = {cfg.model.layer_scale} must be > 0 (or null: no layer scale)")
+    if cfg.train.clip_grad is not None and cfg.train.clip_grad < 0:
+        raise ConfigError(f"config key 'train.clip_grad' = {cfg.train.clip_grad} must be >= 0 (0: no clipping; null: the ds_config's)")
     if cfg.model.decoder_dim % 4:
         raise ConfigError(f"config key 'model.decoder_dim' = {cfg.model.decoder_dim} must be divisible by 4 (2-D sin-cos position embedding)")
     if cfg.train.compile:

@@ -1,4 +1,4 @@
-"""The DeepSpeed JSON: engine concerns only (micro batch, precision, ZeRO, clipping).
+"""The DeepSpeed JSON: engine concerns only (micro batch, precision, ZeRO).
 
 mimscale builds the optimizer and LR schedule in Python so one code path serves every masking
 method; a JSON that also defines them is rejected rather than silently having one side ignored.
@@ -8,6 +8,11 @@ the JSON says the micro batch per device, and the accumulation is derived as
 global / (micro x world). A world size that does not divide the global batch is refused with the
 nearest world sizes and micro batches that do. Without ``train.global_batch`` the JSON's own
 batch settings decide (micro x accumulation x world: the batch then grows with the world size).
+
+Gradient clipping is a recipe choice too (SimMIM clips at 5, MAE not at all), so the YAML's
+``train.clip_grad`` owns it and is written into the JSON DeepSpeed gets as ``gradient_clipping``.
+A JSON that sets a different non-zero value is refused (two owners disagreeing); its own value
+applies only when the recipe leaves ``train.clip_grad`` null.
 """
 from __future__ import annotations
 
@@ -44,9 +49,10 @@ class EngineSettings:
 
 
 def load_ds_config(path: str | Path, world_size: int, global_batch: Optional[int] = None,
-                   micro_batch: Optional[int] = None) -> EngineSettings:
-    """Read and check a ds_config for ``world_size`` ranks (and the recipe's ``global_batch``, and
-    a ``micro_batch`` that replaces the JSON's, if set); raise ConfigError with the reason."""
+                   micro_batch: Optional[int] = None, clip_grad: Optional[float] = None) -> EngineSettings:
+    """Read and check a ds_config for ``world_size`` ranks (and the recipe's ``global_batch``, a
+    ``micro_batch`` that replaces the JSON's, and the recipe's ``clip_grad``, if set); raise
+    ConfigError with the reason."""
     path = shipped.resolve_ds_config(path)  # a file, or a shipped ds_config's name (gpu_bf16_zero1)
     try:
         raw = json.loads(path.read_text())
@@ -54,7 +60,7 @@ def load_ds_config(path: str | Path, world_size: int, global_batch: Optional[int
         raise ConfigError(f"--deepspeed_config {path} is not valid JSON: {e}") from None
     if micro_batch is not None and isinstance(raw, dict):
         raw = {**raw, "train_micro_batch_size_per_gpu": micro_batch}
-    return check_ds_config(raw, world_size, name=str(path), global_batch=global_batch)
+    return check_ds_config(raw, world_size, name=str(path), global_batch=global_batch, clip_grad=clip_grad)
 
 
 def _section(raw: dict, key: str, name: str) -> dict:
@@ -115,10 +121,12 @@ def _recipe_batch(raw: dict, name: str, world_size: int, global_batch: int, micr
     return micro, derived
 
 
-def check_ds_config(raw: dict, world_size: int, name: str = "ds_config", global_batch: Optional[int] = None) -> EngineSettings:
+def check_ds_config(raw: dict, world_size: int, name: str = "ds_config", global_batch: Optional[int] = None,
+                    clip_grad: Optional[float] = None) -> EngineSettings:
     """The engine settings for ``world_size`` ranks. With the recipe's ``global_batch``, the
-    accumulation is derived from it; ``raw`` of the result is what DeepSpeed gets (with the
-    resolved train_batch_size, micro batch and accumulation written in)."""
+    accumulation is derived from it; with the recipe's ``clip_grad`` (train.clip_grad), the clipping
+    is that (``recipe_clip``); ``raw`` of the result is what DeepSpeed gets (with the resolved
+    train_batch_size, micro batch, accumulation and gradient_clipping written in)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{name}: expected a JSON object at the top level, got {type(raw).__name__}")
     for key, why in OWNED_BY_YAML.items():
@@ -177,6 +185,22 @@ def check_ds_config(raw: dict, world_size: int, name: str = "ds_config", global_
     clip = raw.get("gradient_clipping", 0.0)
     if isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0:
         raise ConfigError(f"{name}: 'gradient_clipping' must be a number >= 0, got {clip!r}")
-    clip = float(clip)
+    clip = recipe_clip(float(clip), clip_grad, name)
     resolved = {**raw, "train_batch_size": total, "train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum}
+    if clip_grad is not None:
+        resolved["gradient_clipping"] = clip
     return EngineSettings(micro, accum, total, zero, bf16, fp16, clip, resolved)
+
+
+def recipe_clip(json_clip: float, clip_grad: Optional[float], name: str = "ds_config") -> float:
+    """The clipping DeepSpeed applies: the recipe's ``train.clip_grad`` when set (the JSON may say
+    0, i.e. nothing, or the same value), else the JSON's ``gradient_clipping``."""
+    if clip_grad is None:
+        return json_clip
+    if clip_grad < 0:
+        raise ConfigError(f"config key 'train.clip_grad' = {clip_grad} must be >= 0 (0: no clipping; null: the ds_config's)")
+    if json_clip not in (0.0, float(clip_grad)):
+        raise ConfigError(f"{name} sets gradient_clipping {json_clip:g} but the recipe's train.clip_grad is {clip_grad:g}: the "
+                          "recipe owns clipping; set gradient_clipping to 0 (or remove it) in the JSON, or --set "
+                          f"train.clip_grad={json_clip:g} to choose the JSON's value")
+    return float(clip_grad)

@@ -73,6 +73,8 @@ def timm_section(model: dict) -> dict:
     img, patch = int(model["img_size"]), int(model["patch_size"] or spec.patch_size)
     kwargs = dict(img_size=img, patch_size=patch, embed_dim=spec.dim, depth=spec.depth, num_heads=spec.heads,
                   mlp_ratio=spec.mlp_ratio, num_classes=0, global_pool="token")
+    if model.get("layer_scale") is not None:  # timm's Block then holds ls1 and ls2 (see timm_encoder_state)
+        kwargs["init_values"] = float(model["layer_scale"])
     overlay = dict(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD), input_size=[3, img, img], num_classes=0)
     return {"architecture": TIMM_ARCH[model["name"]], "timm_kwargs": kwargs, "pretrained_cfg_overlay": overlay}
 
@@ -85,6 +87,21 @@ def write_timm_config(path: Path, model: dict) -> None:
         net = timm.create_model(section["architecture"], pretrained=False, **section["timm_kwargs"])
     data = dict(mean=tuple(IMAGENET_MEAN), std=tuple(IMAGENET_STD), interpolation="bicubic", crop_pct=0.875)
     save_config_for_hf(net, str(path), model_config={"pretrained_cfg": {"tag": "mimscale"}}, data_config=data)
+
+
+def timm_encoder_state(state: dict, reference: torch.nn.Module) -> dict:
+    """A ViTEncoder's checked state in timm ``VisionTransformer`` keys. ``pos_embed`` [1, 1 + L, D]:
+    a learned one (``model.pos_embed: learned``) is in the state already; the fixed sin-cos, a buffer
+    checkpoints do not hold, is written out (timm's is a parameter). With ``model.layer_scale`` timm
+    scales both branches of a block: the attention branch's ``ls1.gamma``, absent here (mimscale
+    scales the MLP branch only), is written as ones, the same function."""
+    state = dict(state)
+    if "pos_embed" not in state:
+        state["pos_embed"] = sincos_pos_embed_2d(reference.embed_dim, reference.grid)[None]
+    if reference.layer_scale is not None:
+        for i in range(len(reference.blocks)):
+            state.setdefault(f"blocks.{i}.ls1.gamma", torch.ones(reference.embed_dim))
+    return state
 
 
 def decoder_section(run_model: dict) -> dict:
@@ -136,12 +153,11 @@ def write_export(out: str | Path, run_model: dict, encoder_state: dict, decoder_
     out = Path(out)
     spec = ENCODERS[run_model["name"]]
     model = {"name": run_model["name"], "img_size": int(run_model.get("img_size", 224)),
-             "patch_size": int(run_model.get("patch_size") or spec.patch_size)}
+             "patch_size": int(run_model.get("patch_size") or spec.patch_size), **weights.architecture_options(run_model)}
     # Modules on the meta device: the expected keys and shapes without allocating (vit_2b is 7.6 GB in fp32).
     with torch.device("meta"):
         reference = weights.build_encoder(model)
-    files = {EXPORT_ENCODER: weights.checked_state(encoder_state, reference, "encoder")}
-    files[EXPORT_ENCODER]["pos_embed"] = sincos_pos_embed_2d(spec.dim, reference.grid)[None]  # [1, 1 + L, D]
+    files = {EXPORT_ENCODER: timm_encoder_state(weights.checked_state(encoder_state, reference, "encoder"), reference)}
     config = formats.stamp("export", {**timm_section(model), "dtype": dtype,
                                       "mimscale": {"model": model, "source_checkpoint": source, "step": step}})
     if decoder_state is not None:
@@ -152,6 +168,9 @@ def write_export(out: str | Path, run_model: dict, encoder_state: dict, decoder_
         files[EXPORT_DECODER]["pos_embed"] = sincos_pos_embed_2d(section["decoder_dim"], section["grid"])[None]  # [1, 1 + L, Dd]
         config["decoder"] = section
     config["files"] = {}
+    trained = {EXPORT_ENCODER: set(reference.state_dict())}
+    if decoder_state is not None:
+        trained[EXPORT_DECODER] = set(ref_dec.state_dict())
     tmp = _prepare_out(out, force)
     try:
         for name, state in files.items():
@@ -159,7 +178,8 @@ def write_export(out: str | Path, run_model: dict, encoder_state: dict, decoder_
             tensors = {k: v.detach().to("cpu", DTYPES[dtype] if v.is_floating_point() else v.dtype).contiguous().clone()
                        for k, v in state.items()}
             safetensors.torch.save_file(tensors, str(tmp / name), metadata={"format": "pt"})
-            config["files"][name] = {"params": sum(v.numel() for k, v in tensors.items() if k != "pos_embed"),
+            # trained tensors only: not the written-out sin-cos pos_embed nor timm's unit ls1.gamma
+            config["files"][name] = {"params": sum(v.numel() for k, v in tensors.items() if k in trained[name]),
                                      "bytes": (tmp / name).stat().st_size}
         write_timm_config(tmp / TIMM_CONFIG, model)
         (tmp / EXPORT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")

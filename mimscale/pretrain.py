@@ -118,7 +118,8 @@ def main(argv=None) -> int:
         cfg = load_config(config_path, args.overrides)
         if args.print_config or args.dry_run:
             return inspect(cfg, args, config_path, ds_path)
-        eng = load_ds_config(ds_path, dist.world_size(), cfg.train.global_batch, cfg.train.micro_batch)
+        eng = load_ds_config(ds_path, dist.world_size(), cfg.train.global_batch, cfg.train.micro_batch,
+                             clip_grad=cfg.train.clip_grad)
         check_paths(cfg)
         if dist.is_rank0():  # one job per output_dir; the other ranks recognise their own job's lock
             lock = OutputDirLock(cfg.output_dir)
@@ -146,7 +147,7 @@ def inspect(cfg: Config, args, config_path: Path, ds_path: Path) -> int:
     """--print-config / --dry-run: what the launch would do, for --world-size ranks (default: this
     launch's), on stdout; nothing is built or written. A ConfigError propagates (exit 2)."""
     world = args.world_size or dist.world_size()
-    eng = load_ds_config(ds_path, world, cfg.train.global_batch, cfg.train.micro_batch)
+    eng = load_ds_config(ds_path, world, cfg.train.global_batch, cfg.train.micro_batch, clip_grad=cfg.train.clip_grad)
     if not dist.is_rank0():  # under a launcher: one copy of the text
         return EXIT_DONE
     if args.print_config:

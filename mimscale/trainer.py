@@ -64,6 +64,9 @@ class Trainer:
         if cfg.train.global_batch is not None and cfg.train.global_batch != eng.global_batch:
             raise ConfigError(f"train.global_batch {cfg.train.global_batch} but the engine settings give {eng.global_batch}: "
                               "resolve them with load_ds_config(path, world_size, cfg.train.global_batch)")
+        if cfg.train.clip_grad is not None and (eng.clip != cfg.train.clip_grad or eng.raw.get("gradient_clipping") != eng.clip):
+            raise ConfigError(f"train.clip_grad {cfg.train.clip_grad:g} but the engine settings clip at {eng.clip:g}: resolve them "
+                              "with load_ds_config(path, world_size, ..., clip_grad=cfg.train.clip_grad)")
         self.cfg = cfg
         self.stop_request = stop_request or StopRequest()
         self.eng = eng

@@ -123,7 +123,7 @@ def build_trainer(args, cfg, tmp: Path):
     ds.update(train_micro_batch_size_per_gpu=args.batch, gradient_accumulation_steps=1)
     ds_path = tmp / f"ds_config-rank{dist.rank()}.json"  # one writer per file
     ds_path.write_text(json.dumps(ds))
-    eng = load_ds_config(ds_path, dist.world_size(), cfg.train.global_batch)
+    eng = load_ds_config(ds_path, dist.world_size(), cfg.train.global_batch, clip_grad=cfg.train.clip_grad)
     dist.init_distributed(cfg.dist.timeout_minutes)
     trainer = Trainer(cfg, SimpleNamespace(deepspeed_config=str(ds_path), local_rank=dist.local_rank(), deepspeed=True), eng)
     return trainer, eng

@@ -117,7 +117,21 @@ def model_section(src: Weights) -> dict:
     name = model.get("name")
     if name not in ENCODERS:
         raise ValueError(f"{src.config}: model.name {name!r} is not one of {', '.join(ENCODERS)}")
-    return {"name": name, "img_size": int(model.get("img_size", 224)), "patch_size": model.get("patch_size")}
+    return {"name": name, "img_size": int(model.get("img_size", 224)), "patch_size": model.get("patch_size"),
+            **architecture_options(model)}
+
+
+def architecture_options(model: dict) -> dict:
+    """The model options that change the encoder's weights (``model.layer_scale``: ls2.gamma;
+    ``model.pos_embed`` learned: a pos_embed parameter), only when not the default, so a default
+    model's section (and the eval caches and exports keyed by it) stays {name, img_size, patch_size}.
+    Drop path changes no weight and is left out."""
+    out = {}
+    if model.get("layer_scale") is not None:
+        out["layer_scale"] = float(model["layer_scale"])
+    if model.get("pos_embed", "sincos") != "sincos":
+        out["pos_embed"] = str(model["pos_embed"])
+    return out
 
 
 def run_model(src: Weights) -> dict:
@@ -197,10 +211,11 @@ def _vit_tensors(src: Weights) -> dict[str, torch.Tensor]:
 
 def encoder_state(src: Weights) -> dict[str, torch.Tensor]:
     """The encoder's tensors of ``src`` in fp32, unchecked. A ``pos_embed`` (timm's learned one, an
-    export's copy of the sin-cos) is dropped: ViTEncoder's is a fixed buffer that it rebuilds."""
-    state = _vit_tensors(src)
-    state.pop("pos_embed", None)
-    return state
+    export's copy of the sin-cos) is kept: ``checked_state`` drops it for a sin-cos encoder (a fixed
+    buffer that it rebuilds, not in its state dict) and loads it into a ``model.pos_embed: learned``
+    one. An export's ``ls1.gamma`` (ones, written for timm) is dropped likewise: mimscale's layer
+    scale is on the MLP branch only."""
+    return _vit_tensors(src)
 
 
 def extractor_state(path: str | Path, label: str = EXTRACTOR_KEY) -> tuple[dict[str, torch.Tensor], Optional[dict]]:
@@ -226,8 +241,9 @@ def checked_state(state: dict, reference: torch.nn.Module, what: str, source: Op
 
 
 def build_encoder(model: dict) -> ViTEncoder:
-    """An untrained ViTEncoder for a model section {name, img_size, patch_size}."""
-    return ViTEncoder(ENCODERS[model["name"]], img_size=model["img_size"], patch_size=model["patch_size"])
+    """An untrained ViTEncoder for a model section {name, img_size, patch_size[, layer_scale, pos_embed]}."""
+    return ViTEncoder(ENCODERS[model["name"]], img_size=model["img_size"], patch_size=model["patch_size"],
+                      layer_scale=model.get("layer_scale"), pos_embed=model.get("pos_embed", "sincos"))
 
 
 def build_decoder(section: dict) -> MAEDecoder:

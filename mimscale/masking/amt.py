@@ -6,6 +6,10 @@ box and flip, reduced to one weight per patch of the crop, and turned into a pla
 sampling without replacement (Gumbel-top-k): the first rL patches masked, the next tL thrown, the
 rest visible. Batches without maps (before the first refresh) get MAE random masking at
 ``warmup_ratio``: every rank has the same store, so all ranks take the same branch.
+
+``map_crop`` (masking.amt.map_crop): ``box`` crops the map with the image's crop box, as the paper
+describes (amt_ops.align_maps); ``released`` reproduces the authors' released code, which reads
+the map's top-left cells whatever the crop (amt_ops.align_maps_released).
 """
 from __future__ import annotations
 
@@ -14,14 +18,18 @@ from typing import Optional
 import torch
 
 from mimscale.masking import noise as sample_noise
-from mimscale.masking.amt_ops import align_maps, amt_plan
+from mimscale.masking.amt_ops import MAP_CROPS, align_maps, align_maps_released, amt_plan
 from mimscale.masking.base import Masker, MaskPlan, plan_sizes
 from mimscale.masking.random import RandomMasking
 
 
 class AMTMasking(Masker):
-    def __init__(self, num_patches: int, mask_ratio: float = 0.45, throw_ratio: float = 0.40, warmup_ratio: float = 0.75):
+    def __init__(self, num_patches: int, mask_ratio: float = 0.45, throw_ratio: float = 0.40, warmup_ratio: float = 0.75,
+                 map_crop: str = "box"):
         super().__init__()
+        if map_crop not in MAP_CROPS:
+            raise ValueError(f"map_crop {map_crop!r}: allowed values: {', '.join(MAP_CROPS)}")
+        self.map_crop = map_crop
         self.num_patches = num_patches
         self.grid = int(round(num_patches ** 0.5))
         if self.grid * self.grid != num_patches:
@@ -42,7 +50,10 @@ class AMTMasking(Masker):
             return self.warmup(images, meta)
         B = maps.shape[0]
         g = int(round(maps.shape[1] ** 0.5))
-        weights = align_maps(maps.view(B, g, g), meta["box"], meta["flip"], self.grid)  # [B, L]
+        if self.map_crop == "released":  # stretched over the crop's pixels, as the image: its side is needed
+            weights = align_maps_released(maps.view(B, g, g), meta["box"], meta["flip"], self.grid, images.shape[-1])
+        else:
+            weights = align_maps(maps.view(B, g, g), meta["box"], meta["flip"], self.grid)  # [B, L]
         self.last_weights = weights.detach()
         u = sample_noise.of(meta).rand(B, self.num_patches, device=weights.device)  # [B, L] Gumbel noise's uniforms
         return amt_plan(weights, self.mask_ratio, self.throw_ratio, u=u)

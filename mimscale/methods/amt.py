@@ -8,6 +8,7 @@ from typing import Literal
 from mimscale.errors import ConfigError
 from mimscale.hooks.amt_refresh import NORMALIZE_MODES, AMTRefresh
 from mimscale.masking.amt import AMTMasking
+from mimscale.masking.amt_ops import MAP_CROPS
 from mimscale.masking.base import Masker, plan_sizes
 from mimscale.masking.coarse import CoarseMasking
 from mimscale.methods.base import Method
@@ -32,6 +33,10 @@ class AMTConfig:
     # mean_then_minmax: the paper's Algorithm 1 (heads' CLS attention averaged, then scaled to
     # [0, 1]); minmax_then_mean: each head scaled first (up to 0.49 apart per patch)
     normalize: Literal[tuple(NORMALIZE_MODES)] = "mean_then_minmax"
+    # How the stored map follows the image's crop: box, the paper's (the crop box's area of the map,
+    # flipped with the image); released, the authors' released code (its top-left 2 x 2 or 3 x 3 map
+    # cells stretched over the crop, masking/amt_ops.py), for reproducing results that may come from it
+    map_crop: Literal[tuple(MAP_CROPS)] = "box"
 
 
 def _when(key: str, text: str, allow_zero: bool) -> None:
@@ -78,7 +83,7 @@ def check_amt_simmim(cfg, selected: bool) -> None:
 
 def amt_masker(cfg, encoder) -> Masker:
     a = cfg.masking.amt
-    return AMTMasking(encoder.num_patches, a.mask_ratio, a.throw_ratio, warmup_ratio=cfg.masking.mask_ratio)
+    return AMTMasking(encoder.num_patches, a.mask_ratio, a.throw_ratio, warmup_ratio=cfg.masking.mask_ratio, map_crop=a.map_crop)
 
 
 def amt_simmim_masker(cfg, encoder) -> Masker:
@@ -87,7 +92,8 @@ def amt_simmim_masker(cfg, encoder) -> Masker:
     unit masking at masking.mask_ratio until the first refresh (plain SimMIM)."""
     g, k = unit_grid(cfg, encoder)
     a = cfg.masking.amt
-    return CoarseMasking(AMTMasking(g * g, a.mask_ratio, a.throw_ratio, warmup_ratio=cfg.masking.mask_ratio), encoder.grid, k)
+    return CoarseMasking(AMTMasking(g * g, a.mask_ratio, a.throw_ratio, warmup_ratio=cfg.masking.mask_ratio, map_crop=a.map_crop),
+                         encoder.grid, k)
 
 
 AMT = Method("amt", preset="amt_vit_base.yaml", section=("amt", AMTConfig), check=check_amt, uses_store=lambda cfg: True,

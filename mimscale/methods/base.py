@@ -63,7 +63,8 @@ def encoder_spec(cfg) -> tuple[EncoderSpec, int]:
 def build_encoder(cfg) -> ViTEncoder:
     """The run's encoder from ``cfg.model`` (the one constructor call: the model's and any copy's)."""
     m = cfg.model
-    return ViTEncoder(ENCODERS[m.name], img_size=m.img_size, patch_size=m.patch_size, grad_ckpt=m.grad_ckpt)
+    return ViTEncoder(ENCODERS[m.name], img_size=m.img_size, patch_size=m.patch_size, grad_ckpt=m.grad_ckpt, drop_path=m.drop_path,
+                      layer_scale=m.layer_scale, pos_embed=m.pos_embed)
 
 
 def block_flops(tokens: int, dim: int, mlp_ratio: float = 4.0) -> float:

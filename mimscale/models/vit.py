@@ -2,7 +2,13 @@
 
 Built from timm's layers (PatchEmbed, Block with fused scaled-dot-product attention) so its
 weights map one-to-one onto ``timm.models.vision_transformer.VisionTransformer``.
-Position embeddings are fixed 2-D sin-cos (not learned), so they are a buffer, not a parameter.
+Position embeddings (``model.pos_embed``): ``sincos``, MAE's fixed 2-D sin-cos, a buffer that
+checkpoints do not hold (rebuilt from the config); ``learned``, a trained absolute embedding
+[1, 1 + L, D] (SimMIM's and the AMT authors' SimMIM runs), a parameter, timm's own layout.
+Recipe options of the blocks (all off by default, which is MAE's encoder): stochastic depth
+(``model.drop_path``: the rate rises linearly from 0 at the first block to it at the last, as
+timm and SimMIM schedule it) and layer scale on the MLP branch only (``model.layer_scale``: a
+learned per-channel gain initialised to that value, the AMT authors' SimMIM ViT).
 
 Activation checkpointing (``model.grad_ckpt`` = k, see ``run_blocks``): in a training forward with
 grad, every k-th block keeps only its input and recomputes its internals in the backward.
@@ -32,7 +38,7 @@ def sincos_pos_embed_2d(dim: int, grid: int, cls_token: bool = True) -> torch.Te
     if dim % 4:
         raise ValueError(f"sin-cos position embedding needs dim divisible by 4, got {dim}")
     # numpy, not torch: under ZeRO-3's zero.Init torch's tensor constructors (arange, zeros, ...)
-    # make floating tensors in the engine's dtype, and a float32 sin-cos differs from this one by 2e-7
+    # make floating tensors in the engine's dtype (a float32 sin-cos is 2e-7 off, a bf16 one worse)
     quarter = dim // 4
     omega = 1.0 / 10000 ** (np.arange(quarter, dtype=np.float64) / quarter)  # [D/4]
     ys, xs = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing="ij")
@@ -44,7 +50,8 @@ def sincos_pos_embed_2d(dim: int, grid: int, cls_token: bool = True) -> torch.Te
     emb = np.concatenate([enc(xs), enc(ys)], axis=1)  # [grid*grid, D]
     if cls_token:
         emb = np.concatenate([np.zeros((1, dim)), emb], axis=0)
-    return torch.from_numpy(emb.astype(np.float32))
+    # on the default device: meta inside `with torch.device("meta")` (the planner, the export's reference)
+    return torch.from_numpy(emb.astype(np.float32)).to(torch.get_default_device())
 
 
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -112,9 +119,29 @@ def init_mae_weights(module: nn.Module) -> None:
                 nn.init.zeros_(m.bias)
 
 
+POS_EMBEDS = ("sincos", "learned")
+
+
+def check_block_options(drop_path: float, layer_scale: Optional[float], pos_embed: str) -> None:
+    """The recipe options' ranges (config.validate names the keys; this guards direct callers)."""
+    if not 0.0 <= drop_path < 1.0:
+        raise ValueError(f"drop_path must be in [0, 1), got {drop_path!r}")
+    if layer_scale is not None and not layer_scale > 0:
+        raise ValueError(f"layer_scale must be > 0 (or None: off), got {layer_scale!r}")
+    if pos_embed not in POS_EMBEDS:
+        raise ValueError(f"pos_embed {pos_embed!r}: allowed values: {', '.join(POS_EMBEDS)}")
+
+
+def drop_path_rates(rate: float, depth: int) -> list[float]:
+    """Per-block stochastic depth: linear from 0 (first block) to ``rate`` (last), timm's schedule."""
+    return [rate * i / (depth - 1) if depth > 1 else rate for i in range(depth)]
+
+
 class ViTEncoder(nn.Module):
-    def __init__(self, spec: EncoderSpec, img_size: int = 224, patch_size: Optional[int] = None, grad_ckpt: int = 0):
+    def __init__(self, spec: EncoderSpec, img_size: int = 224, patch_size: Optional[int] = None, grad_ckpt: int = 0,
+                 drop_path: float = 0.0, layer_scale: Optional[float] = None, pos_embed: str = "sincos"):
         super().__init__()
+        check_block_options(drop_path, layer_scale, pos_embed)
         self.spec = spec
         # model.grad_ckpt: 0 off, k: blocks with index % k == 0 recomputed in the backward (run_blocks).
         # A plain attribute, not a buffer: it changes memory and time, never the weights or the result.
@@ -126,12 +153,25 @@ class ViTEncoder(nn.Module):
         self.grid = img_size // self.patch_size
         self.num_patches = self.grid * self.grid
         self.cls_token = nn.Parameter(torch.zeros(1, 1, spec.dim))
-        # Fixed, so not saved: rebuilt from the config on load.
-        self.register_buffer("pos_embed", sincos_pos_embed_2d(spec.dim, self.grid)[None], persistent=False)
+        self.pos_embed_kind = pos_embed
+        self.drop_path = drop_path
+        self.layer_scale = layer_scale
+        if pos_embed == "learned":  # [1, 1 + L, D], row 0 the CLS token's (timm's layout); init in _init_weights
+            self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patches, spec.dim))
+        else:  # fixed, so not saved: rebuilt from the config on load
+            self.register_buffer("pos_embed", sincos_pos_embed_2d(spec.dim, self.grid)[None], persistent=False)
         norm = partial(nn.LayerNorm, eps=1e-6)
+        rates = drop_path_rates(drop_path, spec.depth)
         self.blocks = nn.ModuleList(
-            Block(spec.dim, spec.heads, mlp_ratio=spec.mlp_ratio, qkv_bias=True, norm_layer=norm) for _ in range(spec.depth)
+            Block(spec.dim, spec.heads, mlp_ratio=spec.mlp_ratio, qkv_bias=True, norm_layer=norm, init_values=layer_scale,
+                  drop_path=rates[i]) for i in range(spec.depth)
         )
+        if layer_scale is not None:
+            # The AMT authors' SimMIM ViT scales the MLP branch only: timm's Block scales both, so the
+            # attention branch's gain is removed (its state dict then lacks ls1.gamma; the export
+            # writes ones there so timm's VisionTransformer(init_values=...) loads it strictly).
+            for blk in self.blocks:
+                blk.ls1 = nn.Identity()
         self.norm = norm(spec.dim)
         self._init_weights()
 
@@ -141,6 +181,8 @@ class ViTEncoder(nn.Module):
             w = self.patch_embed.proj.weight
             nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a linear over flattened patches
         nn.init.normal_(self.cls_token, std=0.02)  # this module's own: partitioned only when its __init__ returns
+        if self.pos_embed_kind == "learned":
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)  # SimMIM's and timm's init of a learned position embedding
 
     def forward(
         self,

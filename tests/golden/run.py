@@ -26,7 +26,7 @@ def run_case(name: str, stage: int, work: Path, sets: list[str] = ()) -> list[fl
     work.mkdir(parents=True, exist_ok=True)
     ds_path = str(ds_config(stage, work / f"{name}-zero{stage}-rank{dist.rank()}.json"))  # one writer per file
     cfg = load_config(CONFIGS / preset, [*COMMON, *extra, *sets, f"output_dir={work / name}"])
-    eng = load_ds_config(ds_path, dist.world_size(), cfg.train.global_batch, cfg.train.micro_batch)
+    eng = load_ds_config(ds_path, dist.world_size(), cfg.train.global_batch, cfg.train.micro_batch, clip_grad=cfg.train.clip_grad)
     args = Namespace(deepspeed_config=ds_path, deepspeed=True, config=str(CONFIGS / preset), local_rank=dist.local_rank())
     summary = Trainer(cfg, args, eng, ds_path).fit()
     return [e["loss"] for e in summary["loss_history"]]

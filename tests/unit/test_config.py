@@ -424,3 +424,10 @@ def test_non_utf8_yaml_is_a_config_error(tmp_path):
     p.write_bytes("output_dir: caf\xe9\n".encode("latin-1"))
     with pytest.raises(ConfigError, match=rf"config file {re.escape(str(p))}: not UTF-8 text"):
         load_config(p)
+
+
+def test_clip_grad_key():
+    assert load_config(None).train.clip_grad is None  # the ds_config's (every shipped JSON: none)
+    assert load_config(None, ["train.clip_grad=5"]).train.clip_grad == 5.0
+    with pytest.raises(ConfigError, match=r"train\.clip_grad.*>= 0"):
+        load_config(None, ["train.clip_grad=-1"])

@@ -232,3 +232,25 @@ def test_fp32_gradient_reduction_passes_through_to_deepspeed(tmp_path):
            "zero_optimization": {"stage": 1}}
     eng = load_ds_config(_write(tmp_path, raw), 2, global_batch=64)
     assert eng.raw["communication_data_type"] == "fp32" and eng.precision == "bf16" and eng.grad_accum == 4
+
+
+def test_the_recipe_owns_gradient_clipping(tmp_path):
+    """train.clip_grad (the YAML) is what DeepSpeed gets as gradient_clipping; null leaves the JSON's."""
+    base = {"train_micro_batch_size_per_gpu": 4}
+    assert check_ds_config(dict(base), 1).clip == 0.0 and "gradient_clipping" not in check_ds_config(dict(base), 1).raw
+    assert check_ds_config({**base, "gradient_clipping": 1.0}, 1).clip == 1.0  # null: the JSON's value
+    for json_clip in (None, 0.0, 5.0):  # absent, "none", or the same value: the recipe's 5 applies
+        raw = dict(base) if json_clip is None else {**base, "gradient_clipping": json_clip}
+        eng = check_ds_config(raw, 2, clip_grad=5.0)
+        assert eng.clip == 5.0 and eng.raw["gradient_clipping"] == 5.0
+    off = check_ds_config(dict(base), 1, clip_grad=0.0)
+    assert off.clip == 0.0 and off.raw["gradient_clipping"] == 0.0
+    with pytest.raises(ConfigError, match=r"gradient_clipping 1 but the recipe's train.clip_grad is 5.*--set train.clip_grad=1"):
+        load_ds_config(_write(tmp_path, {**base, "gradient_clipping": 1.0}), 1, clip_grad=5.0)
+    with pytest.raises(ConfigError, match=r"train.clip_grad.*>= 0"):
+        check_ds_config(dict(base), 1, clip_grad=-1.0)
+
+
+@pytest.mark.parametrize("path", DS_CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_json_takes_simmims_clipping(path):
+    assert load_ds_config(path, 1, clip_grad=5.0).raw["gradient_clipping"] == 5.0

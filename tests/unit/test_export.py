@@ -181,3 +181,37 @@ def test_timm_fine_tunes_an_export_with_its_own_training_utilities(trained, tmp_
         opt.step()
         assert torch.isfinite(loss)
     assert not torch.equal(model.head.weight, before)
+
+
+def test_timm_loads_an_export_with_learned_positions_and_layer_scale(tmp_path):
+    """model.pos_embed learned and model.layer_scale (SimMIM's recipe): the export writes the trained
+    position embedding (not a sin-cos), timm builds the blocks with layer scale, and reproduces the
+    encoder exactly; mimscale's loader rebuilds it from the export's model section."""
+    torch.manual_seed(1)
+    enc = ViTEncoder(ENCODERS["vit_small"], img_size=96, patch_size=12, pos_embed="learned", layer_scale=0.1,
+                     drop_path=0.1).eval()
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    x = torch.randn(2, 3, 96, 96)
+    run_model = {**RUN_MODEL, "pos_embed": "learned", "layer_scale": 0.1, "drop_path": 0.1}
+    out = tmp_path / "exp"
+    cfg = export.write_export(out, run_model, enc.state_dict())
+    assert cfg["mimscale"]["model"] == {"name": "vit_small", "img_size": 96, "patch_size": 12, "pos_embed": "learned",
+                                        "layer_scale": 0.1}
+    assert cfg["timm_kwargs"]["init_values"] == 0.1
+    # the trained tensors: the learned pos_embed counts, timm's unit ls1.gamma does not
+    assert cfg["files"]["model.safetensors"]["params"] == sum(p.numel() for p in enc.parameters())
+    saved = load_file(str(out / "model.safetensors"))
+    assert torch.equal(saved["pos_embed"], enc.pos_embed.detach())
+    assert not torch.allclose(saved["pos_embed"], export.sincos_pos_embed_2d(384, 8)[None], atol=1e-3)
+    assert torch.equal(saved["blocks.0.ls1.gamma"], torch.ones(384)) and torch.equal(saved["blocks.3.ls2.gamma"], enc.blocks[3].ls2.gamma)
+    with torch.no_grad():
+        want = enc(x)
+        model = _timm(out)
+        assert set(model.state_dict()) == set(saved)
+        got = model.forward_features(x)
+        assert torch.allclose(got, want, atol=1e-5, rtol=0)
+        back, model_cfg = load_encoder(out)
+        assert model_cfg == cfg["mimscale"]["model"] and back.pos_embed_kind == "learned"
+        assert torch.allclose(back(x), want, atol=1e-6, rtol=0)
