@@ -254,3 +254,18 @@ def test_config_names_the_key_and_what_is_missing(monkeypatch):
     monkeypatch.delattr(torchvision.io, "decode_jpeg")
     with pytest.raises(ConfigError, match="'data.decode' = nvjpeg needs torchvision.io.decode_jpeg"):
         check_available("nvjpeg", "wds", CPU)
+
+
+def test_check_paths_checks_the_decoder_of_this_ranks_device(imagenet, monkeypatch):
+    """config.check_paths (pretrain's machine checks): data.decode=nvjpeg is checked on the device the
+    rank trains on; a CUDA device without the GPU decoder is refused naming data.decode."""
+    from mimscale import config
+
+    cfg = load_config(None, ["data.source=folder", f"data.path={imagenet}", "data.decode=nvjpeg"])
+    monkeypatch.setattr(config.dist, "device", lambda: CPU)
+    config.check_paths(cfg)
+    if torch.cuda.is_available():
+        return  # this machine has the GPU path; the refusal is what a machine without it gives
+    monkeypatch.setattr(config.dist, "device", lambda: torch.device("cuda", 0))
+    with pytest.raises(ConfigError, match="'data.decode' = nvjpeg: torchvision cannot decode a JPEG on cuda:0"):
+        config.check_paths(cfg)
