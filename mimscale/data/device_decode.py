@@ -211,7 +211,7 @@ class DeviceDecoder:
         bad: dict[int, str] = {}
         for i, img in zip(rows, results):
             if isinstance(img, Exception):
-                bad[i] = f"{type(img).__name__}: {str(img).splitlines()[-1][-200:]}"
+                bad[i] = f"{type(img).__name__}: {(str(img).strip().splitlines() or [''])[0][-200:]}"
                 continue
             if list(img.shape[1:]) != dims[i]:
                 bad[i] = f"decoded {img.shape[2]} x {img.shape[1]}, its header says {dims[i][1]} x {dims[i][0]}"
@@ -269,10 +269,13 @@ def check_available(decode: str, source: str, device: torch.device) -> None:
     except ImportError as e:
         raise ConfigError(f"config key 'data.decode' = nvjpeg needs torchvision.io.decode_jpeg, which this torchvision lacks ({e}); "
                           "install torchvision >= 0.19, or set data.decode=cpu") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"config key 'data.decode' = nvjpeg decodes on the training device {device}, but torch sees no CUDA device "
+                          "(torch.cuda.is_available() is False); run on a GPU, or set data.decode=cpu")
     probe = torch.frombuffer(bytearray(simplejpeg.encode_jpeg(np.zeros((8, 8, 3), np.uint8), colorspace="RGB")), dtype=torch.uint8)
     try:
         decode_jpeg([probe], mode=ImageReadMode.RGB, device=device)
     except Exception as e:  # torchvision raises RuntimeError, a missing CUDA library other types
         lib = "nvJPEG (torchvision built with CUDA and its nvjpeg library)" if device.type == "cuda" else "its JPEG decoder"
         raise ConfigError(f"config key 'data.decode' = nvjpeg: torchvision cannot decode a JPEG on {device} ({type(e).__name__}: "
-                          f"{str(e).splitlines()[-1][-200:] if str(e) else ''}); it needs {lib}, or set data.decode=cpu") from None
+                          f"{(str(e).strip().splitlines() or [''])[0][:200]}); it needs {lib}, or set data.decode=cpu") from None

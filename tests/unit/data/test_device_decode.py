@@ -247,10 +247,17 @@ def test_config_names_the_key_and_what_is_missing(monkeypatch):
         load_config(None, ["data.decode=dali"])
     check_available("nvjpeg", "folder", CPU)  # the CPU device's decoder is there
     if not torch.cuda.is_available():  # this machine has no GPU path: the error says so
-        with pytest.raises(ConfigError, match="'data.decode' = nvjpeg: torchvision cannot decode a JPEG on cuda.*nvJPEG"):
+        with pytest.raises(ConfigError, match="'data.decode' = nvjpeg decodes on the training device cuda, but torch sees no CUDA device"):
             check_available("nvjpeg", "folder", torch.device("cuda"))
     import torchvision.io
 
+    def no_decoder(*a, **k):  # what a torchvision built without its JPEG decoder (nvJPEG on a GPU) raises
+        raise RuntimeError("decode_jpeg: torchvision not compiled with nvJPEG support\nframe #0 ...")
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", no_decoder)
+    with pytest.raises(ConfigError, match=r"'data.decode' = nvjpeg: torchvision cannot decode a JPEG on cpu \(RuntimeError: "
+                                          r"decode_jpeg: torchvision not compiled with nvJPEG support\); it needs"):
+        check_available("nvjpeg", "folder", CPU)
     monkeypatch.delattr(torchvision.io, "decode_jpeg")
     with pytest.raises(ConfigError, match="'data.decode' = nvjpeg needs torchvision.io.decode_jpeg"):
         check_available("nvjpeg", "wds", CPU)
@@ -267,5 +274,5 @@ def test_check_paths_checks_the_decoder_of_this_ranks_device(imagenet, monkeypat
     if torch.cuda.is_available():
         return  # this machine has the GPU path; the refusal is what a machine without it gives
     monkeypatch.setattr(config.dist, "device", lambda: torch.device("cuda", 0))
-    with pytest.raises(ConfigError, match="'data.decode' = nvjpeg: torchvision cannot decode a JPEG on cuda:0"):
+    with pytest.raises(ConfigError, match="'data.decode' = nvjpeg decodes on the training device cuda:0, but torch sees no CUDA"):
         config.check_paths(cfg)
