@@ -55,6 +55,7 @@ import numpy as np
 import simplejpeg
 import torch
 import torch.nn.functional as F
+import torchvision.io as tvio
 
 from mimscale.data.crop import Crop, crop_bytes, plan_crop
 from mimscale.errors import ConfigError
@@ -162,24 +163,44 @@ def resize_region(image: torch.Tensor, size: int, flip: bool, reduce: int = 1) -
     return out.flip(-1) if flip else out
 
 
-def _decode(datas: list[torch.Tensor], device: torch.device) -> list[Optional[torch.Tensor] | Exception]:
+def _decode_list(datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | Exception]:
     """Each JPEG decoded to [3, H, W] uint8 on ``device`` (RGB, gray expanded), or the exception
     that refused it. One batched call; when it fails (one bad file fails the batch), each file
     alone to find which."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    if not datas:
-        return []
     try:
-        return list(decode_jpeg(datas, mode=ImageReadMode.RGB, device=device))
+        return list(tvio.decode_jpeg(datas, mode=tvio.ImageReadMode.RGB, device=device))
     except RuntimeError:
         out: list = []
         for d in datas:
             try:
-                out.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=device))
+                out.append(tvio.decode_jpeg(d, mode=tvio.ImageReadMode.RGB, device=device))
             except RuntimeError as e:
                 out.append(e)
         return out
+
+
+def _decode(datas: list[torch.Tensor], device: torch.device, side: Optional["torch.cuda.Stream"]) -> list[torch.Tensor | Exception]:
+    """``_decode_list`` on a CPU device; on a CUDA device with the ``side`` stream current.
+
+    Why the side stream: torchvision's CUDA decoder allocates its outputs on the caller's stream
+    but writes them from a stream of its own that does not wait for the caller's (pytorch/vision
+    PR 9606), so a block the training stream freed while its kernels still read it (last step's
+    activations: the CPU runs ahead) could be overwritten. Allocated on ``side`` instead, the
+    outputs never reuse the training stream's blocks; the training stream then waits for ``side``,
+    and each output is marked as used by it (record_stream), so a later decode does not reuse its
+    block before the crops read from it have run."""
+    if not datas:
+        return []
+    if side is None:
+        return _decode_list(datas, device)
+    current = torch.cuda.current_stream(device)
+    with torch.cuda.stream(side):
+        out = _decode_list(datas, device)
+    current.wait_stream(side)
+    for img in out:
+        if isinstance(img, torch.Tensor):
+            img.record_stream(current)
+    return out
 
 
 class DeviceDecoder:
@@ -192,6 +213,7 @@ class DeviceDecoder:
         self.bad_in_a_row = 0  # device-rejected files in a row, across batches
         self.bad = 0  # device-rejected files so far (also counted in the batches' skipped)
         self._warned = 0
+        self.side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None  # see _decode
 
     def __call__(self, batch: dict) -> torch.Tensor:
         """batch (module docstring) -> images [B, 3, S, S] uint8 on the device (channels_last).
@@ -202,7 +224,7 @@ class DeviceDecoder:
         cropped_at = set(batch["cropped_at"].tolist())
         rows = [i for i in range(b) if i not in cropped_at]
         jpeg = batch["jpeg"]
-        results = _decode([jpeg[offsets[i]:offsets[i + 1]] for i in rows], self.device)
+        results = _decode([jpeg[offsets[i]:offsets[i + 1]] for i in rows], self.device, self.side)
         out = torch.empty(b, s, s, 3, dtype=torch.uint8, device=self.device).permute(0, 3, 1, 2)
         if cropped_at:
             out[batch["cropped_at"].to(self.device)] = batch["cropped"].to(self.device, non_blocking=True)
@@ -264,17 +286,15 @@ def check_available(decode: str, source: str, device: torch.device) -> None:
     if source not in ("folder", "wds"):
         raise ConfigError(f"config key 'data.decode' = nvjpeg decodes JPEG files: data.source must be folder or wds, not {source!r} "
                           "(ffcv decodes in its own pipeline, synthetic has no files)")
-    try:
-        from torchvision.io import ImageReadMode, decode_jpeg
-    except ImportError as e:
-        raise ConfigError(f"config key 'data.decode' = nvjpeg needs torchvision.io.decode_jpeg, which this torchvision lacks ({e}); "
-                          "install torchvision >= 0.19, or set data.decode=cpu") from None
+    if getattr(tvio, "decode_jpeg", None) is None:
+        raise ConfigError("config key 'data.decode' = nvjpeg needs torchvision.io.decode_jpeg, which this torchvision lacks "
+                          "(torchvision >= 0.19 decodes lists of JPEGs on a device); or set data.decode=cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"config key 'data.decode' = nvjpeg decodes on the training device {device}, but torch sees no CUDA device "
                           "(torch.cuda.is_available() is False); run on a GPU, or set data.decode=cpu")
     probe = torch.frombuffer(bytearray(simplejpeg.encode_jpeg(np.zeros((8, 8, 3), np.uint8), colorspace="RGB")), dtype=torch.uint8)
     try:
-        decode_jpeg([probe], mode=ImageReadMode.RGB, device=device)
+        tvio.decode_jpeg([probe], mode=tvio.ImageReadMode.RGB, device=device)
     except Exception as e:  # torchvision raises RuntimeError, a missing CUDA library other types
         lib = "nvJPEG (torchvision built with CUDA and its nvjpeg library)" if device.type == "cuda" else "its JPEG decoder"
         raise ConfigError(f"config key 'data.decode' = nvjpeg: torchvision cannot decode a JPEG on {device} ({type(e).__name__}: "
