@@ -22,6 +22,9 @@ its seconds and GiB). ``--case method=mae,model=vit_huge,micro=128,zero=2,plan=1
 the cases it lists instead of the matrix (what benchmarks/gpu_quick.sh does); unnamed fields take
 the first value of the list options. ``plan=1`` (or ``--vs-plan`` for every case) compares the
 measured peak memory with ``python -m mimscale.plan``'s estimate, when this tree has the planner.
+``decode=nvjpeg`` in a case (wds and folder data) decodes the loader's JPEGs on the GPU (data.decode);
+``kind=loader`` times the loader alone (``python -m mimscale.bench loader``, batches decoded and
+delivered on the GPU): img/s and the CPU cores it used, for one decoder at ``--workers`` workers.
 A case that fails (e.g. out of memory) is a row with its error; the others still run. Loader cases
 need their data (``--ffcv`` .beton, ``--wds`` shard folder, ``--folder`` ImageNet root): without it
 they are rows saying so. AMT and AutoMAE-stored first refresh their attention store over the whole
@@ -65,7 +68,8 @@ DATA = ("synthetic", "ffcv", "wds", "folder")
 DEFAULT_DATA = ("synthetic", "ffcv")
 # a loader's data: the option that gives its path, and what it is
 DATA_PATHS = {"ffcv": ("--ffcv", "PATH (.beton)"), "wds": ("--wds", "DIR (WebDataset shards)"), "folder": ("--folder", "DIR (ImageNet root)")}
-KINDS = ("step", "save")
+KINDS = ("step", "save", "loader")
+DECODES = ("cpu", "nvjpeg")  # data.decode of a loader case: the workers' CPU decoder, or nvJPEG on the GPU
 SAVE_BATCH = 2  # the save case's one step: its batch does not change the checkpoint
 # --tiny: the model and images of the tests (a 4 x 4 grid of 8 px patches, a one-block decoder)
 TINY_SETS = ["model.img_size=32", "model.patch_size=8", "model.decoder_depth=1", "model.decoder_dim=32",
@@ -84,6 +88,7 @@ class Case:
     grad_ckpt: int = 0  # model.grad_ckpt: 0 off, k: every k-th block
     kind: str = "step"  # step: timed training steps; save: one checkpoint save
     vs_plan: bool = False  # compare the peak memory with python -m mimscale.plan's estimate
+    decode: str = "cpu"  # data.decode of its loader: cpu (the workers) or nvjpeg (the GPU)
     result: dict = field(default_factory=dict)
     error: Optional[str] = None
     wall_s: float = 0.0
@@ -93,8 +98,11 @@ class Case:
     def name(self) -> str:
         if self.kind == "save":
             return f"{self.method} {self.model} zero{self.zero} checkpoint save"
+        if self.kind == "loader":
+            return f"loader {self.data} decode {self.decode}" + (f" micro{self.batch}" if self.batch else "")
         extra = ([f"micro{self.batch}"] if self.batch else []) + ([f"grad_ckpt{self.grad_ckpt}"] if self.grad_ckpt else [])
-        return " ".join([self.method, self.model, f"zero{self.zero}", "compile" if self.compile else "eager", self.data, *extra])
+        data = self.data + ("" if self.decode == "cpu" else f" decode {self.decode}")
+        return " ".join([self.method, self.model, f"zero{self.zero}", "compile" if self.compile else "eager", data, *extra])
 
 
 def parse_list(text: str, allowed, what: str, kind=str) -> list:
@@ -138,7 +146,7 @@ def matrix(methods: list[str], zeros: list[int], compiles: list[str], datas: lis
     return steps + saves
 
 
-CASE_KEYS = ("method", "model", "micro", "zero", "grad_ckpt", "compile", "data", "kind", "plan")
+CASE_KEYS = ("method", "model", "micro", "zero", "grad_ckpt", "compile", "data", "kind", "plan", "decode")
 
 
 def parse_case(spec: str, defaults: dict, models: tuple[str, ...]) -> Case:
@@ -149,12 +157,17 @@ def parse_case(spec: str, defaults: dict, models: tuple[str, ...]) -> Case:
         if not eq or key not in CASE_KEYS:
             raise ValueError(f"--case {spec!r}: {part!r} is not key=value with a key of {', '.join(CASE_KEYS)}")
         given[key] = value.strip()
-    v = {**defaults, **given}
+    v = {"decode": "cpu", **defaults, **given}
     one = lambda key, allowed, kind=str: parse_list(str(v[key]), allowed, f"--case {key}", kind)[0]  # noqa: E731
     flag = one("plan", ("0", "1"))
-    return Case(one("method", tuple(METHODS)), one("zero", ZERO, int), one("compile", COMPILE) == "on", one("data", DATA),
+    case = Case(one("method", tuple(METHODS)), one("zero", ZERO, int), one("compile", COMPILE) == "on", one("data", DATA),
                 model=one("model", models), batch=parse_ints(str(v["micro"]), "--case micro")[0],
-                grad_ckpt=parse_ints(str(v["grad_ckpt"]), "--case grad_ckpt")[0], kind=one("kind", KINDS), vs_plan=flag == "1")
+                grad_ckpt=parse_ints(str(v["grad_ckpt"]), "--case grad_ckpt")[0], kind=one("kind", KINDS), vs_plan=flag == "1",
+                decode=one("decode", DECODES))
+    if (case.decode != "cpu" or case.kind == "loader") and case.data not in ("wds", "folder"):
+        raise ValueError(f"--case {spec!r}: " + ("kind=loader" if case.kind == "loader" else f"decode={case.decode}")
+                         + f" needs JPEG files: data=wds or data=folder, not {case.data}")
+    return case
 
 
 def preset_micro_batch(zero: int) -> int:
@@ -178,6 +191,11 @@ def case_sets(case: Case, args) -> list[str]:
 def case_command(case: Case, args, nproc: int, save_dir: Optional[Path] = None) -> list[str]:
     """The bench step (or, for a save case, bench convert --no-convert) command line of one case."""
     common = [*METHODS[case.method], "--model", case.model, "--zero", str(case.zero), "--batch", str(micro_batch(case, args)), "--json"]
+    if case.kind == "loader":  # the loader alone: its batches decoded and delivered on the GPU
+        step = ["-m", "mimscale.bench", "loader", "--source", case.data, "--path", data_path(case, args), "--decode", case.decode,
+                "--workers", str(args.workers), "--batch", str(micro_batch(case, args)), "--batches", str(args.steps),
+                "--warmup", str(args.warmup), "--size", "32" if args.tiny else "224", "--json"]
+        return [sys.executable, *step]  # one process: a loader feeds one GPU
     if case.kind == "save":
         step = ["-m", "mimscale.bench", "convert", "--no-convert", *common]
         sets = case_sets(case, args) + ([f"output_dir={save_dir}"] if save_dir else [])
@@ -187,6 +205,8 @@ def case_command(case: Case, args, nproc: int, save_dir: Optional[Path] = None) 
             step.append("--compile")
         if case.data != "synthetic":
             step += ["--data-path", data_path(case, args), "--workers", str(args.workers)]
+        if case.decode != "cpu":
+            step += ["--decode", case.decode]
         sets = case_sets(case, args)
     for s in sets:
         step += ["--set", s]
@@ -209,7 +229,7 @@ def subprocess_env(args) -> dict:
 
 
 def run_case(case: Case, args, nproc: int) -> Case:
-    if case.kind == "step" and case.data in DATA_PATHS and not data_path(case, args):
+    if case.kind in ("step", "loader") and case.data in DATA_PATHS and not data_path(case, args):
         option, what = DATA_PATHS[case.data]
         case.error = f"skipped: no {option} {what} given"
         return case
@@ -339,7 +359,7 @@ def _num(v, fmt: str) -> str:
 
 
 TEXT_COLUMNS = ("case", "method", "model", "micro", "zero", "grad_ckpt", "compile", "data")
-COLUMNS = TEXT_COLUMNS + ("img/s/GPU", "MFU %", "data wait %", "peak mem GiB", "plan GiB", "step s", "save s", "ckpt GiB")
+COLUMNS = TEXT_COLUMNS + ("img/s/GPU", "MFU %", "data wait %", "peak mem GiB", "plan GiB", "step s", "save s", "ckpt GiB", "CPU cores")
 N_TEXT = len(TEXT_COLUMNS)
 
 
@@ -349,8 +369,12 @@ def rows(cases: list[Case], args=None) -> list[list[str]]:
     for c in cases:
         r = c.result
         micro = r.get("batch") or (micro_batch(c, args) if args is not None else c.batch) or "preset"
-        text = [c.kind, c.method, c.model, str(micro), str(c.zero), str(c.grad_ckpt),
-                "-" if c.kind == "save" else "on" if c.compile else "off", "-" if c.kind == "save" else c.data]
+        data = c.data + ("" if c.decode == "cpu" else f"+{c.decode}")
+        if c.kind == "loader":
+            text = [c.kind, "-", "-", str(micro), "-", "-", "-", data]
+        else:
+            text = [c.kind, c.method, c.model, str(micro), str(c.zero), str(c.grad_ckpt),
+                    "-" if c.kind == "save" else "on" if c.compile else "off", "-" if c.kind == "save" else data]
         if c.error:
             out.append([*text, c.error])
             continue
@@ -358,7 +382,8 @@ def rows(cases: list[Case], args=None) -> list[list[str]]:
         plan = c.plan or {}
         out.append([*text, _num(r.get("img_per_s"), ".1f"), _num(100 * r["mfu"] if r.get("mfu") is not None else None, ".1f"),
                     _num(r.get("data_wait_pct"), ".1f"), _num(mem, ".2f"), _num(plan.get("plan_gib"), ".2f"),
-                    _num(r.get("step_s"), ".4f"), _num(r.get("save_s"), ".2f"), _num(r.get("checkpoint_gib"), ".2f")])
+                    _num(r.get("step_s"), ".4f"), _num(r.get("save_s"), ".2f"), _num(r.get("checkpoint_gib"), ".2f"),
+                    _num(r.get("cores_used"), ".1f")])
     return out
 
 
@@ -402,6 +427,8 @@ def plan_note(case: Case) -> Optional[str]:
 CASE_FIELDS = ("batch", "world_size", "img_per_s", "img_per_s_total", "mfu", "data_wait_pct", "max_memory_gib", "max_rss_gib", "step_s",
                "fwd_bwd_s", "optimizer_s", "gflop_per_img", "plan", "refresh_s_per_img", "refresh_pct_of_epoch", "h2d_s", "h2d_gib_per_s")
 SAVE_FIELDS = ("world_size", "params", "save_s", "save_stall_s", "checkpoint_gib", "save_gib_per_s", "max_memory_gib", "max_rss_gib")
+# a loader case: img/s of one loader delivering to one GPU, and the CPU cores (its process + workers) that took
+LOADER_FIELDS = ("batch", "workers", "device", "img_per_s", "cores_used", "main_cores", "img_per_s_per_core", "seconds")
 
 
 def summary(cases: list[Case], args, nproc: int, device: str) -> dict:
@@ -411,8 +438,9 @@ def summary(cases: list[Case], args, nproc: int, device: str) -> dict:
         "precision": first.get("precision"), "peak_source": first.get("peak_source"),
         "peak_tflops": first["peak_gflops"] / 1e3 if first.get("peak_gflops") else None,
         "cases": [{"kind": c.kind, "method": c.method, "model": c.model, "micro_batch": micro_batch(c, args), "zero": c.zero,
-                   "grad_ckpt": c.grad_ckpt, "compile": c.compile, "data": c.data, "error": c.error, "wall_s": c.wall_s,
-                   **({k: c.result.get(k) for k in (SAVE_FIELDS if c.kind == "save" else CASE_FIELDS)} if c.result else {}),
+                   "grad_ckpt": c.grad_ckpt, "compile": c.compile, "data": c.data, "decode": c.decode, "error": c.error, "wall_s": c.wall_s,
+                   **({k: c.result.get(k) for k in {"save": SAVE_FIELDS, "loader": LOADER_FIELDS}.get(c.kind, CASE_FIELDS)}
+                      if c.result else {}),
                    **({"save_s": None} if c.kind == "step" else {}), **({"vs_plan": c.plan} if c.vs_plan else {})}
                   for c in cases],
     }

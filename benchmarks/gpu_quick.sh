@@ -25,8 +25,10 @@
 #      MAE ViT-H/14, micro 128, ZeRO-2     peak memory against python -m mimscale.plan    ~70 s
 #                                          (+ ~15 s for the planner; a note instead when the tree has none)
 #      MAE ViT-B/16 on the WebDataset shards, WORKERS=12 loader workers: data wait %      ~35 s
+#      the same with data.decode=nvjpeg (workers read bytes, the GPU decodes): data wait % ~35 s
+#      the loader alone, CPU decode, then nvJPEG, at WORKERS: img/s, CPU cores used      2 x ~20 s
 # 4. Writes $OUT/gpu_quick.json (benchmarks.gpu's JSON), $OUT/gpu_quick.md (the markdown table) and
-#    $OUT/gpu_quick.log. Total about 4-5 minutes; CASE_TIMEOUT= (240 s; --tiny 600 s) bounds each row.
+#    $OUT/gpu_quick.log. Total about 5-6 minutes; CASE_TIMEOUT= (240 s; --tiny 600 s) bounds each row.
 #
 # QUICK_TINY=1 (or --tiny) runs the same steps on a CPU at toy sizes in fp32 (ViT-Tiny for ViT-B,
 # ViT-Small for ViT-L and ViT-H, 32 px, micro batch 2 (ViT-H's row: 4), 24 images, 1 + 1 steps):
@@ -179,6 +181,9 @@ ROWS=(
     --case "method=automae-frozen,model=$B"                        # AutoMAE ViT-B/16, the preset's frozen extractor
     --case "method=mae,model=$H,micro=$H_MICRO,zero=2,plan=1"      # MAE ViT-H/14 at micro 128: memory vs the planner
     --case "method=mae,model=$B,data=wds"                          # MAE ViT-B/16 on WebDataset shards: data wait
+    --case "method=mae,model=$B,data=wds,decode=nvjpeg"            # the same, JPEGs decoded on the GPU (data.decode=nvjpeg)
+    --case "kind=loader,data=wds"                                  # the loader alone, CPU decode: img/s, CPU cores used
+    --case "kind=loader,data=wds,decode=nvjpeg"                    # the loader alone, nvJPEG: img/s, CPU cores used
 )
 BENCH=("$PY" -m benchmarks.gpu "${TINY[@]}" "${ROWS[@]}" --methods mae --zero 1 --compile off --data synthetic
        --steps "$STEPS" --warmup "$WARMUP" --wds "$SHARDS" --workers "$WORKERS" --timeout "$CASE_TIMEOUT"

@@ -19,10 +19,12 @@ import torch._dynamo
 import yaml
 
 from mimscale import methods, shipped
+from mimscale.data.device_decode import check_available as check_decode
 from mimscale.data.streams import SOURCES
 from mimscale.errors import ConfigError
 from mimscale.methods import MethodName
 from mimscale.models.registry import ENCODERS
+from mimscale.runtime import dist
 
 __all__ = ["Config", "load_config", "validate", "check_paths", "ffcv_installed", "to_dict", "flatten", "get_key", "changes_on_resume",
            "RESUMABLE_CHANGES"]
@@ -86,6 +88,10 @@ class DataConfig:
     # another count or fingerprint, e.g. files added or removed at the same data.path): refuse stops it (exit 2)
     # naming both counts; allow warns and continues on the new data (the sampler's order and exact resume are lost)
     resume_changes: Literal["refuse", "allow"] = "refuse"
+    # Where training JPEGs are decoded (folder and wds): cpu (the loader workers) or nvjpeg (workers read bytes and
+    # plan the crops, the training device decodes, crops and resizes batched: torchvision's nvJPEG on a GPU, its
+    # libjpeg on a CPU device). Same samples, boxes and flips; pixels within ~1.3 levels (mimscale/data/device_decode.py)
+    decode: Literal["cpu", "nvjpeg"] = "cpu"
 
 
 @dataclass
@@ -316,6 +322,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config keys 'data.scale_min'/'data.scale_max' must satisfy 0 < min <= max <= 1")
     if not 0.0 <= cfg.data.hflip <= 1.0:
         raise ConfigError(f"config key 'data.hflip' = {cfg.data.hflip} must be in [0, 1]")
+    if cfg.data.decode == "nvjpeg" and cfg.data.source not in ("folder", "wds"):
+        raise ConfigError(f"config key 'data.decode' = nvjpeg decodes JPEG files: data.source must be folder or wds, not "
+                          f"{cfg.data.source!r} (ffcv decodes in its own pipeline, synthetic has no files)")
     if cfg.data.source == "folder" and not cfg.data.path:
         raise ConfigError("config key 'data.path' must name a folder when data.source is 'folder'")
     if cfg.train.ckpt_every_minutes < 0:
@@ -400,6 +409,8 @@ def check_paths(cfg: Config) -> None:
     if cfg.data.source == "ffcv" and not path.is_file():
         raise ConfigError(f"config key 'data.path' = {cfg.data.path!r} is not an FFCV .beton file {where}; "
                           f"write one with: python -m data_prep.ffcv --src <ImageNet root> --split {cfg.data.split} --out {cfg.data.path}")
+    if cfg.data.decode != "cpu":  # the decoder on this rank's training device (DS_ACCELERATOR=cpu: the CPU)
+        check_decode(cfg.data.decode, cfg.data.source, dist.device())
 
 
 def to_dict(cfg: Config) -> dict:
@@ -422,7 +433,8 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 # whole section).
 RESUMABLE_CHANGES = ("train.steps", "train.epochs", "train.stop_after", "train.log_every", "train.ckpt_every", "train.ckpt_every_minutes",
                      "train.ckpt_background", "train.micro_batch", "train.keep_checkpoints", "train.threads", "data.num_workers",
-                     "data.jpeg_idct", "data.resume_changes", "tracking.", "dist.", "output_dir", "resume", "resume_changes", "preset")
+                     "data.jpeg_idct", "data.resume_changes", "data.decode", "tracking.", "dist.", "output_dir", "resume", "resume_changes",
+                     "preset")
 
 
 def changes_on_resume(saved: dict, cfg: Config) -> dict[str, tuple[Any, Any]]:

@@ -21,6 +21,7 @@ from mimscale import methods
 from mimscale.checkpoint.checkpointer import Checkpointer, TrackingState, TrainState
 from mimscale.checkpoint.reshard import after_universal_load
 from mimscale.config import Config, to_dict
+from mimscale.data.device_decode import DeviceDecoder
 from mimscale.data.streams import StreamPosition, build_source, open_stream
 from mimscale.ds_config import EngineSettings
 from mimscale.errors import ConfigError
@@ -90,6 +91,8 @@ class Trainer:
         self.plan_sizes = model.masker.initial_sizes()  # (visible, masked, thrown)
 
         self.source = build_source(cfg.data, cfg.train.seed)
+        # data.decode=nvjpeg: batches hold JPEG bytes and crop plans; to_device decodes them here
+        self.decoder = DeviceDecoder(cfg.model.img_size, self.device, cfg.data.max_bad_in_a_row) if cfg.data.decode == "nvjpeg" else None
         n_samples = len(self.source)
         # Global batches per epoch: the same on any world size (the sampler deals global batches;
         # WebDataset streams, per rank by design, count the same way).
@@ -191,8 +194,13 @@ class Trainer:
     # to_device -> with_noise -> forward_backward -> optimizer_step (micro_step = the last two).
     def to_device(self, batch: dict) -> tuple[torch.Tensor, dict]:
         """A loader batch on the device: images [B, 3, S, S] uint8 and the meta the model reads
-        (box, flip, index, and what the method's hooks add, e.g. AMT's attention maps)."""
-        images = batch["image"].to(self.device, non_blocking=True)
+        (box, flip, index, and what the method's hooks add, e.g. AMT's attention maps). A batch of
+        JPEG bytes (data.decode=nvjpeg) is decoded, cropped and resized on the device first; a row
+        the device cannot decode is replaced in ``batch`` (meta included) and counted in its skipped."""
+        if "jpeg" in batch:
+            images = self.decoder(batch)
+        else:
+            images = batch["image"].to(self.device, non_blocking=True)
         pairs = [*((k, batch[k]) for k in META_KEYS), *self.hooks.host_inputs(batch).items()]
         return images, {k: v.to(self.device, non_blocking=True) for k, v in pairs}
 
@@ -301,10 +309,10 @@ class Trainer:
                 stall.waiting()
                 batch = next(it)
                 stall.got(batch)
-                wait = time.perf_counter() - t
                 self.data.observe(batch)
+                images, meta = self.to_device(batch)  # decode=nvjpeg: the decode counts as data wait, its skips are counted
+                wait = time.perf_counter() - t
                 win.add_batch(batch, wait)
-                images, meta = self.to_device(batch)
                 win.add_micro(*self.micro_step(images, self.with_noise(meta, state.step, micro)))
             state.step += 1
             state.samples_seen += eng.global_batch

@@ -1,7 +1,7 @@
 """Throughput benchmarks (print numbers and JSON; never asserted in tests).
 
     python -m mimscale.bench step --method mae|amt|automae [--extractor online|ema|frozen|stored] --model vit_base --batch 16 --steps 3 [--vs-plain] --json
-    python -m mimscale.bench loader --source pil|folder|wds|ffcv --path <data> --workers 2 --batch 64 --batches 20 --json
+    python -m mimscale.bench loader --source pil|folder|wds|ffcv --path <data> [--decode cpu|nvjpeg] --workers 2 --batch 64 --batches 20 --json
     python -m mimscale.bench convert --model vit_base|vit_large [--zero 1|2|3] [--no-convert: the save alone] --json
     python -m mimscale.bench decode --path <folder of JPEGs> [--images 1000] --json
 

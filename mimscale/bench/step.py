@@ -4,7 +4,8 @@ The engine's step is timed on the same Trainer and DeepSpeed engine pretrain.py 
 world size (``torchrun --nproc_per_node N -m mimscale.bench step ...``: the micro batch is
 ``--batch`` per rank, rank 0 prints). Data comes either from one synthetic batch kept on the
 device (``--data synthetic``: the compute ceiling) or from the run's own loader (``--data
-folder|wds|ffcv --data-path P``: each timed step waits for its batch, which is the data wait).
+folder|wds|ffcv --data-path P``: each timed step waits for its batch, which is the data wait;
+``--decode nvjpeg``: the batch is decoded on the device inside that wait, in ``h2d_s`` with its copy).
 
 The plain-torch reference (``PlainStep``) is the same model, batch and fused AdamW without the
 engine: ``--no-deepspeed`` times it alone; ``--vs-plain`` times it interleaved with the engine's
@@ -27,6 +28,7 @@ import torch
 
 from mimscale import methods, shipped
 from mimscale.config import load_config
+from mimscale.data.device_decode import check_available as check_decode
 from mimscale.data.loader import build_loader
 from mimscale.data.streams import open_stream
 from mimscale.ds_config import load_ds_config
@@ -87,11 +89,13 @@ def default_ds_config(zero: int, cuda: bool) -> Path:
 def data_overrides(args) -> list[str]:
     """The config overrides of ``--data``: a small synthetic set, or the run's own loader on
     ``--data-path`` with ``--workers`` workers."""
+    decode = [f"data.decode={getattr(args, 'decode', 'cpu')}"]  # nvjpeg with synthetic or ffcv data: the config check names data.decode
     if args.data == "synthetic":
-        return ["data.source=synthetic", f"data.synthetic_count={args.batch * 2 * max(1, dist.world_size())}", "data.num_workers=0"]
+        return ["data.source=synthetic", f"data.synthetic_count={args.batch * 2 * max(1, dist.world_size())}", "data.num_workers=0",
+                *decode]
     if not args.data_path:
         raise ConfigError(f"--data {args.data} needs --data-path (the folder, shard directory or .beton to read)")
-    return [f"data.source={args.data}", f"data.path={args.data_path}", f"data.num_workers={args.workers}"]
+    return [f"data.source={args.data}", f"data.path={args.data_path}", f"data.num_workers={args.workers}", *decode]
 
 
 def bench_config(args, extra: list[str], tmp: Path):
@@ -241,6 +245,7 @@ def bench_step(args) -> dict | None:
     if args.no_deepspeed:
         return bench_plain(args, cfg)
     trainer, eng = build_trainer(args, cfg, tmp)
+    check_decode(cfg.data.decode, cfg.data.source, trainer.device)  # data.decode=nvjpeg: is the device's decoder there?
     refresh = None
     primed = trainer.prime_method()  # AMT's store filled, so the timed steps mask *and throw*; timed on the way
     if primed is not None:
@@ -291,6 +296,7 @@ def bench_step(args) -> dict | None:
         "zero_stage": eng.zero_stage,
         "compile": args.compile,
         "data": args.data,
+        "decode": cfg.data.decode,  # where the loader's JPEGs were decoded (data.decode); its device time is in data_wait_s
         "step_s": step_s,
         "step_times": times,
         "img_per_s": img_s,  # per rank (per GPU); the run's is x world_size
@@ -387,6 +393,8 @@ def add_step_parser(sub) -> None:
                    help="synthetic: one batch kept on the device; folder|wds|ffcv: the run's loader on --data-path (data wait counts)")
     s.add_argument("--data-path", default="", help="--data folder|wds|ffcv: the ImageNet root, shard directory or .beton")
     s.add_argument("--workers", type=int, default=8, help="--data folder|wds|ffcv: loader workers (ffcv: threads)")
+    s.add_argument("--decode", default="cpu", choices=("cpu", "nvjpeg"),
+                   help="--data folder|wds: data.decode (nvjpeg: the workers read bytes, the device decodes; in the data wait)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
     s.add_argument("--no-deepspeed", action="store_true", help="plain torch reference alone: same model and AdamW, no engine")
     s.add_argument("--vs-plain", action="store_true",

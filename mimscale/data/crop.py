@@ -134,6 +134,39 @@ def _norm_box(box_px, width: int, height: int) -> tuple[float, float, float, flo
     return (x0 / width, y0 / height, min((x0 + w) / width, 1.0), min((y0 + h) / height, 1.0))
 
 
+@dataclass(frozen=True)
+class CropPlan:
+    """Where a JPEG's crop comes from, decided from its header size alone (before any decode):
+    what ``crop_bytes`` decodes on the CPU, and what the device decoder (device_decode.py) cuts
+    out of a full decode, so both report the same box and flip."""
+
+    drawn: tuple  # the drawn box (x0, y0, w, h) in original pixels, or WHOLE
+    flip: bool
+    m: int  # the CPU decode's IDCT scale M/8
+    span: tuple[int, int, int, int]  # (bx0, by0, bx1, by1): the crop in pixels of the M/8-scale image
+    box: tuple[float, float, float, float]  # the applied box (x0, y0, x1, y1) / (W, H): the batch's "box"
+
+    def region(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """(x0, y0, x1, y1): the span in original pixels, clipped to the image (the M/8 decode's
+        last pixel is partly padding)."""
+        k = 8 // self.m
+        bx0, by0, bx1, by1 = self.span
+        return bx0 * k, by0 * k, min(bx1 * k, width), min(by1 * k, height)
+
+
+def plan_crop(rng: np.random.Generator, width: int, height: int, size: int, scale=(0.2, 1.0), hflip: float = 0.5) -> CropPlan:
+    """Draw the box and flip of a width x height JPEG (``_draw``) and the decode that serves them:
+    the IDCT scale (``decode_scale``) and the box rounded to whole pixels of that scale."""
+    box, flip = _draw(rng, width, height, scale, hflip)
+    m = decode_scale(box[2] or width, box[3] or height, size)
+    # libjpeg's M/8 decode is ceil(W * M / 8) wide: its last pixel is partly padding
+    sx = sy = m / 8
+    span = _scaled_box(box, sx, sy, -(-width * m // 8), -(-height * m // 8))
+    bx0, by0, bx1, by1 = span
+    applied = (bx0 / sx, by0 / sy, (bx1 - bx0) / sx, (by1 - by0) / sy)
+    return CropPlan(box, flip, m, span, _norm_box(applied, width, height))
+
+
 def crop_array(arr: np.ndarray, rng: np.random.Generator, size: int, scale=(0.2, 1.0), hflip: float = 0.5) -> Crop:
     """RandomResizedCrop + flip of an in-memory RGB image [H, W, 3] uint8 (synthetic data);
     ``scale=None``: the whole image resized to size x size (aspect not kept), no flip."""
@@ -162,18 +195,13 @@ def crop_bytes(data: bytes, rng: np.random.Generator, size: int, scale=(0.2, 1.0
         except ValueError:
             colorspace = None
         if colorspace in ("RGB", "YCbCr", "Gray"):
-            box, flip = _draw(rng, width, height, scale, hflip)
-            drawn = (width, height, box, flip)
-            m = decode_scale(box[2] or width, box[3] or height, size)
-            # libjpeg's M/8 decode is ceil(W * M / 8) wide: its last pixel is partly padding
-            sx = sy = m / 8
-            span = _scaled_box(box, sx, sy, -(-width * m // 8), -(-height * m // 8))
-            arr, ax, ay = _decode_jpeg(data, m, span, width, height, fast_idct)
+            plan = plan_crop(rng, width, height, size, scale, hflip)
+            drawn = (width, height, plan.drawn, plan.flip)
+            arr, ax, ay = _decode_jpeg(data, plan.m, plan.span, width, height, fast_idct)
             if arr is not None:
-                bx0, by0, bx1, by1 = span
-                out = _resize(arr[by0 - ay:by1 - ay, bx0 - ax:bx1 - ax], size, flip)
-                applied = (bx0 / sx, by0 / sy, (bx1 - bx0) / sx, (by1 - by0) / sy)
-                return Crop(out, _norm_box(applied, width, height), flip, False)
+                bx0, by0, bx1, by1 = plan.span
+                out = _resize(arr[by0 - ay:by1 - ay, bx0 - ax:bx1 - ax], size, plan.flip)
+                return Crop(out, plan.box, plan.flip, False)
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()

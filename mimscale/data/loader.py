@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from mimscale.data import device_decode
 from mimscale.data.crop import UnreadableImage, crop_array, crop_bytes
 from mimscale.data.sampler import ShardedBatchSampler
 from mimscale.data.sources import SyntheticSource, indexed_source
@@ -39,7 +40,7 @@ class CropDataset(Dataset):
     """Map-style dataset keyed by (epoch, index); skips unreadable files by moving to the next index."""
 
     def __init__(self, source, size: int, scale=(0.2, 1.0), hflip: float = 0.5, seed: int = 0, max_bad_in_a_row: int = 64,
-                 fast_idct: bool = True):
+                 fast_idct: bool = True, device_decode: bool = False):
         self.source = source
         self.size = size
         self.scale = tuple(scale)
@@ -47,6 +48,8 @@ class CropDataset(Dataset):
         self.seed = seed
         self.max_bad = max_bad_in_a_row
         self.fast_idct = fast_idct
+        # data.decode=nvjpeg: the worker reads bytes and plans the crop; the device decodes (device_decode.py)
+        self.device_decode = device_decode
         self._warned = 0
 
     def __len__(self) -> int:
@@ -59,6 +62,8 @@ class CropDataset(Dataset):
         rng = np.random.default_rng(key)
         if isinstance(self.source, SyntheticSource):
             return crop_array(self.source.array(index), rng, self.size, self.scale, self.hflip)
+        if self.device_decode:
+            return device_decode.plan_bytes(self.source.read(index), rng, self.size, self.scale, self.hflip, self.fast_idct)
         return crop_bytes(self.source.read(index), rng, self.size, self.scale, self.hflip, self.fast_idct)
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
@@ -73,6 +78,8 @@ class CropDataset(Dataset):
                     print(f"[mimscale.data] skipping unreadable {self.source.name(i)}: {e}", file=sys.stderr)
                     self._warned += 1
                 continue
+            if self.device_decode:  # a Planned JPEG or, for a file the device does not take, a Crop
+                return {"item": crop, "name": self.source.name(i), "index": i, "label": self.source.label(i), "skipped": skipped}
             return {
                 "image": torch.from_numpy(crop.image).permute(2, 0, 1),
                 "box": torch.tensor(crop.box, dtype=torch.float32),
@@ -111,15 +118,16 @@ def build_loader(data_cfg, *, img_size: int, micro_batch: int, rank: int, world_
     world (sampler.py). ``source``: an already built one (saves a second scan of a large folder)."""
     if source is None:
         source = indexed_source(data_cfg, seed)
+    on_device = data_cfg.decode == "nvjpeg" and not isinstance(source, SyntheticSource)
     dataset = CropDataset(source, img_size, (data_cfg.scale_min, data_cfg.scale_max), data_cfg.hflip, seed, data_cfg.max_bad_in_a_row,
-                          data_cfg.jpeg_idct == "fast")
+                          data_cfg.jpeg_idct == "fast", device_decode=on_device)
     sampler = ShardedBatchSampler(len(dataset), micro_batch, rank, world_size, seed, start_micro_batch, accumulation=accumulation)
     workers = data_cfg.num_workers
     loader = DataLoader(
         dataset,
         batch_sampler=sampler,
         num_workers=workers,
-        collate_fn=collate,
+        collate_fn=device_decode.collate if on_device else collate,
         pin_memory=pin_memory,
         worker_init_fn=worker_init if workers else None,
         prefetch_factor=4 if workers else None,

@@ -39,6 +39,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from mimscale.data import device_decode
 from mimscale.data.crop import UnreadableImage, crop_bytes
 from mimscale.data.eval_transform import center_crop, check_crop_pct
 from mimscale.data.loader import stack_images
@@ -155,7 +156,7 @@ class ShardStream(IterableDataset):
     def __init__(self, index: ShardIndex, size: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  scale=(0.2, 1.0), hflip: float = 0.5, shuffle_buffer: int = 2000, mode: str = "train",
                  cursors: Optional[dict[int, int]] = None, stream_offset: int = 0, max_bad_in_a_row: int = 64,
-                 crop_pct: Optional[float] = None, fast_idct: bool = True):
+                 crop_pct: Optional[float] = None, fast_idct: bool = True, device_decode: bool = False):
         if mode not in ("train", "eval"):
             raise ValueError(f"mode {mode!r}: allowed values: train, eval")
         if crop_pct is not None and mode != "eval":
@@ -176,6 +177,8 @@ class ShardStream(IterableDataset):
         self.stream_offset = stream_offset
         self.max_bad = max_bad_in_a_row
         self.fast_idct = fast_idct  # libjpeg's fast integer IDCT (data.jpeg_idct)
+        # data.decode=nvjpeg: bytes and crop plans out, the device decodes (device_decode.py); training crops only
+        self.device_decode = device_decode and crop_pct is None and self.scale is not None
 
     # ---------------------------------------------------------------- record sources
     def _train_records(self, stream: int, start: int, state: dict) -> Iterator[tuple[int, Optional[dict]]]:
@@ -210,6 +213,8 @@ class ShardStream(IterableDataset):
         meta = json.loads(rec["json"])
         if self.crop_pct is not None:
             crop = center_crop(rec["jpg"], self.size, self.crop_pct)
+        elif self.device_decode:
+            crop = device_decode.plan_bytes(rec["jpg"], np.random.default_rng(key), self.size, self.scale, self.hflip, self.fast_idct)
         else:
             crop = crop_bytes(rec["jpg"], np.random.default_rng(key), self.size, self.scale, self.hflip, self.fast_idct)
         # no .cls member (shards of unlabelled images written by another tool): label -1, as data_prep writes them
@@ -225,7 +230,7 @@ class ShardStream(IterableDataset):
         else:
             stream = self.rank * workers + worker
             records = self._eval_records(stream, self.world * workers, state)
-        images, boxes, flips, idx, labels = [], [], [], [], []
+        images, boxes, flips, idx, labels, names = [], [], [], [], [], []
         converted, reported_bad, cursor, shard = 0, 0, 0, ""
         for cursor, rec in records:
             try:
@@ -235,24 +240,26 @@ class ShardStream(IterableDataset):
                 _warn(f"skipping unreadable sample {rec.get('__key__')} in {rec.get('__url__')}: {type(e).__name__}: {e}", state)
                 continue
             state["in_a_row"] = 0  # a good sample ends a run of failures
-            images.append(torch.from_numpy(crop.image).permute(2, 0, 1))
+            images.append(crop if self.device_decode else torch.from_numpy(crop.image).permute(2, 0, 1))
             boxes.append(crop.box)
             flips.append(crop.flip)
             idx.append(i)
             labels.append(label)
             converted += int(crop.converted)
             shard = rec.get("__url__", "")
+            names.append(f"{shard}:{rec.get('__key__')}")
             if len(images) == self.batch_size:
-                yield self._batch(images, boxes, flips, idx, labels, state.get("bad", 0) - reported_bad, converted, stream, cursor, shard)
+                yield self._batch(names, images, boxes, flips, idx, labels, state.get("bad", 0) - reported_bad, converted, stream, cursor, shard)
                 reported_bad = state.get("bad", 0)
-                images, boxes, flips, idx, labels, converted = [], [], [], [], [], 0
+                images, boxes, flips, idx, labels, converted, names = [], [], [], [], [], 0, []
         if images:  # eval: the short last batch
-            yield self._batch(images, boxes, flips, idx, labels, state.get("bad", 0) - reported_bad, converted, stream, cursor, shard)
+            yield self._batch(names, images, boxes, flips, idx, labels, state.get("bad", 0) - reported_bad, converted, stream, cursor, shard)
 
-    @staticmethod
-    def _batch(images, boxes, flips, idx, labels, skipped, converted, stream, cursor, shard) -> dict:
+    def _batch(self, names, images, boxes, flips, idx, labels, skipped, converted, stream, cursor, shard) -> dict:
+        # data.decode=nvjpeg: ``images`` are Planned JPEGs and CPU crops, packed for the device
+        pixels = device_decode.pack(images, names) if self.device_decode else {"image": stack_images(images)}
         return {
-            "image": stack_images(images),
+            **pixels,
             "box": torch.tensor(boxes, dtype=torch.float32),
             "flip": torch.tensor(flips, dtype=torch.bool),
             "index": torch.tensor(idx, dtype=torch.int64),
@@ -273,7 +280,7 @@ def build_wds_loader(index: ShardIndex, data_cfg, img_size: int, micro_batch: in
     dataset = ShardStream(index, img_size, micro_batch, rank, world_size, seed, (data_cfg.scale_min, data_cfg.scale_max),
                           data_cfg.hflip if mode == "train" else 0.0, data_cfg.shuffle_buffer, mode, cursors,
                           stream_offset=start_micro_batch % max(1, workers), max_bad_in_a_row=data_cfg.max_bad_in_a_row,
-                          fast_idct=data_cfg.jpeg_idct == "fast")
+                          fast_idct=data_cfg.jpeg_idct == "fast", device_decode=data_cfg.decode == "nvjpeg")
     # A generator of its own: starting the iterator must not draw from the global torch RNG,
     # which masking uses and a resumed run restores.
     return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,

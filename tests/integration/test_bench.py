@@ -15,7 +15,8 @@ from tests.unit.bench.test_bench_gpu import node_blocked_modules
 QUICK = REPO / "benchmarks" / "gpu_quick.sh"
 # benchmarks/gpu_quick.sh's rows, as benchmarks.gpu names them (--tiny: ViT-Tiny for ViT-B, ViT-Small for L and H)
 QUICK_ROWS = ["mae vit_base zero1 eager synthetic", "mae vit_large zero1 eager synthetic", "amt vit_base zero1 eager synthetic",
-              "automae-frozen vit_base zero1 eager synthetic", "mae vit_huge zero2 eager synthetic micro128", "mae vit_base zero1 eager wds"]
+              "automae-frozen vit_base zero1 eager synthetic", "mae vit_huge zero2 eager synthetic micro128", "mae vit_base zero1 eager wds",
+              "mae vit_base zero1 eager wds decode nvjpeg", "loader wds decode cpu", "loader wds decode nvjpeg"]
 
 TINY = ["--model", "vit_tiny", "--batch", "2", "--steps", "1", "--warmup", "1", "--threads", "1",
         "--set", "model.img_size=32", "--set", "model.patch_size=8", "--set", "model.decoder_depth=1",
@@ -157,7 +158,7 @@ def test_the_bench_path_imports_only_what_the_gpu_node_has(tmp_path):
 
 def test_gpu_quick_dry_run_plans_every_row(tmp_path):
     """gpu_quick.sh --dry-run prints its install, data and bench commands, and benchmarks.gpu --list
-    parses its six rows; nothing is written."""
+    parses its nine rows; nothing is written."""
     out, wheels = tmp_path / "out", tmp_path / "wheels"
     r = subprocess.run(["bash", str(QUICK), "--dry-run"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                        env={**env(), "PYTHON": sys.executable, "OUT": str(out), "WHEELS": str(wheels), "VENV": str(tmp_path / "venv"),
@@ -168,27 +169,31 @@ def test_gpu_quick_dry_run_plans_every_row(tmp_path):
     assert any("synthetic JPEGs" in ln and f"{tmp_path}/work/imagenet" in ln for ln in lines)
     assert f"-m data_prep.wds --src {tmp_path}/work/imagenet --split train --out {tmp_path}/work/shards" in r.stdout
     bench_line = next(ln for ln in lines if " -m benchmarks.gpu " in ln)
-    assert bench_line.count("--case ") == 6 and f"--json-out {out}/gpu_quick.json --md-out {out}/gpu_quick.md" in bench_line
+    assert bench_line.count("--case ") == 9 and f"--json-out {out}/gpu_quick.json --md-out {out}/gpu_quick.md" in bench_line
     listed = [ln.split(" ", 1)[1].rstrip(":") for ln in lines if ln[:1].isdigit()]
-    assert listed == [*QUICK_ROWS[:4], QUICK_ROWS[4] + " (vs plan)", QUICK_ROWS[5]]
+    assert listed == [*QUICK_ROWS[:4], QUICK_ROWS[4] + " (vs plan)", *QUICK_ROWS[5:]]
     commands = [ln.strip() for ln in lines if ln.startswith("    ")]
-    assert all("--batch 128" in c and "--warmup 3 --data" in c for c in commands) and "--data-path " + str(tmp_path / "work/shards") in commands[5]
+    assert all("--batch 128" in c and "--warmup 3 --data" in c for c in commands[:7]) and "--data-path " + str(tmp_path / "work/shards") in commands[5]
+    assert commands[6].endswith("--decode nvjpeg")  # the step row with the GPU decoder
+    shards = str(tmp_path / "work/shards")
+    for c, decode in zip(commands[7:], ("cpu", "nvjpeg")):  # the loader rows: the same shards, workers and batch, each decoder
+        assert f"-m mimscale.bench loader --source wds --path {shards} --decode {decode} --workers 12 --batch 128" in c
     assert not out.exists() and not (tmp_path / "work").exists()
 
 
 @pytest.mark.slow  # make test-all (~2 min on 2 cores); make test runs its dry run and the bench path's imports above
 def test_gpu_quick_plumbing_on_cpu(tmp_path):
     """QUICK_TINY=1 SKIP_INSTALL=1 bash benchmarks/gpu_quick.sh, importing as the node does: synthetic
-    JPEGs, WebDataset shards, the six rows at toy sizes; the JSON and the markdown table in OUT."""
+    JPEGs, WebDataset shards, the nine rows at toy sizes; the JSON and the markdown table in OUT."""
     out = tmp_path / "out"
     r = subprocess.run(["bash", str(QUICK)], cwd=REPO, capture_output=True, text=True, timeout=900,
                        env={**node_env(tmp_path), "QUICK_TINY": "1", "SKIP_INSTALL": "1", "PYTHON": sys.executable, "OUT": str(out),
                             "WORK": str(tmp_path / "work")})
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     d = json.loads((out / "gpu_quick.json").read_text())
-    assert d["tiny"] and d["precision"] == "fp32" and len(d["cases"]) == 6
+    assert d["tiny"] and d["precision"] == "fp32" and len(d["cases"]) == 9
     tiny = {"vit_base": "vit_tiny", "vit_large": "vit_small", "vit_huge": "vit_small"}
-    for case, row in zip(d["cases"], QUICK_ROWS):
+    for case, row in zip(d["cases"], QUICK_ROWS[:6]):
         method, model, _, _, data = row.split()[:5]
         assert (case["method"], case["model"], case["data"], case["error"]) == (method, tiny[model], data, None), case
         assert case["img_per_s"] > 0 and 0 < case["mfu"] < 1 and case["max_rss_gib"] > 0, case
@@ -197,26 +202,36 @@ def test_gpu_quick_plumbing_on_cpu(tmp_path):
     # the planner's row of ZeRO-2 without checkpointing, or a note saying why there is none (no mimscale/plan.py)
     assert vs_plan["note"] or (vs_plan["plan_gib"] > 0 and vs_plan["plan_row"]["zero_stage"] == 2), vs_plan
     assert d["cases"][5]["data_wait_pct"] > 0 and d["cases"][5]["h2d_s"] >= 0  # the wds loader's wait
+    assert d["cases"][6]["decode"] == "nvjpeg" and d["cases"][6]["error"] is None and d["cases"][6]["data_wait_pct"] > 0
+    for case, decode in zip(d["cases"][7:], ("cpu", "nvjpeg")):  # the loader rows: img/s and the cores they took
+        assert (case["kind"], case["decode"], case["error"]) == ("loader", decode, None) and case["img_per_s"] > 0 and case["cores_used"] > 0
     assert (tmp_path / "work" / "shards" / "train-manifest.json").exists()
     md = (out / "gpu_quick.md").read_text().splitlines()
     assert md[2].startswith("| case | method | model | micro | zero | grad_ckpt | compile | data | img/s/GPU | MFU % |")
-    assert len([ln for ln in md if ln.startswith("| step |")]) == 6
+    assert len([ln for ln in md if ln.startswith("| step |")]) == 7 and len([ln for ln in md if ln.startswith("| loader |")]) == 2
     assert "img/s/GPU" in (out / "gpu_quick.log").read_text()
 
 
-@pytest.mark.parametrize("source", ["folder", "pil"])
-def test_bench_loader_prints_json(tmp_path, capsys, source):
-    """The README's loader benchmark, ``python -m mimscale.bench loader --source folder|pil ...``, through
-    its main() in this process (no second torch import), on two class folders of small JPEGs."""
+@pytest.mark.parametrize("source,decode", [("folder", "cpu"), ("pil", "cpu"), ("folder", "nvjpeg")])
+def test_bench_loader_prints_json(tmp_path, capsys, source, decode):
+    """The README's loader benchmark, ``python -m mimscale.bench loader --source folder|pil [--decode nvjpeg] ...``,
+    through its main() in this process (no second torch import), on two class folders of small JPEGs:
+    img/s and the CPU cores the loader used (this process: --workers 0)."""
     for c, wnid in enumerate(("n01440764", "n01443537")):
         (tmp_path / wnid).mkdir()
         for i in range(6):
             Image.new("RGB", (40 + 8 * i, 48), (40 * c, 20 * i, 90)).save(tmp_path / wnid / f"{wnid}_{i}.JPEG")
     code = bench.main(["loader", "--source", source, "--path", str(tmp_path), "--workers", "0", "--batch", "4",
-                       "--batches", "2", "--warmup", "1", "--size", "32", "--json"])
+                       "--batches", "2", "--warmup", "1", "--size", "32", "--decode", decode, "--device", "cpu", "--json"])
     assert code == 0
     d = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert d["bench"] == "loader" and d["source"] == source and d["images"] == 8 and d["img_per_s"] > 0
+    assert d["decode"] == decode and d["device"] == "cpu" and d["cores_used"] > 0 and d["main_cores"] == pytest.approx(d["cores_used"])
+
+
+def test_bench_loader_refuses_nvjpeg_without_jpeg_files(capsys):
+    assert bench.main(["loader", "--source", "pil", "--path", ".", "--decode", "nvjpeg", "--device", "cpu"]) == 2
+    assert "'data.decode' = nvjpeg decodes JPEG files" in capsys.readouterr().err
 
 
 def test_bench_step_on_a_loader_reports_wait_and_transfer(tmp_path):

