@@ -3,8 +3,8 @@
 Run at the grids' cadence only, on the last micro batch's images and the plan its training
 forward used (``MIMModel.last_plan``): no masker draw, no gradient, eval mode (nothing random), so
 the training run's numbers and RNG streams are the same with or without grids. The weights are
-those after that step's optimizer update. Under ZeRO-3 the forward gathers parameters: every rank
-calls ``reconstruct``, rank 0 draws.
+those after that step's optimizer update. Under ZeRO-3 the forward gathers parameters (collectives):
+every rank calls ``reconstruct``, rank 0 draws.
 
 Each family predicts in its own space:
     MAE path (random, blockwise, AMT, AutoMAE)  the decoder at the visible and masked positions; with
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import deepspeed
 import torch
 
 from mimscale.masking.base import MaskPlan
@@ -86,7 +87,11 @@ def reconstruct(model: MIMModel, images: torch.Tensor, plan: MaskPlan) -> Option
             pred, idx = _decoded(model.encoder, model.decoder, x, plan, None)  # view T1, as its forward
             norm_pix = obj.norm_pix
         else:
-            pred, idx = obj.reconstruct(x, plan)
+            # reconstruct is not the objective's forward, so ZeRO-3's hooks do not gather the
+            # objective's own parameters (the mask token) for it: gather them here (a no-op
+            # for parameters that are not partitioned)
+            with deepspeed.zero.GatheredParameters(list(obj.parameters(recurse=False))):
+                pred, idx = obj.reconstruct(x, plan)
             norm_pix = False
     finally:
         for m, mode in modes:
