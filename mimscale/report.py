@@ -2,10 +2,12 @@
 
     python -m mimscale.report <output_dir> [--out <dir>]      # default <output_dir>/report
 
-writes ``loss.png`` (loss and its terms per step, from metrics.jsonl), ``throughput.png`` (img/s,
-MFU and data-wait % per step), ``cka.png`` (the in-training occlusion-invariance check per ratio,
-when it ran), copies the newest mask grids (image | method weights | plan, from mask_grids/) and
-writes ``index.html`` showing them all with the run's summary. Prints the HTML's path.
+writes ``loss.png`` (the loss and each term that differs from it per step, from metrics.jsonl,
+above the learning rate), ``throughput.png`` (img/s, MFU and data-wait % per step, axes from
+zero), ``cka.png`` (the in-training occlusion-invariance check per ratio, when it ran), copies the
+newest mask grids (original | masked input | reconstruction | + visible pasted, and the method's
+weights when it has them; from mask_grids/) and writes ``index.html`` showing them all with the
+run's summary. Prints the HTML's path.
 """
 from __future__ import annotations
 
@@ -44,25 +46,67 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [s for s, _ in pts], [v for _, v in pts]
 
 
-def plot_loss(records: list[dict], path: Path) -> Optional[Path]:
+def same_series(records: list[dict], a: str, b: str, rel: float = 1e-6) -> bool:
+    """Whether ``a`` and ``b`` are logged at the same steps with the same values (MAE's loss_rec is
+    its whole loss): such a term is the total's line again, not a line of its own."""
+    sa, va = _series(records, a)
+    sb, vb = _series(records, b)
+    return sa == sb and all(abs(x - y) <= rel * max(abs(x), abs(y), 1e-12) for x, y in zip(va, vb))
+
+
+def loss_lines(records: list[dict]) -> list[tuple[str, str]]:
+    """(key, label) of each loss line to draw: ``loss`` first, labelled with the terms equal to it
+    (``loss = loss_rec``), then each term that differs from it."""
     keys = sorted({k for r in records for k in r if k.startswith("loss") and k not in LOSS_SKIP})
-    if not keys:
+    if "loss" not in keys:
+        return [(k, k) for k in keys]
+    terms = [k for k in keys if k != "loss"]
+    same = [k for k in terms if same_series(records, "loss", k)]
+    return [("loss", " = ".join(["loss", *same])), *((k, k) for k in terms if k not in same)]
+
+
+def loss_figure(records: list[dict]):
+    """Loss lines over the steps above the learning rate, on a shared step axis (a Figure with the
+    axes [loss, lr]; the lr axis only when lr was logged); None when nothing was logged."""
+    lines = loss_lines(records)
+    if not lines:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for k in keys:
-        ax.plot(*_series(records, k), label=k, lw=1.5 if k == "loss" else 1.0)
-    ax.set_xlabel("optimizer step")
+    lr_steps, lr = _series(records, "lr")
+    if lr_steps:
+        fig, (ax, lr_ax) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in lines:
+        ax.plot(*_series(records, key), label=label, lw=1.5 if key == "loss" else 1.0)
     ax.set_ylabel("loss")
     ax.set_title("training loss")
     ax.legend()
     ax.grid(alpha=0.3)
+    if lr_steps:
+        lr_ax.plot(lr_steps, lr, color="tab:gray")
+        lr_ax.set_ylabel("learning rate")
+        lr_ax.set_ylim(bottom=0)
+        lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+        lr_ax.grid(alpha=0.3)
+        lr_ax.set_xlabel("optimizer step")
+    else:
+        ax.set_xlabel("optimizer step")
     fig.tight_layout()
+    return fig
+
+
+def plot_loss(records: list[dict], path: Path) -> Optional[Path]:
+    fig = loss_figure(records)
+    if fig is None:
+        return None
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def plot_throughput(records: list[dict], path: Path) -> Optional[Path]:
+def throughput_figure(records: list[dict]):
+    """img/s (left axis) and MFU / data-wait % (right axis) per step, both axes from zero (a
+    Figure with the axes [img/s, %]); None when no img/s was logged."""
     steps, ips = _series(records, "img_per_s")
     if not steps:
         return None
@@ -70,6 +114,7 @@ def plot_throughput(records: list[dict], path: Path) -> Optional[Path]:
     ax.plot(steps, ips, label="img/s", color="tab:blue")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("images / s")
+    ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     right = ax.twinx()
     for key, scale, label, color in (("mfu", 100.0, "MFU %", "tab:green"), ("data_wait_pct", 1.0, "data wait %", "tab:red")):
@@ -77,11 +122,19 @@ def plot_throughput(records: list[dict], path: Path) -> Optional[Path]:
         if s:
             right.plot(s, [x * scale for x in v], label=label, color=color, lw=1.0)
     right.set_ylabel("%")
+    right.set_ylim(bottom=0)
     lines = ax.get_legend_handles_labels()
     more = right.get_legend_handles_labels()
     ax.legend(lines[0] + more[0], lines[1] + more[1], loc="lower right")
     ax.set_title("throughput")
     fig.tight_layout()
+    return fig
+
+
+def plot_throughput(records: list[dict], path: Path) -> Optional[Path]:
+    fig = throughput_figure(records)
+    if fig is None:
+        return None
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -37,6 +37,7 @@ from mimscale.tracking.console import Progress
 from mimscale.tracking.health import CKAHealth
 from mimscale.tracking.metrics import LogWindow, MetricsFile, PhaseClock, RunMeter
 from mimscale.tracking.peak import peak_flops
+from mimscale.tracking.reconstruct import plan_rows, reconstruct
 from mimscale.tracking.tracker import Tracker, open_run
 
 __all__ = ["Trainer"]
@@ -326,8 +327,10 @@ class Trainer:
                     self.tracker.log_metrics(cka, state.step)
                     self.metrics_file.append(state.step, cka)  # a line of its own: the report's CKA curve
             grid_every = cfg.tracking.mask_grid_every
-            if grid_every and state.step % grid_every == 0 and dist.is_rank0():
+            if grid_every and state.step % grid_every == 0:  # every rank: the reconstruction's forward is collective under ZeRO-3
+                t = time.perf_counter()
                 self._log_mask_grid(images)
+                win.exclude(time.perf_counter() - t)
             minutes = cfg.train.ckpt_every_minutes
             due = bool(minutes) and dist.is_rank0() and time.monotonic() - self.last_save_at >= 60.0 * minutes
             # the same answers on every rank; `busy`: this rank's files of a background save are still being written
@@ -409,16 +412,21 @@ class Trainer:
             self.recompute_per_img = methods.recompute_flops(self.cfg, *sizes[:2])
 
     def _log_mask_grid(self, images: torch.Tensor) -> None:
-        """Rank 0: image | masker weights (if any) | plan, for the first samples of the last
-        micro batch, as a PNG artifact under mask_grids/."""
+        """original | masked input | reconstruction | + visible pasted (| masker weights) for the
+        first samples of the last micro batch (masking/viz.py), as a PNG artifact under mask_grids/.
+        Every rank runs the reconstruction's forward (ZeRO-3 gathers parameters in it); rank 0 draws."""
         model = self.engine.module
         plan = model.last_plan
         if plan is None:
             return
+        n = min(self.cfg.tracking.mask_grid_rows, images.shape[0])
+        recon = reconstruct(model, images[:n], plan_rows(plan, n))
+        if not dist.is_rank0():
+            return
         path = self.out / "mask_grids" / f"step{self.state.step:08d}.png"
         weights = getattr(model.masker, "last_weights", None)
         try:
-            save_plan_grid(path, images, plan, weights, model.patch_size, rows=self.cfg.tracking.mask_grid_rows)
+            save_plan_grid(path, images, plan, weights, model.patch_size, recon, rows=n)
         except OSError as e:  # a full disk must not stop training
             dist.log0(f"[mimscale] could not write {path}: {e}")
             return

@@ -1,5 +1,5 @@
 """AMT: the CLS-attention pass, the memory-mapped store, the refresh schedule, whole-image
-passes, the masker inside MIMModel (thrown patches cost nothing), and the mask grid."""
+passes and the masker inside MIMModel (thrown patches cost nothing); the mask grid: test_viz.py."""
 from __future__ import annotations
 
 import numpy as np
@@ -17,8 +17,6 @@ from mimscale.errors import ConfigError
 from mimscale.hooks.amt_refresh import parse_when, refresh_steps
 from mimscale.masking.amt import AMTMasking
 from mimscale.masking.amt_store import AttentionStore, prune
-from mimscale.masking.base import MaskPlan
-from mimscale.masking.viz import MASKED_RGB, THROWN_RGB, plan_grid
 from mimscale.models.registry import ENCODERS
 from mimscale.models.vit import ViTEncoder
 from tests.conftest import make_batch, tiny_config, tiny_model
@@ -235,18 +233,3 @@ def test_registry_builds_amt_masker():
     cfg = tiny_config("amt")
     m = methods.get("amt").masker(cfg, ViTEncoder(ENCODERS["vit_tiny"], img_size=32, patch_size=8))
     assert isinstance(m, AMTMasking) and m.initial_sizes() == (4, 12, 0)
-
-
-# ---------------------------------------------------------------- mask grid
-def test_plan_grid_colours_each_set():
-    B, S, p = 2, 16, 8
-    images = torch.full((B, 3, S, S), 100, dtype=torch.uint8)
-    plan = MaskPlan(visible=torch.tensor([[0], [3]]), masked=torch.tensor([[1, 2], [0, 1]]), thrown=torch.tensor([[3], [2]]), num_patches=4)
-    grid = plan_grid(images, plan, torch.tensor([[0.0, 1.0, 0.5, 0.2]] * 2), p)
-    assert grid.shape == (B * S, 3 * S, 3)
-    panel = grid[:S, 2 * S:].astype(np.float32)  # sample 0's plan panel
-    assert np.array_equal(panel[0, 0], [100, 100, 100])  # patch 0 visible: untouched
-    assert np.allclose(panel[0, p], 0.45 * 100 + 0.55 * MASKED_RGB, atol=1)  # patch 1 masked
-    assert np.array_equal(panel[p, p], THROWN_RGB)  # patch 3 thrown
-    weights = grid[:S, S:2 * S].astype(int)
-    assert weights[0, p].sum() > weights[0, 0].sum()  # weight 1.0 brighter than 0.0
