@@ -206,7 +206,7 @@ def test_gpu_quick_plumbing_on_cpu(tmp_path):
 
 @pytest.mark.parametrize("source", ["folder", "pil"])
 def test_bench_loader_prints_json(tmp_path, capsys, source):
-    """The README's loader benchmark, ``python -m mimscale.bench loader --source folder|pil ...``, through
+    """docs/benchmarks.md's loader benchmark, ``python -m mimscale.bench loader --source folder|pil ...``, through
     its main() in this process (no second torch import), on two class folders of small JPEGs."""
     for c, wnid in enumerate(("n01440764", "n01443537")):
         (tmp_path / wnid).mkdir()
