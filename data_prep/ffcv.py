@@ -16,7 +16,7 @@ max_side), so FFCV's own resize finds nothing left to do; FFCV JPEG-encodes them
 the default: the smallest file), stores raw pixels (raw), or JPEG-encodes each with probability P
 and stores the rest raw (proportion: FFCV's published ImageNet recipe is --max-side 500
 --write-mode proportion --compress-probability 0.5 --jpeg-quality 90; 3.6x the bytes of jpg on the sample,
-and a raw image costs no decode: the fastest loader, see README "Loader throughput").
+and a raw image costs no decode: the fastest loader, see docs/benchmarks.md, "Loader throughput").
 
 Bad files are found first by a parallel prepass that decodes every file with the same code
 (FFCV's writer needs the sample count up front and cannot skip a sample). The writer then decodes

@@ -5,7 +5,7 @@
 #   deepspeed <this node's launcher flags> mimscale/pretrain.py <your arguments, unchanged>
 #
 # from the repository root, so relative paths in the arguments (ds_configs/..., mimscale/configs/...)
-# mean what they mean in the README. Example:
+# mean what they mean in the docs (docs/running.md). Example:
 #
 #   docker/entrypoint.sh --deepspeed_config ds_configs/gpu_bf16_zero1.json \
 #       --config mimscale/configs/mae_vit_base.yaml --set data.path=/data/imagenet

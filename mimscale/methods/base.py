@@ -37,7 +37,7 @@ class Method:
                                                 deepspeed.zero.Init (False: a part copies or
                                                 reparametrizes weights after they were built)
     preset                                      the ViT-B preset bench uses (None: not benchmarked)
-    alias                                       another name bench and the README use (random: mae)
+    alias                                       another name bench and the docs use (random: mae)
     """
 
     name: str

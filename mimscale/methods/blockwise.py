@@ -1,4 +1,4 @@
-"""BEiT's block-wise masking: the README's worked example of adding a method."""
+"""BEiT's block-wise masking: the worked example of adding a method (docs/architecture.md)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -401,7 +401,7 @@ def test_entrypoint_launches_deepspeed_with_the_arguments_unchanged(fakes):
     assert argv[:script] == ["--hostfile", argv[1], "--include", "node-0:0,1", "--no_ssh", "--node_rank", "0",
                              "--master_addr", "127.0.0.1", "--master_port", "29500"]
     assert rec["hostfile"] == "node-0 slots=2\n"
-    assert rec["cwd"] == str(REPO)  # relative paths mean what the README says
+    assert rec["cwd"] == str(REPO)  # relative paths mean what the docs say
     assert rec["home"] == env["TMPDIR"]  # an unwritable HOME is replaced (torch/Triton caches)
     assert sorted(rec["ignored"]) == ["SIGINT", "SIGTERM", "SIGUSR1"] and rec["pgid"] == rec["pid"]
     assert not Path(argv[1]).exists()  # the generated hostfile is cleaned up

@@ -214,7 +214,7 @@ def test_gpu_quick_plumbing_on_cpu(tmp_path):
 
 @pytest.mark.parametrize("source,decode", [("folder", "cpu"), ("pil", "cpu"), ("folder", "nvjpeg")])
 def test_bench_loader_prints_json(tmp_path, capsys, source, decode):
-    """The README's loader benchmark, ``python -m mimscale.bench loader --source folder|pil [--decode nvjpeg] ...``,
+    """docs/benchmarks.md's loader benchmark, ``python -m mimscale.bench loader --source folder|pil [--decode nvjpeg] ...``,
     through its main() in this process (no second torch import), on two class folders of small JPEGs:
     img/s and the CPU cores the loader used (this process: --workers 0)."""
     for c, wnid in enumerate(("n01440764", "n01443537")):

@@ -1,4 +1,4 @@
-"""A method added through the registry alone trains end to end: block-wise masking (the README's
+"""A method added through the registry alone trains end to end: block-wise masking (docs/architecture.md's
 example) and AMT on SimMIM (a new base, a unit-grid masker and AMT's refresh) through pretrain.py,
 one process, loss falling and the plan's sizes reported."""
 import json

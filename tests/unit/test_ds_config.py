@@ -227,7 +227,7 @@ def test_a_json_batch_that_disagrees_with_the_recipe_names_both(tmp_path):
 
 
 def test_fp32_gradient_reduction_passes_through_to_deepspeed(tmp_path):
-    """The README's fp32-reduction block: ``communication_data_type`` reaches the engine unchanged."""
+    """docs/cluster.md's fp32-reduction block: ``communication_data_type`` reaches the engine unchanged."""
     raw = {"train_micro_batch_size_per_gpu": 8, "bf16": {"enabled": True}, "communication_data_type": "fp32",
            "zero_optimization": {"stage": 1}}
     eng = load_ds_config(_write(tmp_path, raw), 2, global_batch=64)

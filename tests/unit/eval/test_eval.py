@@ -616,7 +616,7 @@ def test_knn_defaults_are_dinos():
 
 
 def test_cli_probe_mae_recipe_and_crop_pct(folder, tmp_path, capsys):
-    """The README's ``--recipe mae`` and ``--crop-pct`` options, end to end; bad settings exit 2 naming them."""
+    """docs/evaluation.md's ``--recipe mae`` and ``--crop-pct`` options, end to end; bad settings exit 2 naming them."""
     common = ["--checkpoint", RANDOM, "--data", str(folder), "--workers", "0", "--cache", str(tmp_path), "--json"]
     code, out, err = run_cli(capsys, "probe", *common, "--recipe", "mae", "--crop-pct", "1.0")
     assert code == 0, err

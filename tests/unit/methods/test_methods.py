@@ -1,5 +1,5 @@
 """mimscale/methods.py: the method registry. Every entry builds a model that trains, config knows
-every entry's name and section, and block-wise masking (the README's example method) behaves."""
+every entry's name and section, and block-wise masking (docs/architecture.md's example method) behaves."""
 from dataclasses import fields
 from types import SimpleNamespace
 
