@@ -146,7 +146,7 @@ class TrackingConfig:
     enabled: bool = True
     experiment: str = "mimscale"
     run_name: Optional[str] = None  # None: "<preset>-<time>"
-    mask_grid_every: int = 1000  # steps between mask-grid images (image | weights | plan); 0: never
+    mask_grid_every: int = 1000  # steps between mask grids (original | masked | reconstruction | + visible | weights); 0: never
     mask_grid_rows: int = 8  # samples per grid
     # MLflow's system/* metrics of rank 0's node (CPU, memory, disk, network; NVIDIA GPUs via nvidia-ml-py),
     # one point a minute (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL / _SAMPLES_BEFORE_LOGGING change it)
