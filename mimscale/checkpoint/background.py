@@ -21,6 +21,7 @@ means "every byte of the tag is durable".
 """
 from __future__ import annotations
 
+import copy
 import queue
 import threading
 from pathlib import Path
@@ -43,14 +44,17 @@ def stage(obj: Any, memo: Optional[dict] = None) -> Any:
             memo[key] = obj.detach().to("cpu", copy=True)
         return memo[key]
     if isinstance(obj, dict):
-        out = type(obj)() if type(obj) is not dict else {}
+        out = copy.copy(obj)  # the same mapping type (DeepSpeed's OrderedDicts stay ordered dicts)
         for k, v in obj.items():
             out[k] = stage(v, memo)
         return out
-    if isinstance(obj, list):
+    if type(obj) is list:
         return [stage(v, memo) for v in obj]
-    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-        return tuple(stage(v, memo) for v in obj)
+    if isinstance(obj, torch.Size):
+        return obj  # ints; DeepSpeed's consolidation calls .numel() on the shapes it saved
+    if isinstance(obj, tuple):
+        items = [stage(v, memo) for v in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
     return obj
 
 

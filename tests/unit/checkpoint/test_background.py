@@ -52,6 +52,18 @@ def test_stage_copies_every_tensor_so_later_in_place_updates_do_not_reach_it():
     assert staged["n"] == 3 and staged["s"] == "x"
 
 
+def test_stage_keeps_container_types_deepspeed_reads_back():
+    """ZeRO-3's consolidation calls .numel() on the saved torch.Size shapes; OrderedDicts keep order."""
+    from collections import OrderedDict, namedtuple
+
+    Pair = namedtuple("Pair", "a b")
+    live = torch.zeros(2)
+    staged = stage({"shapes": OrderedDict(w=torch.Size([2, 3])), "pair": Pair(live, 1)})
+    assert type(staged["shapes"]) is OrderedDict and type(staged["shapes"]["w"]) is torch.Size
+    assert staged["shapes"]["w"].numel() == 6
+    assert type(staged["pair"]) is Pair and staged["pair"].a is not live and torch.equal(staged["pair"].a, live)
+
+
 def test_a_background_save_is_the_state_at_save_time_and_its_marker_comes_after_the_writes(tmp_path):
     engine = StagingAwareEngine()
     c = Checkpointer(engine, tmp_path, keep=2, background=True)
