@@ -119,7 +119,7 @@ if [ "$nnodes" -gt 1 ] && [ "$node_rank" -gt 0 ]; then
   waited=0
   until getent hosts "$master_addr" >/dev/null; do
     [ "$waited" -lt "$RESOLVE_SECONDS" ] || die "MASTER_ADDR '$master_addr' did not resolve within ${RESOLVE_SECONDS}s"
-    sleep 5
+    sleep 5 || true
     waited=$((waited + 5))
   done
 fi
@@ -158,8 +158,10 @@ trap 'on_signal USR1' USR1
   echo "$rc" >"$workdir/rc"
 ) &
 supervisor=$!
+# `|| true` after each sleep: a group-wide SIGTERM (Slurm) also kills the sleep, and under set -e its
+# status 143 would end this script before the trap's request reaches the ranks
 until [ -s "$workdir/pgid" ] || ! kill -0 "$supervisor" 2>/dev/null; do
-  sleep 0.05
+  sleep 0.05 || true
 done
 # a builtin read, not $(cat ...): a group-wide SIGTERM landing on that child would leave it empty
 launcher_pgid=""
@@ -179,7 +181,7 @@ if [ -n "$launcher_pgid" ]; then
       kill -KILL -- "-$launcher_pgid" 2>/dev/null || true
       break
     fi
-    sleep 1
+    sleep 1 || true
     waited=$((waited + 1))
   done
 fi
