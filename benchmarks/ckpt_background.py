@@ -43,17 +43,21 @@ def run(mode: bool, args, work: Path) -> dict:
     wall = time.perf_counter() - t
     if r.returncode != 0:
         raise SystemExit(f"the {'background' if mode else 'blocking'} run failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return {"mode": "background" if mode else "blocking", **summarize(out, args.ckpt_every), "launch_wall_s": wall}
+
+
+def summarize(out: Path, ckpt_every: int) -> dict:
+    """The stall per save, plain and after-save step times and the tag size from a run's metrics.jsonl."""
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"step_s"' in x]
     by_step = {e["step"]: e for e in lines}
-    saves = [s for s in by_step if s % args.ckpt_every == 0]
+    saves = [s for s in by_step if s % ckpt_every == 0]
     # a save's stall is reported on the next log line (the save runs after its step's line)
     stalls = [by_step[s + 1]["time/ckpt_s"] for s in saves if s + 1 in by_step]
     after = [by_step[s + 1]["step_s"] for s in saves if s + 1 in by_step]
     plain = [e["step_s"] for s, e in by_step.items() if s > 1 and s - 1 not in saves]
     size = sum(f.stat().st_size for f in (out / "checkpoints").rglob("*") if f.is_file())
-    return {"mode": "background" if mode else "blocking", "save_stall_s": sum(stalls) / max(len(stalls), 1),
-            "step_s": sum(plain) / max(len(plain), 1), "step_after_save_s": sum(after) / max(len(after), 1),
-            "saves": len(saves), "tag_gib": size / 2**30, "launch_wall_s": wall}
+    return {"save_stall_s": sum(stalls) / max(len(stalls), 1), "step_s": sum(plain) / max(len(plain), 1),
+            "step_after_save_s": sum(after) / max(len(after), 1), "saves": len(saves), "tag_gib": size / 2**30}
 
 
 def main(argv=None) -> int:
