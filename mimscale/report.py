@@ -95,13 +95,17 @@ def loss_figure(records: list[dict]):
     return fig
 
 
-def plot_loss(records: list[dict], path: Path) -> Optional[Path]:
-    fig = loss_figure(records)
+def _saved(fig, path: Path) -> Optional[Path]:
+    """``fig`` written to ``path`` and closed; None (nothing written) when there was no figure."""
     if fig is None:
         return None
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_loss(records: list[dict], path: Path) -> Optional[Path]:
+    return _saved(loss_figure(records), path)
 
 
 def throughput_figure(records: list[dict]):
@@ -132,12 +136,7 @@ def throughput_figure(records: list[dict]):
 
 
 def plot_throughput(records: list[dict], path: Path) -> Optional[Path]:
-    fig = throughput_figure(records)
-    if fig is None:
-        return None
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _saved(throughput_figure(records), path)
 
 
 def plot_cka(records: list[dict], path: Path) -> Optional[Path]:
