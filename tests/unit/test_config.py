@@ -431,3 +431,8 @@ def test_clip_grad_key():
     assert load_config(None, ["train.clip_grad=5"]).train.clip_grad == 5.0
     with pytest.raises(ConfigError, match=r"train\.clip_grad.*>= 0"):
         load_config(None, ["train.clip_grad=-1"])
+
+
+def test_a_set_value_that_is_not_yaml_names_the_key():
+    with pytest.raises(ConfigError, match=r"--set 'train.steps=\[3': the value of 'train.steps' is not a YAML value"):
+        load_config(None, ["train.steps=[3"])
