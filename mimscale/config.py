@@ -444,7 +444,14 @@ RESUMABLE_CHANGES = ("train.steps", "train.epochs", "train.stop_after", "train.l
 
 def changes_on_resume(saved: dict, cfg: Config) -> dict[str, tuple[Any, Any]]:
     """{key: (checkpoint's value, this run's)} for every key that differs outside RESUMABLE_CHANGES.
-    Keys only one side has (added or removed by another mimscale version) are not changes."""
-    old, new = flatten(saved), flatten(to_dict(cfg))
+    A key the checkpoint's config lacks in a section it has (written by a mimscale before the key
+    existed) had its default's behaviour, so it is compared against the default (a preset that now
+    sets model.pos_embed: learned is a change). A whole section it lacks (a method's, added later)
+    and a key only the checkpoint has (since removed) are not changes."""
+    new = flatten(to_dict(cfg))
+    old = flatten(saved)
+    sections = {k.rsplit(".", 1)[0] for k in old if "." in k}
+    defaults = flatten(to_dict(Config()))
+    old.update({k: v for k, v in defaults.items() if k not in old and "." in k and k.rsplit(".", 1)[0] in sections})
     return {k: (old[k], new[k]) for k in sorted(old.keys() & new.keys())
             if old[k] != new[k] and not any(k == a or (a.endswith(".") and k.startswith(a)) for a in RESUMABLE_CHANGES)}

@@ -196,6 +196,7 @@ def train(cfg: Config, args, eng, stop: StopRequest, resume_from, changes: dict,
         summary = trainer.fit()
     except TrainingDiverged as e:  # every rank sees it at the same log step (the packed all-reduce)
         dist.log0(f"mimscale: {e}")
+        trainer.finish_saves()  # a background save from before the divergence: its marker, not lost
         trainer.tracker.end("FAILED")
         leave_group(watch)
         return EXIT_DIVERGED
@@ -204,6 +205,7 @@ def train(cfg: Config, args, eng, stop: StopRequest, resume_from, changes: dict,
         # the same on every rank, which all read the same files and checkpoint, so all stop here.
         print(f"mimscale: configuration error: {e}", file=sys.stderr)
         if trainer is not None:
+            trainer.finish_saves()
             trainer.tracker.end("FAILED")
         leave_group(watch)
         return EXIT_CONFIG

@@ -99,8 +99,10 @@ def _saved(fig, path: Path) -> Optional[Path]:
     """``fig`` written to ``path`` and closed; None (nothing written) when there was no figure."""
     if fig is None:
         return None
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
     return path
 
 

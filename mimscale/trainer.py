@@ -263,8 +263,9 @@ class Trainer:
         self.last_checkpoint = str(path)
         self.hooks.after_save()
 
-    def _finish_saves(self) -> None:
-        """Every rank: the pending background save waited for and published (collective)."""
+    def finish_saves(self) -> None:
+        """Every rank: the pending background save waited for and published (collective: call it
+        where every rank is, the end of fit or an error every rank raised at the same step)."""
         published = self.checkpointer.finish_pending()
         if published is not None:
             self._published(published)
@@ -294,7 +295,7 @@ class Trainer:
         if stopped:
             self.progress.note(f"[mimscale] {stopped} received: saving a checkpoint at step {state.step} and exiting")
             self.save()
-        self._finish_saves()
+        self.finish_saves()
         self.checkpointer.close()
         self.progress.close()
         self.stopped = stopped

@@ -140,5 +140,10 @@ class StagingEngine(CheckpointEngine):
     def load(self, path: str, map_location=None):
         raise RuntimeError("StagingEngine only saves; loading goes through DeepSpeed's own engine")
 
+    def preserves_storage_sharing(self) -> bool:
+        # False: DeepSpeed would clone the module's tensors on the device first (so a view does not
+        # save its whole storage); stage() already makes compact host copies
+        return False
+
     def commit(self, info: CheckpointCommitInfo) -> bool:
         return True  # durability is the Checkpointer's: the marker after every rank's writer is idle

@@ -366,6 +366,8 @@ class Checkpointer:
         tag_dir, facts = self.pending
         self.pending = None
         if dist.is_rank0():
+            if self.background:  # config.yaml and DeepSpeed's recovery scripts, written outside the writer
+                _fsync_written(tag_dir, 0)
             fsync_path(tag_dir)  # the files' directory entries (each file was fsynced by its writer)
             _publish_marker(tag_dir, {**facts, "time": time.time(), "files": _files(tag_dir)})
             _prune(self.root, self.keep)

@@ -46,6 +46,10 @@ _FILE_COLS = ("file", "filename", "file_name", "path", "image", "imageid", "imag
 _WNID_COLS = ("wnid", "synset", "class", "label")
 
 
+# Folder names that mark a dataset root's splits (ImageNet's train/val, and test)
+SPLIT_NAMES = ("train", "val", "test")
+
+
 class LayoutError(ValueError):
     """The folder is not an ImageNet layout we can read; the message says what was expected."""
 
@@ -275,4 +279,10 @@ def list_folder(root: str | Path, split: str = "train") -> Listing:
         raise LayoutError(f"{root} is not a folder (expected <root>/{split}/<wnid>/<image> or <root>/<class>/<image> files)")
     if (root / split).is_dir():
         return _list(root, root / split, split)
+    # A root that has split folders but not this one: a missing or mistyped split, not a folder of
+    # images (read as one, it would train on every split, or convert train as val, unlabelled)
+    splits = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name in SPLIT_NAMES)
+    if splits:
+        raise LayoutError(f"{root} has the split folder{'s' if len(splits) > 1 else ''} {', '.join(splits)} but no {split!r} "
+                          f"(data.split / --split names the folder under {root} to read)")
     return _list(root, root, split)

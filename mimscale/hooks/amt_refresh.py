@@ -65,6 +65,9 @@ class AMTRefresh(LoopHooks):
         self.num_patches = ctx.num_patches
         self.schedule = refresh_steps(self.cfg.first_refresh, self.cfg.refresh_every, ctx.total_steps, ctx.steps_per_epoch)
         self.generation = 0  # refreshes done = index into the schedule
+        # generations named by saves whose COMPLETE marker is not out yet (a background save still
+        # writing): kept by after_save like those of complete checkpoints
+        self.unpublished: set[int] = set()
         self.store: Optional[AttentionStore] = None
         self.records: list[dict] = []
         self.redo_at_start = False
@@ -75,6 +78,7 @@ class AMTRefresh(LoopHooks):
         return {"generation": self.generation, "refreshes": self.records}
 
     def marker_extra(self) -> dict:
+        self.unpublished.add(self.generation)  # until a complete tag names it (after_save)
         return {"amt_generation": self.generation}
 
     def load_state_dict(self, state: dict) -> None:
@@ -94,10 +98,12 @@ class AMTRefresh(LoopHooks):
         """Drop store generations no checkpoint on disk (and not the run itself) refers to."""
         if not dist.is_rank0():
             return
-        keep = {self.generation}
-        for _, d in checkpointer.complete_tags(checkpointer.checkpoint_root(self.t.out)):
-            keep.add(int(checkpointer.read_marker(d).get("amt_generation", 0)))
-        prune(self.t.out, keep)
+        named = {int(checkpointer.read_marker(d).get("amt_generation", 0))
+                 for _, d in checkpointer.complete_tags(checkpointer.checkpoint_root(self.t.out))}
+        prune(self.t.out, {self.generation} | self.unpublished | named)
+        # a generation a complete tag names is kept through that tag from now on; a background save
+        # still writing keeps its own until its marker is out and this runs again
+        self.unpublished -= named
 
     # ------------------------------------------------------------------ per step
     def before_step(self, step: int) -> float:

@@ -436,3 +436,14 @@ def test_clip_grad_key():
 def test_a_set_value_that_is_not_yaml_names_the_key():
     with pytest.raises(ConfigError, match=r"--set 'train.steps=\[3': the value of 'train.steps' is not a YAML value"):
         load_config(None, ["train.steps=[3"])
+
+
+def test_a_key_the_checkpoint_lacks_is_compared_with_its_default():
+    """A checkpoint written before model.pos_embed existed trained with its default (sincos): a resume
+    with a preset that sets learned positions is a change; one that keeps the default is not."""
+    from mimscale.config import changes_on_resume, to_dict
+
+    saved = to_dict(load_config(None))
+    del saved["model"]["pos_embed"]
+    assert changes_on_resume(saved, load_config(None)) == {}
+    assert changes_on_resume(saved, load_config(None, ["model.pos_embed=learned"])) == {"model.pos_embed": ("sincos", "learned")}

@@ -54,6 +54,18 @@ def test_class_folders_stay_labelled_and_a_deeper_image_makes_them_unlabelled(tm
     assert unlabelled.labels.tolist() == [-1] * 5
 
 
+def test_a_missing_split_beside_other_splits_is_a_layout_error_not_an_unlabelled_tree(tmp_path):
+    """--split val over a root with only train/ (or data.split=training over train/ and val/) must
+    not read the whole root as one unlabelled folder."""
+    write_images(tmp_path / "train", ["n01/a.jpg", "n01/b.jpg"])
+    with pytest.raises(LayoutError, match=r"has the split folder train but no 'val' \(data.split / --split"):
+        list_folder(tmp_path, "val")
+    write_images(tmp_path / "val", ["n01/c.jpg"])
+    with pytest.raises(LayoutError, match=r"has the split folders train, val but no 'training'"):
+        list_folder(tmp_path, "training")
+    assert list_folder(tmp_path, "val").files == ["n01/c.jpg"]
+
+
 def test_a_flat_folder_without_csv_is_unlabelled_and_an_empty_tree_is_an_error(tmp_path):
     write_images(tmp_path / "flat", ["b.jpg", "a.jpg"])
     src = FolderSource(tmp_path / "flat")
