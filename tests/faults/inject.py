@@ -5,7 +5,9 @@
 faults:
   raise       that rank raises RuntimeError in its micro step of optimizer step <step>
   slow_close  rank 0's end-of-run work (export, upload) sleeps <step> seconds first
-  enospc      that rank's checkpoint save of step <step> fails with OSError(ENOSPC)
+  enospc      that rank's checkpoint save of step <step> fails with OSError(ENOSPC): in its background
+              writer (train.ckpt_background, the default: the error reaches the training thread
+              at the next step's poll), or at the save's start with a blocking save
   hold_save   in step <step>'s save, once that rank wrote its files (before fsync and marker), it
               creates <output_dir>/HOLDING and sleeps (the test kills it there: a crash mid-save);
               a background save (train.ckpt_background) holds in its writer thread, before the
@@ -51,13 +53,20 @@ def main() -> int:
         Trainer.close = close
     elif fault == "enospc" and dist.rank() == rank:
         original_save = Checkpointer.save
+        original_fsync_file = checkpointer._fsync_file
 
         def save(self, at, marker_extra=None):
-            if at == int(step):
+            if at == int(step) and not self.background:
                 raise OSError(errno.ENOSPC, "No space left on device (injected)")
             return original_save(self, at, marker_extra)
 
+        def fsync_file(path):
+            if Path(path).parent.name == f"step{int(step):08d}":
+                raise OSError(errno.ENOSPC, "No space left on device (injected)")
+            original_fsync_file(path)
+
         Checkpointer.save = save
+        checkpointer._fsync_file = fsync_file
     elif fault == "hold_save" and dist.rank() == rank:
         original_fsync = checkpointer._fsync_written
 

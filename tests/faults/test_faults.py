@@ -118,7 +118,8 @@ def test_killed_mid_save_with_a_torn_shard_in_the_newest_tag_loses_nothing(ds, t
 
 
 def test_enospc_during_a_save_ends_the_job_and_the_resume_loses_nothing(ds, tmp_path):
-    """Rank 1's save at step 10 fails with ENOSPC: it raises, every rank is told and exits.
+    """Rank 1's save at step 10 fails with ENOSPC in its background writer: the next step's poll
+    raises it as a full disk (CheckpointDiskFull), every rank is told and exits, no marker.
     The resume (whose rank 0 then spends longer at the end, exporting, than the failure watch
     lets a rank be silent) loses nothing and still exits 0: the end-of-run work runs after every
     rank left the process group."""
@@ -126,7 +127,9 @@ def test_enospc_during_a_save_ends_the_job_and_the_resume_loses_nothing(ds, tmp_
     t = time.time()
     r = run_group(launcher("enospc", 1, 10, pretrain_args(ds, out)), timeout=300)
     assert r.returncode != 0 and "No space left on device" in r.stdout + r.stderr
-    assert "rank 1 raised OSError" in r.stdout + r.stderr  # every rank was told, none waited for a timeout
+    assert "rank 1 raised CheckpointDiskFull" in r.stdout + r.stderr  # every rank was told, none waited for a timeout
+    assert "checkpoint write failed: the disk is full writing" in r.stdout + r.stderr
+    assert not (out / "checkpoints" / "step00000010" / "COMPLETE").exists()
     assert time.time() - t < 200
     r = run_group(launcher("slow_close", 0, 8, pretrain_args(ds, out, "resume=auto")), timeout=300,
                   env={**env(), "MIMSCALE_FAILFAST_SILENT_S": "3"})
