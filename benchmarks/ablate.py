@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Callable
 
 from benchmarks import quality
-from benchmarks.quality_data import prepare
+from benchmarks.quality_data import extract, find_root, listing, model_size, prepare
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "ablation"
@@ -58,7 +58,7 @@ SEEDS = {"mae": (0, 1), "amt_box": (0, 1)}  # the spread across seeds; the other
 COMPARES = ("steps", "flops")
 # full-size subsets (quality.py's full mode): 10k images pretrained on, 10k probe-train, 2k test
 MODE = {"pretrain_images": 10000, "probe_train": 10000, "probe_val": 2000, "cka_images": 256, "batch": 128}
-DEFAULT_STEPS = 1000  # chosen from a calibration on 2 cores, see docs/methods.md
+DEFAULT_STEPS = 600  # from a calibration on 2 cores: the sweep in about 3 CPU-hours (docs/methods.md, "Budget")
 
 
 @dataclass(frozen=True)
@@ -189,7 +189,10 @@ def sweep(cells: list[Cell], args, results_dir: Path, runner: Callable[[Cell], d
         log(f"{cell.name}: {cell.steps} steps")
         metrics = runner(cell)
         res = {"cell": cell.name, "variant": cell.variant, "compare": cell.compare, "seed": cell.seed, "steps": cell.steps,
-               "train_gflop_per_img": args.cell_flops.get(cell.name), "config": cfg, "machine": machine(),
+               "train_gflop_per_img": args.cell_flops.get(cell.name),
+               # the run's training FLOPs: steps x batch x mean FLOPs per image and step
+               "train_pflop": cell.steps * args.batch * args.cell_flops[cell.name] / 1e6 if cell.name in args.cell_flops else None,
+               "config": cfg, "machine": machine(),
                "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "metrics": metrics}
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(res, indent=2) + "\n")
@@ -280,10 +283,21 @@ def steps_for_budget(hours: float, costs: list[float], step_s: float, eval_s: fl
     return max(1, int(spare / (step_s * sum(costs))))
 
 
+def data_shape(src: Path, work: Path) -> dict:
+    """The model's input and patch size from the images, without relinking the subsets (which a
+    sweep running in the same --out reads): for --list and --table-only."""
+    base = extract(src, work / "extracted") if src.is_file() else find_root(src)
+    size, patch = model_size([f for fs in listing(base / "train").values() for f in fs[:8]], None, None)
+    return {"img_size": size, "patch_size": patch}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     root = Path(args.out).resolve()
-    data = prepare(Path(args.data), root / "data", MODE, None, None, seed=0)  # the same subsets for every cell and seed
+    if args.list or args.table_only:
+        data = data_shape(Path(args.data), root / "data")
+    else:
+        data = prepare(Path(args.data), root / "data", MODE, None, None, seed=0)  # the same subsets for every cell and seed
     models = {v: flops_model(v, data["img_size"], data["patch_size"]) for v in VARIANTS}
     mean_flops = {v: share * w + (1 - share) * m for v, (w, m, share) in models.items()}
     if args.budget is not None:

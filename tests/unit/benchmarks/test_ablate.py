@@ -115,7 +115,7 @@ def test_budget_arithmetic():
 
 
 @pytest.mark.slow
-def test_two_cells_really_pretrain_probe_and_cache(tmp_path):
+def test_two_cells_really_pretrain_probe_and_cache(tmp_path, capsys):
     src = tmp_path / "imgs"
     for split, n in (("train", 12), ("test", 4)):
         for ci, c in enumerate(("a", "b")):
@@ -136,6 +136,9 @@ def test_two_cells_really_pretrain_probe_and_cache(tmp_path):
         stamp = [p.stat().st_mtime_ns for p in (tmp_path / "res" / "steps3").iterdir()]
         assert ablate.main(argv) == 0  # everything cached: nothing runs again
         assert [p.stat().st_mtime_ns for p in (tmp_path / "res" / "steps3").iterdir()] == stamp
+        capsys.readouterr()
+        assert ablate.main(argv + ["--table-only"]) == 0
+        assert "| mae | steps | 3 | 1/1 |" in capsys.readouterr().out
     finally:
         ablate.MODE.clear()
         ablate.MODE.update(old)
