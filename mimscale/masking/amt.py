@@ -10,6 +10,10 @@ rest visible. Batches without maps (before the first refresh) get MAE random mas
 ``map_crop`` (masking.amt.map_crop): ``box`` crops the map with the image's crop box, as the paper
 describes (amt_ops.align_maps); ``released`` reproduces the authors' released code, which reads
 the map's top-left cells whatever the crop (amt_ops.align_maps_released).
+
+``weights`` (masking.amt.weights): ``attention`` (AMT); ``uniform`` replaces the aligned maps by
+ones, so the weighted order is a uniformly random permutation: the same counts masked and thrown,
+chosen without attention (an ablation of what the maps add to throwing).
 """
 from __future__ import annotations
 
@@ -22,13 +26,18 @@ from mimscale.masking.amt_ops import MAP_CROPS, align_maps, align_maps_released,
 from mimscale.masking.base import Masker, MaskPlan, plan_sizes
 from mimscale.masking.random import RandomMasking
 
+WEIGHTS = ("attention", "uniform")
+
 
 class AMTMasking(Masker):
     def __init__(self, num_patches: int, mask_ratio: float = 0.45, throw_ratio: float = 0.40, warmup_ratio: float = 0.75,
-                 map_crop: str = "box"):
+                 map_crop: str = "box", weights: str = "attention"):
         super().__init__()
         if map_crop not in MAP_CROPS:
             raise ValueError(f"map_crop {map_crop!r}: allowed values: {', '.join(MAP_CROPS)}")
+        if weights not in WEIGHTS:
+            raise ValueError(f"weights {weights!r}: allowed values: {', '.join(WEIGHTS)}")
+        self.weights = weights
         self.map_crop = map_crop
         self.num_patches = num_patches
         self.grid = int(round(num_patches ** 0.5))
@@ -54,6 +63,8 @@ class AMTMasking(Masker):
             weights = align_maps_released(maps.view(B, g, g), meta["box"], meta["flip"], self.grid, images.shape[-1])
         else:
             weights = align_maps(maps.view(B, g, g), meta["box"], meta["flip"], self.grid)  # [B, L]
+        if self.weights == "uniform":  # the maps only switched the warm-up off: every patch weighs the same
+            weights = torch.ones_like(weights)
         self.last_weights = weights.detach()
         u = sample_noise.of(meta).rand(B, self.num_patches, device=weights.device)  # [B, L] Gumbel noise's uniforms
         return amt_plan(weights, self.mask_ratio, self.throw_ratio, u=u)

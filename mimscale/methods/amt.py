@@ -7,7 +7,7 @@ from typing import Literal
 
 from mimscale.errors import ConfigError
 from mimscale.hooks.amt_refresh import NORMALIZE_MODES, AMTRefresh
-from mimscale.masking.amt import AMTMasking
+from mimscale.masking.amt import WEIGHTS, AMTMasking
 from mimscale.masking.amt_ops import MAP_CROPS
 from mimscale.masking.base import Masker, plan_sizes
 from mimscale.masking.coarse import CoarseMasking
@@ -37,6 +37,10 @@ class AMTConfig:
     # flipped with the image); released, the authors' released code (its top-left 2 x 2 or 3 x 3 map
     # cells stretched over the crop, masking/amt_ops.py), for reproducing results that may come from it
     map_crop: Literal[tuple(MAP_CROPS)] = "box"
+    # attention: the stored maps weight the order (AMT); uniform: every patch weighs the same, so
+    # the same r masked and t thrown are drawn uniformly at random (throwing without attention, an
+    # ablation: the schedule, the warm-up and the refresh are unchanged, the maps are ignored)
+    weights: Literal[tuple(WEIGHTS)] = "attention"
 
 
 def _when(key: str, text: str, allow_zero: bool) -> None:
@@ -83,7 +87,8 @@ def check_amt_simmim(cfg, selected: bool) -> None:
 
 def amt_masker(cfg, encoder) -> Masker:
     a = cfg.masking.amt
-    return AMTMasking(encoder.num_patches, a.mask_ratio, a.throw_ratio, warmup_ratio=cfg.masking.mask_ratio, map_crop=a.map_crop)
+    return AMTMasking(encoder.num_patches, a.mask_ratio, a.throw_ratio, warmup_ratio=cfg.masking.mask_ratio, map_crop=a.map_crop,
+                       weights=a.weights)
 
 
 def amt_simmim_masker(cfg, encoder) -> Masker:
@@ -92,7 +97,8 @@ def amt_simmim_masker(cfg, encoder) -> Masker:
     unit masking at masking.mask_ratio until the first refresh (plain SimMIM)."""
     g, k = unit_grid(cfg, encoder)
     a = cfg.masking.amt
-    return CoarseMasking(AMTMasking(g * g, a.mask_ratio, a.throw_ratio, warmup_ratio=cfg.masking.mask_ratio, map_crop=a.map_crop),
+    return CoarseMasking(AMTMasking(g * g, a.mask_ratio, a.throw_ratio, warmup_ratio=cfg.masking.mask_ratio, map_crop=a.map_crop,
+                       weights=a.weights),
                          encoder.grid, k)
 
 

@@ -150,6 +150,9 @@ COVERED = [
     # the --budget run is the --quick run's code with a step budget instead of 6 steps
     Covered(r"python -m benchmarks\.quality --data \S+ .*",
             {"tests/integration/test_quality.py": ('"-m", "benchmarks.quality"', '"--methods"', '"--quick"')}),
+    # the sweep and its table: the slow test runs main() on two cells of 3 steps, then again from the cache
+    Covered(r"python -m benchmarks\.ablate --data \S+( .*)?",
+            {"tests/unit/benchmarks/test_ablate.py": ("ablate.main(argv)", '"--steps", "3"')}),
 ]
 
 
