@@ -36,7 +36,7 @@ lint: setup
 # the plain-torch and frozen-extractor benches, the FFCV and WebDataset 2-rank resumes, AMT's and
 # AutoMAE-EMA's ZeRO-3 resumes, ZeRO-2 training and resume, block-wise end to end, the ZeRO-3 health
 # check, the bf16 config on CPU ranks, the SimMIM launch, the second-job fault, the ZeRO-2 -> 1 elastic
-# resume, the bench-step JSON variants, the bench-gpu matrix: each drives a module that has unit tests,
+# resume, the bench-step JSON variants, the bench-gpu matrix, the resume of a checkpoint of the pre-packages layout: each drives a module that has unit tests,
 # golden curves or another run in make test); test-all runs them too.
 test: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q --durations=15 -m "not slow" tests

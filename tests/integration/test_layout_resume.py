@@ -30,6 +30,9 @@ def old_tree(tmp_path_factory):
     return root
 
 
+# slow (make test-all): a one-time migration check of the packages layout; every resume path of
+# today's code is covered in make test by the fault suite, golden, elastic and cadence runs
+@pytest.mark.slow
 def test_a_checkpoint_of_the_flat_layout_resumes_exactly(old_tree, tmp_path):
     ds = write_ds_config(tmp_path / "ds.json", stage=1, micro=4, accum=1)
     out = tmp_path / "run"
