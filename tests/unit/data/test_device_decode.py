@@ -18,6 +18,7 @@ from mimscale.data.loader import build_loader
 from mimscale.data.streams import StreamPosition, build_source, open_stream
 from mimscale.errors import ConfigError
 from mimscale.trainer import Trainer
+from tests.unit.data.test_wds_loader import _take
 
 SHARED = Path("/work/shared/data/imagenet-sample/train")
 CPU = torch.device("cpu")
@@ -129,16 +130,6 @@ def shards(imagenet, tmp_path_factory) -> Path:
 
 def _wds_cfg(path: Path, decode: str) -> DataConfig:
     return DataConfig(source="wds", path=str(path), num_workers=2, shuffle_buffer=6, decode=decode)
-
-
-def _take(loader, n: int, position: StreamPosition | None = None) -> list[dict]:
-    it, out = iter(loader), []
-    for _ in range(n):
-        b = next(it)
-        if position is not None:
-            position.observe(b)
-        out.append(b)
-    return out
 
 
 def test_wds_streams_match_the_cpu_decoder_and_resume_exactly(shards):
