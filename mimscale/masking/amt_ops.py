@@ -49,23 +49,22 @@ def released_cells(lo: torch.Tensor, hi: torch.Tensor, g: int) -> tuple[torch.Te
     one, then one more for an inclusive end): 2 cells, or 3 for a crop that reaches the bottom (rows)
     or right (columns) edge, where hi = 1 exactly. Clamped to the map (g >= 3 always holds).
 
-    Reconstructed from the issue's description (the released code was not available here): "pixel
-    offsets divided by the image height, so it always takes the top-left 2 x 2 or 3 x 3 cells".
-    Choices where it is silent: the + 2 end rule above (the one rule that gives 2 or 3 cells), and
-    columns divided by the image's width, not its height, because the loaders report the box as
-    fractions of W and H and not the aspect ratio (the two agree on square images; a landscape
-    image's columns would reach 3 cells earlier in the released code)."""
+    Checked against the released code (the mae-AMT and SimMIM-AMT datasets files, which share the
+    transform): rows are sliced from ``i // H`` to ``(i + h) // H + 2`` and columns from ``j // W`` to
+    ``(j + w) // W + 2`` on the PIL image's pixel offsets, so columns divide by the width, and a crop
+    reaches 3 cells exactly when its pixel end equals the image side (hi == 1 here)."""
     first = lo.floor().long()
     stop = (hi.floor().long() + 2).clamp(max=g)
     return first, stop - first
 
 
 def _resize_matrix(k: int, size: int, device) -> torch.Tensor:
-    """[size, k] float32: bicubic upsampling (torch's, align_corners False, as torchvision resizes a
-    tensor without antialias) of k samples to ``size`` as a matrix: column c is the resize of the
-    c-th unit vector. Bicubic is separable, so A_r @ M @ A_c^T is the 2-D resize of M."""
+    """[size, k] float32: linear upsampling of k samples to ``size`` as a matrix (torch's,
+    align_corners False: what torchvision's ``F.resize(tensor, size)`` does with its default
+    BILINEAR mode when it enlarges, antialias having no effect then): column c is the resize of the
+    c-th unit vector. Bilinear is separable, so A_r @ M @ A_c^T is the 2-D resize of M."""
     eye = torch.eye(k, device=device, dtype=torch.float32).view(k, 1, k, 1)
-    return torch.nn.functional.interpolate(eye, size=(size, 1), mode="bicubic", align_corners=False)[:, 0, :, 0].T
+    return torch.nn.functional.interpolate(eye, size=(size, 1), mode="bilinear", align_corners=False)[:, 0, :, 0].T
 
 
 def align_maps_released(maps: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, grid: int, size: int) -> torch.Tensor:
@@ -79,8 +78,9 @@ def align_maps_released(maps: torch.Tensor, boxes: torch.Tensor, flips: torch.Te
     returns [B, grid * grid] float32, row-major.
 
     Per sample: the map cells ``released_cells`` picks (the top-left 2 x 2 .. 3 x 3) are stretched
-    over the whole size x size crop with a bicubic resize, as the image is resized, and clamped to
-    [0, 1] (bicubic overshoots; the maps are min-max normalised), mirrored with the image, and
+    over the whole size x size crop with a bilinear resize (the released call passes no
+    interpolation, so torchvision's default applies, not the image's bicubic), clamped to [0, 1]
+    as released (a no-op on maps in [0, 1]), mirrored with the image, and
     averaged over each patch's pixels (the map is "tokenized to patches along with the image").
     The resize is a matrix per axis (2 or 3 source cells: two matrices, chosen per sample), so the
     batch runs without host synchronization.

@@ -3,33 +3,34 @@ simple per-sample reference, on crops that do and do not reach the bottom/right 
 without flips; and box staying the default."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-import torch.nn.functional as F
+import torchvision.transforms.functional as TF
 
 from mimscale.config import load_config
 from mimscale.errors import ConfigError
 from mimscale.masking.amt import AMTMasking
 from mimscale.masking.amt_ops import align_maps, align_maps_released
 
+# the reference's image (PIL's size is (W, H)): every box below is a whole number of its pixels
+IMAGE_W, IMAGE_H = 400, 300
+
 
 def reference_released(amap: torch.Tensor, box: list[float], flip: bool, grid: int, size: int) -> list[list[float]]:
-    """One sample, written out plainly: amap [g, g]; box (x0, y0, x1, y1) fractions of the image.
-
-    The released indexing: the offset over the image side, used as a cell index; the slice runs
-    from int(start) to int(end) + 2 (clamped to the map). The cells are resized to size x size
-    (bicubic, align_corners False), clamped to [0, 1], mirrored if flipped, averaged per patch."""
-    g = amap.shape[0]
+    """One sample, written the released transform's way: amap [g, g]; box (x0, y0, x1, y1)
+    fractions of an IMAGE_W x IMAGE_H image, turned back into RandomResizedCrop's pixel crop
+    (i, j, h, w). The released maskRandomResizedCrop slices ``mask[i // H : (i + h) // H + 2,
+    j // W : (j + w) // W + 2]`` and resizes it with ``torchvision F.resize(mask.unsqueeze(0),
+    size)`` (its default interpolation), clamps to [0, 1]; the flip is ``F.hflip``; the weights per
+    patch are the mean of its pixels (the released sum over a patch, divided by its pixel count)."""
     x0, y0, x1, y1 = box
-    top, bottom = int(math.floor(y0)), min(int(math.floor(y1)) + 2, g)
-    left, right = int(math.floor(x0)), min(int(math.floor(x1)) + 2, g)
-    cells = amap[top:bottom, left:right]
-    pixels = F.interpolate(cells[None, None].float(), size=(size, size), mode="bicubic", align_corners=False)[0, 0]
-    pixels = pixels.clamp(0.0, 1.0).tolist()
+    i, j = round(y0 * IMAGE_H), round(x0 * IMAGE_W)
+    h, w = round(y1 * IMAGE_H) - i, round(x1 * IMAGE_W) - j
+    cells = amap[i // IMAGE_H: (i + h) // IMAGE_H + 2, j // IMAGE_W: (j + w) // IMAGE_W + 2]
+    pixels = TF.resize(cells.float().unsqueeze(0), [size, size]).clamp(min=0, max=1)
     if flip:
-        pixels = [row[::-1] for row in pixels]
+        pixels = TF.hflip(pixels)
+    rows = pixels[0].tolist()
     p = size // grid
     out = []
     for r in range(grid):
@@ -37,7 +38,7 @@ def reference_released(amap: torch.Tensor, box: list[float], flip: bool, grid: i
             total = 0.0
             for y in range(r * p, (r + 1) * p):
                 for x in range(c * p, (c + 1) * p):
-                    total += pixels[y][x]
+                    total += rows[y][x]
             out.append(total / (p * p))
     return out
 
